@@ -1,0 +1,125 @@
+//! Benchmarks of `bitstack-bits`: packing, and ±1 matrix products (naive vs lookup tables vs a
+//! dense f32 product of the same shape).
+//!
+//! `cargo bench -p bitstack-benches --bench bits`
+
+#![allow(missing_docs)]
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use bitstack_bits::{Parallelism, SignMatrix};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+const M: usize = 4096;
+const N: usize = 4096;
+const K: usize = 16;
+
+/// Deterministic pseudo-random values in `[-1, 1)`.
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Dense row-major `y = W x`, eight accumulators so that it vectorizes. Single-threaded.
+fn dense_matvec(w: &[f32], cols: usize, x: &[f32], y: &mut [f32]) {
+    for (row, out) in w.chunks_exact(cols).zip(y.iter_mut()) {
+        let mut acc = [0.0f32; 8];
+        let mut row_chunks = row.chunks_exact(8);
+        let mut x_chunks = x.chunks_exact(8);
+        for (r, v) in (&mut row_chunks).zip(&mut x_chunks) {
+            for j in 0..8 {
+                acc[j] += r[j] * v[j];
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for (r, v) in row_chunks.remainder().iter().zip(x_chunks.remainder()) {
+            sum += r * v;
+        }
+        *out = sum;
+    }
+}
+
+fn configure(c: &mut Criterion) -> Criterion {
+    std::mem::take(c)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+}
+
+fn bench_pack(c: &mut Criterion) {
+    let w = values(M * N, 1);
+    let mut group = c.benchmark_group("bits/pack_4096x4096");
+    group.throughput(Throughput::Elements((M * N) as u64));
+    group.bench_function("from_signs_of", |b| {
+        b.iter(|| SignMatrix::from_signs_of(black_box(&w), M, N))
+    });
+    let s = SignMatrix::from_signs_of(&w, M, N).unwrap_or_else(|e| panic!("{e}"));
+    let mut out = vec![0.0f32; M * N];
+    group.bench_function("unpack_into", |b| {
+        b.iter(|| s.as_view().unpack_into(black_box(&mut out)))
+    });
+    group.finish();
+}
+
+fn bench_matvec(c: &mut Criterion) {
+    let w = values(M * N, 2);
+    let s = SignMatrix::from_signs_of(&w, M, N).unwrap_or_else(|e| panic!("{e}"));
+    let v = s.as_view();
+    let z = values(N, 3);
+    let mut y = vec![0.0f32; M];
+    let mut group = c.benchmark_group("bits/matvec_4096x4096");
+    group.throughput(Throughput::Elements((M * N) as u64));
+    group.bench_function("sign_naive", |b| {
+        b.iter(|| v.sign_matvec_naive(black_box(&z), black_box(&mut y)))
+    });
+    group.bench_function("sign_lut_1thread", |b| {
+        b.iter(|| v.sign_matvec_lut_with(black_box(&z), black_box(&mut y), Parallelism::Sequential))
+    });
+    group.bench_function("sign_lut_auto", |b| {
+        b.iter(|| v.sign_matvec_lut(black_box(&z), black_box(&mut y)))
+    });
+    group.bench_function("dense_f32_1thread", |b| {
+        b.iter(|| dense_matvec(black_box(&w), N, black_box(&z), black_box(&mut y)))
+    });
+    group.finish();
+}
+
+fn bench_matmul(c: &mut Criterion) {
+    let w = values(M * N, 4);
+    let s = SignMatrix::from_signs_of(&w, M, N).unwrap_or_else(|e| panic!("{e}"));
+    let v = s.as_view();
+    let z = values(N * K, 5);
+    let mut y = vec![0.0f32; M * K];
+    let mut group = c.benchmark_group("bits/matmul_4096x4096_k16");
+    group.throughput(Throughput::Elements((M * N * K) as u64));
+    group.bench_function("sign_naive", |b| {
+        b.iter(|| v.sign_matmul_naive(black_box(&z), K, black_box(&mut y)))
+    });
+    group.bench_function("sign_lut_1thread", |b| {
+        b.iter(|| {
+            v.sign_matmul_lut_with(black_box(&z), K, black_box(&mut y), Parallelism::Sequential)
+        })
+    });
+    group.bench_function("sign_lut_auto", |b| {
+        b.iter(|| v.sign_matmul_lut(black_box(&z), K, black_box(&mut y)))
+    });
+    group.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    let mut c = configure(c);
+    bench_pack(&mut c);
+    bench_matvec(&mut c);
+    bench_matmul(&mut c);
+}
+
+criterion_group!(bits, benches);
+criterion_main!(bits);

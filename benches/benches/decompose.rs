@@ -1,0 +1,149 @@
+//! Benchmarks of `bitstack-decompose`: AVD iterations with the exact SVD (the reference's
+//! method) and with the randomized SVD (the default), on synthetic matrices with a decaying
+//! spectrum, k = 16.
+//!
+//! `cargo bench -p bitstack-benches --bench decompose`
+//!
+//! The randomized paths are measured with criterion. An exact thin SVD of a 4096×4096 matrix
+//! takes tens of seconds (14336×4096: minutes on few cores), so the exact paths at those sizes
+//! are timed once each, outside criterion, and printed next to the randomized time of the same
+//! iteration count. Set `BITSTACK_BENCH_EXACT=0` to skip them, `=all` to include 14336×4096.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use bitstack_decompose::{decompose, AvdParams, SvdMethod};
+use criterion::{criterion_group, Criterion};
+use rand::{Rng, SeedableRng};
+
+const K: usize = 16;
+
+/// A `rows × cols` matrix with a decaying spectrum: a rank-32 part with singular values
+/// decaying like `1/(1 + r)`, plus noise with random row and column scales (as real weights
+/// have: heavy channels, a slowly decaying tail).
+fn synthetic(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    const RANK: usize = 32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut sym =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+    let p = sym(rows * RANK);
+    let q = sym(RANK * cols);
+    let row_scale: Vec<f32> = sym(rows).iter().map(|x| 1.0 + 0.8 * x).collect();
+    let col_scale: Vec<f32> = sym(cols).iter().map(|x| 1.0 + 0.8 * x).collect();
+    let noise = sym(rows * cols);
+    let mut w = vec![0.0f32; rows * cols];
+    for i in 0..rows {
+        let row = &mut w[i * cols..(i + 1) * cols];
+        for r in 0..RANK {
+            let pr = p[i * RANK + r] / (1.0 + r as f32);
+            for (x, &qv) in row.iter_mut().zip(&q[r * cols..(r + 1) * cols]) {
+                *x += pr * qv;
+            }
+        }
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = 0.02 * (*x + 0.5 * noise[i * cols + j] * row_scale[i] * col_scale[j]);
+        }
+    }
+    w
+}
+
+fn params(svd: SvdMethod, niter: usize) -> AvdParams {
+    AvdParams {
+        k: K,
+        niter,
+        svd,
+        seed: 0,
+    }
+}
+
+/// 512×1536 (small-llama's down_proj shape): exact and randomized, both with criterion.
+fn small(c: &mut Criterion) {
+    let (m, n) = (512, 1536);
+    let w = synthetic(m, n, 1);
+    let mut g = c.benchmark_group("avd_512x1536_k16_1iter");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(4));
+    for (name, svd) in [
+        ("exact", SvdMethod::Exact),
+        ("randomized", SvdMethod::default()),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| decompose(black_box(&w), m, n, &params(svd, 1), None).unwrap())
+        });
+    }
+    g.finish();
+}
+
+/// 4096×4096 and 14336×4096, randomized, 1 and 4 iterations.
+fn large_randomized(c: &mut Criterion) {
+    for (m, n) in [(4096, 4096), (14336, 4096)] {
+        let w = synthetic(m, n, 2);
+        let mut g = c.benchmark_group(format!("avd_{m}x{n}_k16"));
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(8));
+        for niter in [1, 4] {
+            g.bench_function(format!("randomized_{niter}iter"), |b| {
+                b.iter(|| {
+                    decompose(
+                        black_box(&w),
+                        m,
+                        n,
+                        &params(SvdMethod::default(), niter),
+                        None,
+                    )
+                    .unwrap()
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+/// One timed run each of exact vs randomized, one iteration.
+fn exact_single_shot() {
+    let mode = std::env::var("BITSTACK_BENCH_EXACT").unwrap_or_default();
+    if mode == "0" {
+        return;
+    }
+    let mut shapes = vec![(4096, 4096)];
+    if mode == "all" {
+        shapes.push((14336, 4096));
+    } else {
+        println!("(set BITSTACK_BENCH_EXACT=all to also time the exact 14336×4096 iteration)");
+    }
+    for (m, n) in shapes {
+        let w = synthetic(m, n, 2);
+        let time = |svd| {
+            let t = Instant::now();
+            let d = decompose(&w, m, n, &params(svd, 1), None).unwrap();
+            (t.elapsed().as_secs_f64(), d.rel_err[0])
+        };
+        let (te, ee) = time(SvdMethod::Exact);
+        let (tr, er) = time(SvdMethod::default());
+        println!(
+            "avd_{m}x{n}_k16 1 iteration, single shot: exact {te:.2} s (rel_err {ee:.5}), \
+             randomized {tr:.3} s (rel_err {er:.5}), speed-up {:.1}×",
+            te / tr
+        );
+    }
+}
+
+criterion_group!(benches, small, large_randomized);
+
+fn main() {
+    benches();
+    // `cargo bench -- <filter>`: only run the single-shot timings without a filter or with
+    // one that names them.
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if filter
+        .as_deref()
+        .is_none_or(|f| "exact_single_shot".contains(f))
+    {
+        exact_single_shot();
+    }
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -1,0 +1,204 @@
+//! Packed ±1 sign matrices and their products.
+//!
+//! A BitStack residual block stores `S ⊙ (u v)` where `S ∈ {-1,+1}^{m×n}` costs one bit per
+//! weight. This crate is the vocabulary for those bits: [`SignMatrix`] (owned) and
+//! [`SignMatrixRef`] (borrowed, zero-copy over e.g. a memory-mapped file), packing from `f32`
+//! signs, unpacking, and the products `y = S z` and `Y = S Z` that let a block be applied
+//! without rebuilding a dense matrix.
+//!
+//! # Layout
+//!
+//! The `m·n` signs are stored row-major and contiguous (rows are **not** padded to a byte),
+//! 8 per byte, the first element in the most significant bit; bit `1` means `+1` and bit `0`
+//! means `-1`. The buffer is `ceil(m·n / 8)` bytes ([`packed_len`]) and the unused low bits
+//! of the last byte are `0`. This is the packing of the public BitStack checkpoints. When
+//! packing, `sign(x) = +1` for `x >= 0` (so `sign(0) = sign(-0.0) = +1`); NaN is an error.
+//!
+//! # Kernels
+//!
+//! Each product has a naive version (`*_naive`, one signed add per element: the oracle) and
+//! a lookup-table version (`*_lut`): for every group of 8 columns a 256-entry table of the
+//! signed partial sums of `z` (of the rows of `Z`, as `k`-vectors) is precomputed, after which
+//! each packed byte of `S` costs one table read — `S z = 2·B z − (Σ z)·1` with `B` the 0/1
+//! bits, applied group by group. Tables are built for a cache-sized range of columns at a
+//! time and rows are split across rayon's threads for large problems (see [`Parallelism`]).
+//! Any shape works, including `n % 8 != 0` (rows then start in the middle of a byte) and
+//! empty matrices. Only safe Rust is used.
+//!
+//! # Example
+//!
+//! ```
+//! use bitstack_bits::SignMatrix;
+//!
+//! // A 2×3 matrix: [[+, -, +], [-, -, +]] (0.0 counts as +1).
+//! let w = [0.5_f32, -2.0, 0.0, -1.0, -0.1, 3.0];
+//! let s = SignMatrix::from_signs_of(&w, 2, 3)?;
+//! // 6 bits, MSB first: 101 001 + two zero pad bits.
+//! assert_eq!(s.as_bytes(), &[0b1010_0100]);
+//!
+//! let z = [1.0_f32, 2.0, 3.0];
+//! let mut y = [0.0_f32; 2];
+//! s.as_view().sign_matvec_lut(&z, &mut y);
+//! assert_eq!(y, [1.0 - 2.0 + 3.0, -1.0 - 2.0 + 3.0]);
+//! # Ok::<(), bitstack_bits::BitsError>(())
+//! ```
+//!
+//! # Feature flags
+//!
+//! None.
+
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod error;
+mod lut;
+mod matrix;
+mod naive;
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
+pub use error::BitsError;
+pub use matrix::{checked_packed_len, packed_len, SignMatrix, SignMatrixRef};
+
+/// Whether a lookup-table kernel may use rayon's thread pool.
+///
+/// `Auto` (the default, used by [`SignMatrixRef::sign_matvec_lut`] and
+/// [`SignMatrixRef::sign_matmul_lut`]) splits rows across the current rayon pool when
+/// `m·n·k` is large (about a million multiply-adds or more) and the pool has more than one
+/// thread; small problems always stay on the calling thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Parallelism {
+    /// Run on the calling thread only.
+    Sequential,
+    /// Use the current rayon pool for large problems.
+    #[default]
+    Auto,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packs_msb_first() {
+        let v = [1.0, -1.0, 1.0, 1.0, -1.0, -1.0, -1.0, 1.0];
+        let s = SignMatrix::from_signs_of(&v, 1, 8).unwrap();
+        assert_eq!(s.as_bytes(), &[0b1011_0001]);
+    }
+
+    #[test]
+    fn zero_and_negative_zero_are_positive() {
+        let s = SignMatrix::from_signs_of(&[0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY], 2, 2)
+            .unwrap();
+        assert_eq!(s.as_bytes(), &[0b1110_0000]);
+        let v = s.as_view();
+        assert!(v.get(0, 0) && v.get(0, 1) && v.get(1, 0) && !v.get(1, 1));
+        assert_eq!(v.sign(1, 1), -1.0);
+    }
+
+    #[test]
+    fn nan_is_named() {
+        let err = SignMatrix::from_signs_of(&[1.0, 2.0, 3.0, f32::NAN], 2, 2).unwrap_err();
+        assert_eq!(
+            err,
+            BitsError::NanValue {
+                rows: 2,
+                cols: 2,
+                row: 1,
+                col: 1
+            }
+        );
+        assert!(err.to_string().contains("row 1, column 1"));
+    }
+
+    #[test]
+    fn rejects_bad_lengths_and_padding() {
+        assert!(SignMatrixRef::new(&[0, 0], 3, 3).is_ok());
+        assert!(SignMatrixRef::new(&[0xff, 0x80], 3, 3).is_ok());
+        assert!(matches!(
+            SignMatrixRef::new(&[0xff, 0x40], 3, 3),
+            Err(BitsError::NonZeroPadding { pad_bits: 7, .. })
+        ));
+        assert!(matches!(
+            SignMatrixRef::new(&[0xff], 3, 3),
+            Err(BitsError::PackedLenMismatch {
+                expected: 2,
+                actual: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            SignMatrix::from_packed(vec![], usize::MAX, 2),
+            Err(BitsError::ShapeOverflow { .. })
+        ));
+        assert!(matches!(
+            SignMatrix::from_signs_of(&[1.0; 5], 2, 3),
+            Err(BitsError::ValueCountMismatch {
+                expected: 6,
+                actual: 5,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn empty_shapes() {
+        for (m, n) in [(0, 0), (0, 5), (5, 0)] {
+            let s = SignMatrix::from_signs_of(&[], m, n).unwrap();
+            assert!(s.as_bytes().is_empty());
+            let v = s.as_view();
+            let z = vec![1.0; n];
+            let mut y = vec![7.0; m];
+            v.sign_matvec_lut(&z, &mut y);
+            assert!(y.iter().all(|&x| x == 0.0));
+            v.sign_matvec_naive(&z, &mut y);
+            assert!(y.iter().all(|&x| x == 0.0));
+            let zz = vec![1.0; n * 3];
+            let mut yy = vec![7.0; m * 3];
+            v.sign_matmul_lut(&zz, 3, &mut yy);
+            assert!(yy.iter().all(|&x| x == 0.0));
+            v.sign_matmul_naive(&zz, 3, &mut yy);
+            assert!(yy.iter().all(|&x| x == 0.0));
+        }
+        let s = SignMatrix::from_signs_of(&[1.0, -1.0], 2, 1).unwrap();
+        s.as_view().sign_matmul_lut(&[], 0, &mut []);
+        s.as_view().sign_matmul_naive(&[], 0, &mut []);
+    }
+
+    #[test]
+    fn unaligned_rows_lut_matches_naive() {
+        // 5 columns: rows start at bit offsets 0, 5, 2, 7, 4, 1, 6, 3.
+        let (m, n) = (9, 5);
+        let w: Vec<f32> = (0..m * n).map(|i| ((i * 7 + 3) % 5) as f32 - 2.0).collect();
+        let s = SignMatrix::from_signs_of(&w, m, n).unwrap();
+        let z: Vec<f32> = (0..n).map(|i| (i as f32 + 1.0) * 0.5).collect();
+        let (mut a, mut b) = (vec![0.0; m], vec![0.0; m]);
+        s.as_view().sign_matvec_naive(&z, &mut a);
+        s.as_view().sign_matvec_lut(&z, &mut b);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "z has 2 values")]
+    fn matvec_length_mismatch_panics() {
+        let s = SignMatrix::from_signs_of(&[1.0; 6], 2, 3).unwrap();
+        s.as_view().sign_matvec_lut(&[1.0, 2.0], &mut [0.0; 2]);
+    }
+
+    #[test]
+    fn owned_round_trip() {
+        let s = SignMatrix::from_signs_of(&[1.0, -1.0, -1.0], 1, 3).unwrap();
+        let view = SignMatrixRef::from(&s);
+        assert_eq!(view.to_owned_matrix(), s);
+        assert_eq!((s.rows(), s.cols()), (1, 3));
+        let bytes = s.clone().into_bytes();
+        assert_eq!(SignMatrix::from_packed(bytes, 1, 3).unwrap(), s);
+        assert_eq!(view.unpack(), vec![1.0, -1.0, -1.0]);
+    }
+}

@@ -1,0 +1,407 @@
+//! The owned [`SignMatrix`], the borrowed [`SignMatrixRef`] and the packing / unpacking code.
+
+use crate::{lut, naive, BitsError, Parallelism};
+
+/// Number of bytes that hold `rows * cols` packed signs: `ceil(rows * cols / 8)`.
+///
+/// # Panics
+/// Panics if `rows * cols` overflows `usize`; use [`checked_packed_len`] for shapes that come
+/// from a file or a user.
+///
+/// ```
+/// assert_eq!(bitstack_bits::packed_len(3, 5), 2); // 15 bits -> 2 bytes
+/// assert_eq!(bitstack_bits::packed_len(4096, 4096), 4096 * 4096 / 8);
+/// ```
+#[must_use]
+pub fn packed_len(rows: usize, cols: usize) -> usize {
+    match checked_packed_len(rows, cols) {
+        Some(len) => len,
+        None => panic!("packed_len: shape {rows}x{cols} overflows usize"),
+    }
+}
+
+/// [`packed_len`] that returns `None` instead of panicking when `rows * cols` overflows.
+#[must_use]
+pub fn checked_packed_len(rows: usize, cols: usize) -> Option<usize> {
+    rows.checked_mul(cols).map(|count| count.div_ceil(8))
+}
+
+/// Checks `bits.len()` and the pad bits for a `rows × cols` matrix.
+fn validate_packed(bits: &[u8], rows: usize, cols: usize) -> Result<(), BitsError> {
+    let count = rows
+        .checked_mul(cols)
+        .ok_or(BitsError::ShapeOverflow { rows, cols })?;
+    let expected = count.div_ceil(8);
+    if bits.len() != expected {
+        return Err(BitsError::PackedLenMismatch {
+            rows,
+            cols,
+            expected,
+            actual: bits.len(),
+        });
+    }
+    let used_in_last = count % 8;
+    if used_in_last != 0 {
+        // `count % 8 != 0` implies `expected >= 1`, so the buffer has a last byte.
+        let last_byte = bits[expected - 1];
+        let pad_bits = 8 - used_in_last as u32;
+        let pad_mask = (1u8 << pad_bits) - 1;
+        if last_byte & pad_mask != 0 {
+            return Err(BitsError::NonZeroPadding {
+                rows,
+                cols,
+                pad_bits,
+                last_byte,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An owned, packed `rows × cols` matrix of ±1 signs.
+///
+/// See the [crate documentation](crate) for the bit layout. All computations go through the
+/// borrowed view returned by [`SignMatrix::as_view`].
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SignMatrix {
+    bits: Vec<u8>,
+    rows: usize,
+    cols: usize,
+}
+
+impl std::fmt::Debug for SignMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignMatrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("bytes", &self.bits.len())
+            .finish()
+    }
+}
+
+impl SignMatrix {
+    /// Packs the signs of a row-major `rows × cols` matrix: `x >= 0` (including `+0.0`,
+    /// `-0.0` and `+∞`) gives `+1`, `x < 0` gives `-1`.
+    ///
+    /// # Errors
+    /// [`BitsError::ShapeOverflow`] if `rows * cols` overflows,
+    /// [`BitsError::ValueCountMismatch`] if `values.len() != rows * cols`,
+    /// [`BitsError::NanValue`] (naming the first NaN's row and column) if a value is NaN.
+    pub fn from_signs_of(values: &[f32], rows: usize, cols: usize) -> Result<Self, BitsError> {
+        let count = rows
+            .checked_mul(cols)
+            .ok_or(BitsError::ShapeOverflow { rows, cols })?;
+        if values.len() != count {
+            return Err(BitsError::ValueCountMismatch {
+                rows,
+                cols,
+                expected: count,
+                actual: values.len(),
+            });
+        }
+        if let Some(index) = values.iter().position(|v| v.is_nan()) {
+            return Err(BitsError::NanValue {
+                rows,
+                cols,
+                row: index / cols,
+                col: index % cols,
+            });
+        }
+        let mut bits = vec![0u8; count.div_ceil(8)];
+        let mut chunks = values.chunks_exact(8);
+        for (byte, chunk) in bits.iter_mut().zip(&mut chunks) {
+            *byte = pack_byte(chunk);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            if let Some(last) = bits.last_mut() {
+                *last = pack_byte(rest);
+            }
+        }
+        Ok(Self { bits, rows, cols })
+    }
+
+    /// Takes ownership of already packed bits (the layout of the [crate documentation](crate)).
+    ///
+    /// # Errors
+    /// [`BitsError::ShapeOverflow`], [`BitsError::PackedLenMismatch`] if
+    /// `bits.len() != packed_len(rows, cols)`, [`BitsError::NonZeroPadding`] if the unused low
+    /// bits of the last byte are not zero.
+    pub fn from_packed(bits: Vec<u8>, rows: usize, cols: usize) -> Result<Self, BitsError> {
+        validate_packed(&bits, rows, cols)?;
+        Ok(Self { bits, rows, cols })
+    }
+
+    /// A borrowed view of this matrix (all reads and products are defined on the view).
+    #[must_use]
+    pub fn as_view(&self) -> SignMatrixRef<'_> {
+        SignMatrixRef {
+            bits: &self.bits,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
+    /// The packed bytes, `packed_len(rows, cols)` of them.
+    #[must_use]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bits
+    }
+
+    /// Gives back the packed bytes.
+    #[must_use]
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bits
+    }
+
+    /// Number of rows `m`.
+    #[must_use]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns `n`.
+    #[must_use]
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+impl<'a> From<&'a SignMatrix> for SignMatrixRef<'a> {
+    fn from(matrix: &'a SignMatrix) -> Self {
+        matrix.as_view()
+    }
+}
+
+/// Packs up to 8 values (none NaN) into one byte, first value in the most significant bit.
+#[inline]
+fn pack_byte(values: &[f32]) -> u8 {
+    values
+        .iter()
+        .enumerate()
+        .fold(0u8, |byte, (j, &v)| byte | (u8::from(v >= 0.0) << (7 - j)))
+}
+
+/// A borrowed, packed `rows × cols` matrix of ±1 signs, e.g. over a memory-mapped file.
+///
+/// Construction ([`SignMatrixRef::new`]) validates the length and the pad bits, so every
+/// method can index without further checks. The view is `Copy`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SignMatrixRef<'a> {
+    bits: &'a [u8],
+    rows: usize,
+    cols: usize,
+}
+
+impl std::fmt::Debug for SignMatrixRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignMatrixRef")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("bytes", &self.bits.len())
+            .finish()
+    }
+}
+
+impl<'a> SignMatrixRef<'a> {
+    /// Views `bits` as a packed `rows × cols` sign matrix without copying.
+    ///
+    /// # Errors
+    /// [`BitsError::ShapeOverflow`], [`BitsError::PackedLenMismatch`] if
+    /// `bits.len() != packed_len(rows, cols)`, [`BitsError::NonZeroPadding`] if the unused low
+    /// bits of the last byte are not zero.
+    pub fn new(bits: &'a [u8], rows: usize, cols: usize) -> Result<Self, BitsError> {
+        validate_packed(bits, rows, cols)?;
+        Ok(Self { bits, rows, cols })
+    }
+
+    /// Number of rows `m`.
+    #[must_use]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns `n`.
+    #[must_use]
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The packed bytes, `packed_len(rows, cols)` of them.
+    #[must_use]
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.bits
+    }
+
+    /// The bit at `(r, c)`: `true` means `+1`, `false` means `-1`.
+    ///
+    /// # Panics
+    /// Panics if `r >= rows` or `c >= cols`.
+    #[must_use]
+    #[inline]
+    pub fn get(&self, r: usize, c: usize) -> bool {
+        assert!(
+            r < self.rows && c < self.cols,
+            "SignMatrixRef::get: index ({r}, {c}) out of bounds for a {}x{} matrix",
+            self.rows,
+            self.cols
+        );
+        let index = r * self.cols + c;
+        (self.bits[index / 8] >> (7 - index % 8)) & 1 == 1
+    }
+
+    /// The sign at `(r, c)` as `+1.0` or `-1.0`.
+    ///
+    /// # Panics
+    /// Panics if `r >= rows` or `c >= cols`.
+    #[must_use]
+    #[inline]
+    pub fn sign(&self, r: usize, c: usize) -> f32 {
+        if self.get(r, c) {
+            1.0
+        } else {
+            -1.0
+        }
+    }
+
+    /// Writes the matrix as `±1.0` values, row-major, into `out` (`rows * cols` long).
+    ///
+    /// # Panics
+    /// Panics if `out.len() != rows * cols` (a programmer error).
+    pub fn unpack_into(&self, out: &mut [f32]) {
+        let count = self.rows * self.cols; // cannot overflow: validated at construction
+        assert_eq!(
+            out.len(),
+            count,
+            "SignMatrixRef::unpack_into: output has {} values, a {}x{} matrix needs {count}",
+            out.len(),
+            self.rows,
+            self.cols
+        );
+        for (chunk, &byte) in out.chunks_mut(8).zip(self.bits) {
+            for (j, value) in chunk.iter_mut().enumerate() {
+                *value = if (byte >> (7 - j)) & 1 == 1 {
+                    1.0
+                } else {
+                    -1.0
+                };
+            }
+        }
+    }
+
+    /// The matrix as a new row-major `Vec` of `±1.0` values.
+    #[must_use]
+    pub fn unpack(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        self.unpack_into(&mut out);
+        out
+    }
+
+    /// Copies the view into an owned [`SignMatrix`].
+    #[must_use]
+    pub fn to_owned_matrix(&self) -> SignMatrix {
+        SignMatrix {
+            bits: self.bits.to_vec(),
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
+    /// `y = S z`, the obvious way (one signed add per element). The test oracle.
+    ///
+    /// `y` is overwritten.
+    ///
+    /// # Panics
+    /// Panics if `z.len() != cols` or `y.len() != rows` (a programmer error).
+    pub fn sign_matvec_naive(&self, z: &[f32], y: &mut [f32]) {
+        naive::sign_matvec(*self, z, y);
+    }
+
+    /// `y = S z` with per-8-column lookup tables (see the [crate documentation](crate)),
+    /// multithreaded with rayon for large matrices.
+    ///
+    /// `y` is overwritten. Equal to [`sign_matvec_naive`](Self::sign_matvec_naive) up to f32
+    /// rounding (a different summation order).
+    ///
+    /// # Panics
+    /// Panics if `z.len() != cols` or `y.len() != rows` (a programmer error).
+    pub fn sign_matvec_lut(&self, z: &[f32], y: &mut [f32]) {
+        lut::sign_matvec(*self, z, y, Parallelism::Auto);
+    }
+
+    /// [`sign_matvec_lut`](Self::sign_matvec_lut) with an explicit threading choice.
+    ///
+    /// # Panics
+    /// Panics if `z.len() != cols` or `y.len() != rows` (a programmer error).
+    pub fn sign_matvec_lut_with(&self, z: &[f32], y: &mut [f32], par: Parallelism) {
+        lut::sign_matvec(*self, z, y, par);
+    }
+
+    /// `Y = S Z`, the obvious way. `Z` is `cols × k` row-major, `Y` is `rows × k` row-major
+    /// and is overwritten. The test oracle.
+    ///
+    /// # Panics
+    /// Panics if `z.len() != cols * k` or `y.len() != rows * k` (a programmer error).
+    pub fn sign_matmul_naive(&self, z: &[f32], k: usize, y: &mut [f32]) {
+        naive::sign_matmul(*self, z, k, y);
+    }
+
+    /// `Y = S Z` with per-8-column lookup tables of `k`-vectors, built for a cache-sized range
+    /// of columns at a time, multithreaded with rayon for large problems. `Z` is `cols × k`
+    /// row-major, `Y` is `rows × k` row-major and is overwritten.
+    ///
+    /// # Panics
+    /// Panics if `z.len() != cols * k` or `y.len() != rows * k` (a programmer error).
+    pub fn sign_matmul_lut(&self, z: &[f32], k: usize, y: &mut [f32]) {
+        lut::sign_matmul(*self, z, k, y, Parallelism::Auto);
+    }
+
+    /// [`sign_matmul_lut`](Self::sign_matmul_lut) with an explicit threading choice.
+    ///
+    /// # Panics
+    /// Panics if `z.len() != cols * k` or `y.len() != rows * k` (a programmer error).
+    pub fn sign_matmul_lut_with(&self, z: &[f32], k: usize, y: &mut [f32], par: Parallelism) {
+        lut::sign_matmul(*self, z, k, y, par);
+    }
+
+    /// The packed bytes covering 8-column groups `g0..g1` of row `r`, realigned so that each
+    /// returned byte holds columns `8g..8g+8` of the row (first column in the MSB).
+    ///
+    /// Bits past the end of the row (the next row's, or zero padding) may appear in the last
+    /// group; callers must give those columns zero weight. When the row starts on a byte
+    /// boundary this borrows `bits`; otherwise it shifts into `scratch` (at least `g1 - g0`
+    /// long).
+    #[inline]
+    pub(crate) fn row_group_bytes<'s>(
+        &self,
+        r: usize,
+        g0: usize,
+        g1: usize,
+        scratch: &'s mut [u8],
+    ) -> &'s [u8]
+    where
+        'a: 's,
+    {
+        let start_bit = r * self.cols;
+        let first_byte = start_bit / 8;
+        let shift = start_bit % 8;
+        let bits: &'a [u8] = self.bits;
+        if shift == 0 {
+            return &bits[first_byte + g0..first_byte + g1];
+        }
+        let end = (first_byte + g1 + 1).min(bits.len());
+        let src = &bits[first_byte + g0..end];
+        let out = &mut scratch[..g1 - g0];
+        let mut pairs = src.windows(2);
+        for (dst, pair) in out.iter_mut().zip(&mut pairs) {
+            *dst = (pair[0] << shift) | (pair[1] >> (8 - shift));
+        }
+        if src.len() == g1 - g0 {
+            // The last group's following byte lies past the end of the buffer.
+            if let (Some(dst), Some(&hi)) = (out.last_mut(), src.last()) {
+                *dst = hi << shift;
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,237 @@
+//! The subcommands.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use bitstack::compress::{compress as run_compress, CompressOptions};
+use bitstack::decompose::SvdMethod;
+use bitstack::order::{format_size, parse_size};
+use bitstack::{LoadedStack, StackFile};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use crate::progress::Bars;
+
+/// SVD used inside the decomposition.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SvdChoice {
+    /// Randomized truncated SVD (top-k triplets only): fast, the default.
+    Fast,
+    /// Exact thin SVD every iteration, as the reference implementation (slow; verification).
+    Exact,
+}
+
+/// Options of `bitstack compress`.
+#[derive(Debug, Args)]
+pub struct CompressArgs {
+    /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    pub model_dir: PathBuf,
+    /// Output .bitstack file (written atomically).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Rank of each residual block's factors.
+    #[arg(long, default_value_t = 16)]
+    pub k: usize,
+    /// Blocks per matrix (AVD iterations).
+    #[arg(long, default_value_t = 16)]
+    pub niter: usize,
+    /// No activation statistics and a data-free ordering (error removed per byte).
+    #[arg(long)]
+    pub no_calibration: bool,
+    /// Stack the 2-D tensors whose names match this glob (repeatable), for any checkpoint.
+    #[arg(long = "include", value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// SVD method.
+    #[arg(long, value_enum, default_value_t = SvdChoice::Fast)]
+    pub svd: SvdChoice,
+    /// Seed of the randomized SVD.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn compress(args: CompressArgs) -> Result<()> {
+    if !args.no_calibration {
+        bail!(
+            "calibrated compression (activation scaling and perplexity ordering) is not \
+             available yet; pass --no-calibration for the data-free mode"
+        );
+    }
+    let mut options = CompressOptions::default();
+    options.avd.k = args.k;
+    options.avd.niter = args.niter;
+    options.avd.seed = args.seed;
+    options.avd.svd = match args.svd {
+        SvdChoice::Fast => SvdMethod::default(),
+        SvdChoice::Exact => SvdMethod::Exact,
+    };
+    options.include = args.include;
+    let bars = Bars::new();
+    let summary = run_compress(&args.model_dir, &args.output, &options, &|e| bars.handle(e))
+        .with_context(|| format!("compressing {}", args.model_dir.display()))?;
+    bars.finish();
+    println!(
+        "wrote {} ({}): {} matrices, {} blocks, memory {} .. {}",
+        args.output.display(),
+        format_size(summary.file_bytes),
+        summary.matrices,
+        summary.blocks,
+        format_size(summary.min_memory_bytes),
+        format_size(summary.max_memory_bytes),
+    );
+    let errs = &summary.mean_rel_err;
+    if !errs.is_empty() {
+        println!(
+            "mean relative error after 1 / {} blocks: {:.4} / {:.4}",
+            errs.len(),
+            errs[0],
+            errs[errs.len() - 1]
+        );
+    }
+    for (stage, seconds) in &summary.stage_seconds {
+        println!("  {stage:<10} {seconds:8.2} s");
+    }
+    Ok(())
+}
+
+fn open(path: &Path) -> Result<Arc<StackFile>> {
+    let file = StackFile::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(Arc::new(file))
+}
+
+fn budget_of(text: &str) -> Result<u64> {
+    parse_size(text).context("--budget")
+}
+
+pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
+    let file = open(path)?;
+    let manifest = file.container().manifest();
+    let layout = file.layout();
+    let full = file.full_layout();
+    let meta = &manifest.metadata;
+    let compress = meta.get("compress").cloned().unwrap_or(json!({}));
+    let steps: Vec<_> = layout
+        .budget_steps(10)
+        .into_iter()
+        .map(|b| {
+            let plan = layout.plan_for_prefix(layout.plan_for_budget(b).map_or(0, |p| p.blocks_loaded));
+            json!({"budget_bytes": b, "memory_bytes": plan.memory_bytes, "blocks": plan.blocks_loaded})
+        })
+        .collect();
+    let report = json!({
+        "file": path.display().to_string(),
+        "architecture": meta.get("architecture"),
+        "k": compress.get("k"),
+        "niter": compress.get("niter"),
+        "scorer": compress.get("scorer"),
+        "matrices": file.matrix_count(),
+        "blocks": layout.order().len(),
+        "blocks_total": full.order().len(),
+        "mandatory_blocks": full.mandatory_blocks(),
+        "fixed_bytes": layout.fixed_bytes(),
+        "base_bytes": full.min_memory(),
+        "min_memory_bytes": layout.min_memory(),
+        "max_memory_bytes": layout.max_memory(),
+        "complete": !file.is_truncated(),
+        "missing_bytes": full.max_memory() - layout.max_memory(),
+        "steps": steps,
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("file          {}", path.display());
+    println!(
+        "model         {}",
+        meta.get("architecture").and_then(|a| a.as_str()).unwrap_or("(unknown)")
+    );
+    println!(
+        "compression   k = {}, niter = {}, ordering: {}",
+        compress.get("k").unwrap_or(&json!("?")),
+        compress.get("niter").unwrap_or(&json!("?")),
+        compress.get("scorer").and_then(|s| s.as_str()).unwrap_or("?")
+    );
+    println!("matrices      {}", file.matrix_count());
+    println!(
+        "blocks        {} ({} base blocks){}",
+        layout.order().len(),
+        full.mandatory_blocks(),
+        if file.is_truncated() {
+            format!(
+                " — file truncated: {} of {} blocks present, {} missing",
+                layout.order().len(),
+                full.order().len(),
+                format_size(full.max_memory() - layout.max_memory())
+            )
+        } else {
+            String::new()
+        }
+    );
+    println!("fixed tensors {} bytes ({})", layout.fixed_bytes(), format_size(layout.fixed_bytes()));
+    println!("base_bytes    {} bytes ({})", full.min_memory(), format_size(full.min_memory()));
+    println!(
+        "memory        {} .. {} bytes ({} .. {})",
+        layout.min_memory(),
+        layout.max_memory(),
+        format_size(layout.min_memory()),
+        format_size(layout.max_memory())
+    );
+    println!("\n{:>14}  {:>14}  {:>7}", "budget", "memory", "blocks");
+    for s in &report["steps"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "{:>14}  {:>14}  {:>7}",
+            s["budget_bytes"], s["memory_bytes"], s["blocks"]
+        );
+    }
+    Ok(())
+}
+
+pub fn plan(path: &Path, budget: &str, as_json: bool) -> Result<()> {
+    let file = open(path)?;
+    let budget = budget_of(budget)?;
+    let plan = file.layout().plan_for_budget(budget)?;
+    let per_matrix: serde_json::Map<String, serde_json::Value> = (0..file.matrix_count())
+        .map(|m| (file.matrix_name(m).to_string(), json!(plan.per_matrix[m])))
+        .collect();
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "budget_bytes": budget,
+                "memory_bytes": plan.memory_bytes,
+                "blocks": plan.blocks_loaded,
+                "per_matrix": per_matrix,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "budget {} bytes ({}): {} blocks, memory {} bytes ({})",
+        budget,
+        format_size(budget),
+        plan.blocks_loaded,
+        plan.memory_bytes,
+        format_size(plan.memory_bytes)
+    );
+    for (name, count) in per_matrix {
+        println!("  {count:>3}  {name}");
+    }
+    Ok(())
+}
+
+pub fn export(path: &Path, budget: &str, output: &Path) -> Result<()> {
+    let file = open(path)?;
+    let budget = budget_of(budget)?;
+    let stack = LoadedStack::load_exact(file, budget)?;
+    stack
+        .export_hf(output)
+        .with_context(|| format!("exporting to {}", output.display()))?;
+    let plan = stack.plan();
+    println!(
+        "exported {} blocks ({} of memory) to {}",
+        plan.blocks_loaded,
+        format_size(plan.memory_bytes),
+        output.display()
+    );
+    Ok(())
+}

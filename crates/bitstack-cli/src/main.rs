@@ -1,0 +1,75 @@
+//! `bitstack`: compress a model once into a stack file, load it at any memory budget.
+#![allow(clippy::print_stdout)]
+
+mod commands;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Compress an LLM once into one file that loads at any memory budget (BitStack).
+#[derive(Debug, Parser)]
+#[command(name = "bitstack", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compress a Hugging Face checkpoint directory into a .bitstack file.
+    Compress(commands::CompressArgs),
+    /// Describe a .bitstack file: model, matrices, blocks, memory range.
+    Inspect {
+        /// The .bitstack file.
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a budget loads: blocks per matrix and the exact memory.
+    Plan {
+        /// The .bitstack file.
+        file: PathBuf,
+        /// Memory budget: bytes, kB/MB/GB (10^3) or KiB/MiB/GiB (2^10).
+        #[arg(long)]
+        budget: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a dense Hugging Face checkpoint of the model at a budget.
+    Export {
+        /// The .bitstack file.
+        file: PathBuf,
+        /// Memory budget: bytes, kB/MB/GB (10^3) or KiB/MiB/GiB (2^10).
+        #[arg(long)]
+        budget: String,
+        /// Output directory (created if missing).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Compress(args) => commands::compress(args),
+        Command::Inspect { file, json } => commands::inspect(&file, json),
+        Command::Plan { file, budget, json } => commands::plan(&file, &budget, json),
+        Command::Export {
+            file,
+            budget,
+            output,
+        } => commands::export(&file, &budget, &output),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! Iterative absolute-value decomposition.
+
+use bitstack_bits::{packed_len, SignMatrix};
+use half::f16;
+use rayon::prelude::*;
+
+use crate::block::{row_product, widen};
+use crate::error::ExpectedLen;
+use crate::svd::{top_k_split, PAR_THRESHOLD};
+use crate::{AvdBlock, AvdParams, DecomposeError, Significance};
+
+/// The result of [`decompose`]: the blocks in order and the error after each prefix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decomposition {
+    /// The `niter` blocks; `Ŵ_b` is the sum of the first `b`.
+    pub blocks: Vec<AvdBlock>,
+    /// `rel_err[b - 1] = ‖(W − Ŵ_b)·D‖_F / ‖W·D‖_F`, with `Ŵ_b` built from the stored (f16)
+    /// factors and `D = diag(channel weights)` (identity without weights). 0 for `W = 0`.
+    pub rel_err: Vec<f64>,
+}
+
+impl Decomposition {
+    /// Rows of the decomposed matrix (0 if there are no blocks).
+    pub fn rows(&self) -> usize {
+        self.blocks.first().map_or(0, AvdBlock::rows)
+    }
+
+    /// Columns of the decomposed matrix (0 if there are no blocks).
+    pub fn cols(&self) -> usize {
+        self.blocks.first().map_or(0, AvdBlock::cols)
+    }
+
+    /// `Ŵ_b`: the dense row-major sum of the first `nblocks` blocks (all of them if
+    /// `nblocks` is larger).
+    pub fn reconstruct(&self, nblocks: usize) -> Vec<f32> {
+        let mut w = vec![0.0f32; self.rows() * self.cols()];
+        for block in self.blocks.iter().take(nblocks) {
+            block.add_to_dense(&mut w);
+        }
+        w
+    }
+}
+
+/// Decomposes the row-major `rows × cols` matrix `w` into `params.niter` AVD blocks
+/// (docs/ALGORITHM.md §2).
+///
+/// With `channel_weights = Some(s)` (one positive weight per column) the decomposition is
+/// that of `W · diag(s)`; the blocks are returned in the original coordinates (`v`'s columns
+/// divided by `s`) and `rel_err` is measured in the weighted norm.
+///
+/// The residual is updated with the unrounded f32 factors, while the stored factors and the
+/// reported errors use f16, as the reference implementation does.
+///
+/// # Errors
+/// Shape mismatch, a non-finite weight (the first one is named), `k = 0` or
+/// `k > min(rows, cols)`, `niter = 0`, bad channel weights, an SVD that does not converge, or
+/// a factor that overflows f16.
+pub fn decompose(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    params: &AvdParams,
+    channel_weights: Option<&[f32]>,
+) -> Result<Decomposition, DecomposeError> {
+    let (m, n, k) = (rows, cols, params.k);
+    validate(w, m, n, params, channel_weights)?;
+
+    // State: A = |R| (row-major m×n), the packed signs of R, E = (W − Ŵ_b)·D.
+    let mut a = vec![0.0f32; m * n];
+    let mut e = vec![0.0f32; m * n];
+    let mut bits = vec![0u8; packed_len(m, n)];
+    let ones;
+    let s: &[f32] = match channel_weights {
+        Some(s) => s,
+        None => {
+            ones = vec![1.0f32; n];
+            &ones
+        }
+    };
+    let norm_w = init_state(w, s, m, n, &mut a, &mut e, &mut bits).sqrt();
+
+    let mut blocks = Vec::with_capacity(params.niter);
+    let mut rel_err = Vec::with_capacity(params.niter);
+    for it in 0..params.niter {
+        let seed = params
+            .seed
+            .wrapping_add((it as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let f = top_k_split(&a, m, n, k, params.svd, seed)
+            .map_err(|_| DecomposeError::SvdNoConvergence { block: it })?;
+        let u16v = to_f16(&f.u, it, "u", |_| 1.0)?;
+        // Stored v is in the original coordinates: v[r, j] / s_j.
+        let v16v = to_f16(&f.v, it, "v", |idx| s[idx % n])?;
+        let u_w = widen(&u16v);
+        // The stored block in the weighted coordinates: f16(v / s) · s.
+        let v_w: Vec<f32> = v16v
+            .iter()
+            .enumerate()
+            .map(|(idx, h)| h.to_f32() * s[idx % n])
+            .collect();
+        let signs = SignMatrix::from_packed(bits.clone(), m, n)?;
+        let last = it + 1 == params.niter;
+        let err2 = update_state(
+            &mut a,
+            &mut e,
+            &mut bits,
+            m,
+            n,
+            k,
+            (&f.u, &f.v),
+            (&u_w, &v_w),
+            last,
+        );
+        rel_err.push(if norm_w > 0.0 {
+            err2.sqrt() / norm_w
+        } else {
+            0.0
+        });
+        blocks.push(AvdBlock::from_parts(signs, u16v, v16v, k)?);
+    }
+    Ok(Decomposition { blocks, rel_err })
+}
+
+/// [`decompose`] with the channel weights that `significance` gives for `matrix`.
+///
+/// # Errors
+/// As [`decompose`].
+pub fn decompose_with_significance(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    params: &AvdParams,
+    matrix: &str,
+    significance: &dyn Significance,
+) -> Result<Decomposition, DecomposeError> {
+    let weights = significance.channel_weights(matrix, cols);
+    decompose(w, rows, cols, params, weights.as_deref())
+}
+
+fn validate(
+    w: &[f32],
+    m: usize,
+    n: usize,
+    params: &AvdParams,
+    channel_weights: Option<&[f32]>,
+) -> Result<(), DecomposeError> {
+    let expected = m.checked_mul(n);
+    if expected != Some(w.len()) {
+        return Err(DecomposeError::ShapeMismatch {
+            rows: m,
+            cols: n,
+            expected: ExpectedLen(expected),
+            len: w.len(),
+        });
+    }
+    if params.niter == 0 {
+        return Err(DecomposeError::ZeroIterations);
+    }
+    if params.k == 0 || params.k > m.min(n) {
+        return Err(DecomposeError::InvalidRank {
+            k: params.k,
+            rows: m,
+            cols: n,
+        });
+    }
+    if let Some(index) = w.iter().position(|x| !x.is_finite()) {
+        return Err(DecomposeError::NonFinite {
+            index,
+            row: index / n,
+            col: index % n,
+            value: w[index],
+        });
+    }
+    if let Some(s) = channel_weights {
+        if s.len() != n {
+            return Err(DecomposeError::ChannelWeightsLength {
+                expected: n,
+                got: s.len(),
+            });
+        }
+        if let Some(index) = s.iter().position(|&x| !(x.is_finite() && x > 0.0)) {
+            return Err(DecomposeError::InvalidChannelWeight {
+                index,
+                value: s[index],
+            });
+        }
+    }
+    Ok(())
+}
+
+/// f32 → f16 with an overflow check; `divisor(idx)` divides each value first.
+fn to_f16(
+    x: &[f32],
+    block: usize,
+    factor: &'static str,
+    divisor: impl Fn(usize) -> f32,
+) -> Result<Vec<f16>, DecomposeError> {
+    x.iter()
+        .enumerate()
+        .map(|(idx, &v)| {
+            let scaled = v / divisor(idx);
+            let h = f16::from_f32(scaled);
+            if h.is_finite() {
+                Ok(h)
+            } else {
+                Err(DecomposeError::FactorOverflow {
+                    block,
+                    factor,
+                    value: scaled,
+                })
+            }
+        })
+        .collect()
+}
+
+/// Rows per parallel task: a multiple of 8 so that every task owns whole bytes of the
+/// (row-major, unpadded) packed signs.
+fn rows_per_task(m: usize, n: usize) -> usize {
+    let target = (1usize << 15) / n.max(1); // ~32k entries per task
+    target.clamp(1, m.max(1)).div_ceil(8) * 8
+}
+
+/// Runs `body(first_row, a_rows, e_rows, bit_bytes)` over row chunks that own whole bytes of
+/// the packed signs, in parallel for large matrices; returns the sum of the bodies' results.
+fn for_row_chunks(
+    a: &mut [f32],
+    e: &mut [f32],
+    bits: &mut [u8],
+    m: usize,
+    n: usize,
+    body: impl Fn(usize, &mut [f32], &mut [f32], &mut [u8]) -> f64 + Sync,
+) -> f64 {
+    let rpt = rows_per_task(m, n);
+    let (ea, bb) = (rpt * n, rpt / 8 * n);
+    if m * n >= PAR_THRESHOLD && rayon::current_num_threads() > 1 {
+        a.par_chunks_mut(ea)
+            .zip(e.par_chunks_mut(ea))
+            .zip(bits.par_chunks_mut(bb))
+            .enumerate()
+            .map(|(t, ((ac, ec), bc))| body(t * rpt, ac, ec, bc))
+            .sum()
+    } else {
+        a.chunks_mut(ea)
+            .zip(e.chunks_mut(ea))
+            .zip(bits.chunks_mut(bb))
+            .enumerate()
+            .map(|(t, ((ac, ec), bc))| body(t * rpt, ac, ec, bc))
+            .sum()
+    }
+}
+
+/// `A = |W D|`, signs of `W`, `E = W D`; returns `‖W D‖²`.
+fn init_state(
+    w: &[f32],
+    s: &[f32],
+    m: usize,
+    n: usize,
+    a: &mut [f32],
+    e: &mut [f32],
+    bits: &mut [u8],
+) -> f64 {
+    for_row_chunks(a, e, bits, m, n, |row0, ac, ec, bc| {
+        let base = row0 * n;
+        let mut sum = 0.0f64;
+        for (loc, (av, ev)) in ac.iter_mut().zip(ec.iter_mut()).enumerate() {
+            let x = w[base + loc] * s[loc % n];
+            *ev = x;
+            *av = x.abs();
+            sum += f64::from(x) * f64::from(x);
+            // sign(0) = +1 (and -0.0 counts as 0).
+            if x >= 0.0 {
+                bc[loc >> 3] |= 0x80 >> (loc & 7);
+            }
+        }
+        sum
+    })
+}
+
+/// One fused pass over the residual, for the block with split factors `f = (u, v)` (f32, the
+/// weighted coordinates) and stored factors `g = (u16, v16·s)` (widened):
+///
+/// * `E ← E − S ⊙ (g.u g.v)` and its squared norm (returned),
+/// * unless `last`: `R ← R − S ⊙ (f.u f.v)`, kept as `A = |R|` and the packed signs of `R`.
+///
+/// With `R = S ⊙ A`: `R − S ⊙ P = S ⊙ (A − P)`, so `|R'| = |A − P|` and
+/// `sign(R') = S · sign(A − P)`, with `sign(0) = +1`.
+#[allow(clippy::too_many_arguments)]
+fn update_state(
+    a: &mut [f32],
+    e: &mut [f32],
+    bits: &mut [u8],
+    m: usize,
+    n: usize,
+    k: usize,
+    f: (&[f32], &[f32]),
+    g: (&[f32], &[f32]),
+    last: bool,
+) -> f64 {
+    for_row_chunks(a, e, bits, m, n, |row0, ac, ec, bc| {
+        let mut p = vec![0.0f32; n];
+        let mut q = vec![0.0f32; n];
+        let mut sum = 0.0f64;
+        for (r, (a_row, e_row)) in ac.chunks_mut(n).zip(ec.chunks_mut(n)).enumerate() {
+            let i = row0 + r;
+            row_product(&g.0[i * k..(i + 1) * k], g.1, n, &mut q);
+            if !last {
+                row_product(&f.0[i * k..(i + 1) * k], f.1, n, &mut p);
+            }
+            let mut row_sum = 0.0f64;
+            for j in 0..n {
+                let loc = r * n + j;
+                let (byte, mask) = (loc >> 3, 0x80u8 >> (loc & 7));
+                let positive = bc[byte] & mask != 0;
+                let ev = if positive {
+                    e_row[j] - q[j]
+                } else {
+                    e_row[j] + q[j]
+                };
+                e_row[j] = ev;
+                row_sum += f64::from(ev) * f64::from(ev);
+                if !last {
+                    let d = a_row[j] - p[j];
+                    a_row[j] = d.abs();
+                    let new_positive = if d == 0.0 {
+                        true
+                    } else {
+                        positive == (d > 0.0)
+                    };
+                    if new_positive {
+                        bc[byte] |= mask;
+                    } else {
+                        bc[byte] &= !mask;
+                    }
+                }
+            }
+            sum += row_sum;
+        }
+        sum
+    })
+}

@@ -1,0 +1,199 @@
+//! One AVD residual block: `S ⊙ (u v)` with packed signs and f16 factors.
+
+use bitstack_bits::{SignMatrix, SignMatrixRef};
+use half::f16;
+use rayon::prelude::*;
+
+use crate::DecomposeError;
+
+/// One residual block `S ⊙ (u v)` of an `rows × cols` matrix: packed signs `S` (1 bit per
+/// weight), `u` (`rows × k`, row-major, f16) and `v` (`k × cols`, row-major, f16).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AvdBlock {
+    signs: SignMatrix,
+    u: Vec<f16>,
+    v: Vec<f16>,
+    k: usize,
+}
+
+impl AvdBlock {
+    /// Assembles a block, checking that `u` has `rows·k` and `v` has `k·cols` values
+    /// (`rows`, `cols` are those of `signs`) and that `k ≥ 1`.
+    pub fn from_parts(
+        signs: SignMatrix,
+        u: Vec<f16>,
+        v: Vec<f16>,
+        k: usize,
+    ) -> Result<Self, DecomposeError> {
+        let (rows, cols) = (signs.rows(), signs.cols());
+        if k == 0 {
+            return Err(DecomposeError::InvalidRank { k, rows, cols });
+        }
+        let check = |factor: &'static str, dim: usize, got: usize| {
+            let expected = dim.checked_mul(k);
+            if expected == Some(got) {
+                Ok(())
+            } else {
+                Err(DecomposeError::FactorLength {
+                    factor,
+                    rows,
+                    cols,
+                    k,
+                    expected: expected.unwrap_or(usize::MAX),
+                    got,
+                })
+            }
+        };
+        check("u", rows, u.len())?;
+        check("v", cols, v.len())?;
+        Ok(Self { signs, u, v, k })
+    }
+
+    /// Splits the block into its parts `(signs, u, v, k)`.
+    pub fn into_parts(self) -> (SignMatrix, Vec<f16>, Vec<f16>, usize) {
+        (self.signs, self.u, self.v, self.k)
+    }
+
+    /// Number of rows (`m`, output features).
+    pub fn rows(&self) -> usize {
+        self.signs.rows()
+    }
+
+    /// Number of columns (`n`, input features).
+    pub fn cols(&self) -> usize {
+        self.signs.cols()
+    }
+
+    /// Rank of the `u v` factorisation.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The packed signs.
+    pub fn signs(&self) -> SignMatrixRef<'_> {
+        self.signs.as_view()
+    }
+
+    /// `u`: `rows × k`, row-major.
+    pub fn u(&self) -> &[f16] {
+        &self.u
+    }
+
+    /// `v`: `k × cols`, row-major.
+    pub fn v(&self) -> &[f16] {
+        &self.v
+    }
+
+    /// Stored size in bytes of a `rows × cols` block of rank `k`:
+    /// `⌈rows·cols/8⌉ + 2·k·(rows + cols)` (saturating on overflow).
+    pub fn byte_size(rows: usize, cols: usize, k: usize) -> u64 {
+        let (m, n, k) = (rows as u64, cols as u64, k as u64);
+        let signs = m.saturating_mul(n).div_ceil(8);
+        let factors = 2u64.saturating_mul(k).saturating_mul(m.saturating_add(n));
+        signs.saturating_add(factors)
+    }
+
+    /// This block's [`byte_size`](Self::byte_size).
+    pub fn stored_bytes(&self) -> u64 {
+        Self::byte_size(self.rows(), self.cols(), self.k)
+    }
+
+    /// `w += S ⊙ (u v)` for a row-major `rows × cols` buffer (f16 factors widened to f32).
+    ///
+    /// # Panics
+    /// If `w.len() != rows · cols`.
+    pub fn add_to_dense(&self, w: &mut [f32]) {
+        let (m, n, k) = (self.rows(), self.cols(), self.k);
+        assert_eq!(w.len(), m * n, "add_to_dense: buffer is not {m}×{n}");
+        if m == 0 || n == 0 {
+            return;
+        }
+        let u = widen(&self.u);
+        let v = widen(&self.v);
+        let bits = self.signs.as_bytes();
+        let body = |(i, row): (usize, &mut [f32]), prod: &mut Vec<f32>| {
+            row_product(&u[i * k..(i + 1) * k], &v, n, prod);
+            let base = i * n;
+            for (j, (out, p)) in row.iter_mut().zip(prod.iter()).enumerate() {
+                *out += if sign_bit(bits, base + j) { *p } else { -*p };
+            }
+        };
+        if m * n >= crate::svd::PAR_THRESHOLD {
+            w.par_chunks_mut(n)
+                .enumerate()
+                .for_each_init(|| vec![0.0f32; n], |prod, item| body(item, prod));
+        } else {
+            let mut prod = vec![0.0f32; n];
+            w.chunks_mut(n)
+                .enumerate()
+                .for_each(|item| body(item, &mut prod));
+        }
+    }
+
+    /// `y += (S ⊙ (u v)) x` without building the dense block:
+    /// `Σ_r u[:, r] ⊙ (S · (v[r, :]ᵀ ⊙ x))`, with the `k` sign products done by
+    /// [`SignMatrixRef::sign_matmul_lut`].
+    ///
+    /// # Panics
+    /// If `x.len() != cols` or `y.len() != rows`.
+    pub fn matvec_add(&self, x: &[f32], y: &mut [f32]) {
+        let (m, n, k) = (self.rows(), self.cols(), self.k);
+        assert_eq!(
+            x.len(),
+            n,
+            "matvec_add: x has {} values, block has {n} columns",
+            x.len()
+        );
+        assert_eq!(
+            y.len(),
+            m,
+            "matvec_add: y has {} values, block has {m} rows",
+            y.len()
+        );
+        // Z[j, r] = v[r, j] · x[j]   (n×k row-major)
+        let mut z = vec![0.0f32; n * k];
+        for r in 0..k {
+            let v_row = &self.v[r * n..(r + 1) * n];
+            for (j, (&vj, &xj)) in v_row.iter().zip(x).enumerate() {
+                z[j * k + r] = vj.to_f32() * xj;
+            }
+        }
+        let mut sz = vec![0.0f32; m * k];
+        self.signs.as_view().sign_matmul_lut(&z, k, &mut sz);
+        for ((yi, u_row), sz_row) in y
+            .iter_mut()
+            .zip(self.u.chunks_exact(k))
+            .zip(sz.chunks_exact(k))
+        {
+            let acc: f32 = u_row
+                .iter()
+                .zip(sz_row)
+                .map(|(&a, &b)| a.to_f32() * b)
+                .sum();
+            *yi += acc;
+        }
+    }
+}
+
+/// f16 → f32.
+pub(crate) fn widen(x: &[f16]) -> Vec<f32> {
+    x.iter().map(|h| h.to_f32()).collect()
+}
+
+/// `out[j] = Σ_r u_row[r] · v[r, j]` for a row-major `k × n` `v`.
+#[inline]
+pub(crate) fn row_product(u_row: &[f32], v: &[f32], n: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for (r, &ur) in u_row.iter().enumerate() {
+        let v_row = &v[r * n..(r + 1) * n];
+        for (o, &vr) in out.iter_mut().zip(v_row) {
+            *o += ur * vr;
+        }
+    }
+}
+
+/// Bit `idx` of the row-major packed layout (MSB first); `true` = +1.
+#[inline]
+pub(crate) fn sign_bit(bits: &[u8], idx: usize) -> bool {
+    (bits[idx >> 3] >> (7 - (idx & 7))) & 1 == 1
+}

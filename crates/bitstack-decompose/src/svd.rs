@@ -1,0 +1,236 @@
+//! Top-k singular triplets of a (nonnegative) row-major matrix: exact and randomized.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par};
+use rand::{Rng, SeedableRng};
+
+use crate::SvdMethod;
+
+/// Below this many entries the products and SVDs run on one thread.
+pub(crate) const PAR_THRESHOLD: usize = 1 << 16;
+
+/// The top-`k` triplets, split as `u = U_k Σ^{1/2}` (m×k) and `v = Σ^{1/2} V_kᵀ` (k×n),
+/// both row-major f32.
+#[derive(Debug, Clone)]
+pub(crate) struct SplitFactors {
+    pub(crate) u: Vec<f32>,
+    pub(crate) v: Vec<f32>,
+}
+
+/// `(U[:, :k], σ[:k], V[:, :k])` of `A`.
+type Triplets = (Mat<f32>, Vec<f32>, Mat<f32>);
+
+/// The SVD did not converge.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NoConvergence;
+
+pub(crate) fn parallelism(entries: usize) -> Par {
+    if entries >= PAR_THRESHOLD && rayon::current_num_threads() > 1 {
+        Par::rayon(0)
+    } else {
+        Par::Seq
+    }
+}
+
+/// Top-`k` split factors of the row-major `m×n` matrix `a`.
+///
+/// Sign convention (deterministic): every column of `u` has a nonnegative sum (for a
+/// nonnegative `a` the leading singular vectors are then the nonnegative Perron vectors).
+pub(crate) fn top_k_split(
+    a: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    method: SvdMethod,
+    seed: u64,
+) -> Result<SplitFactors, NoConvergence> {
+    debug_assert_eq!(a.len(), m * n);
+    debug_assert!(k >= 1 && k <= m.min(n));
+    // Row-major m×n data is the column-major n×m matrix Aᵀ: faer's preferred layout.
+    let at = MatRef::from_column_major_slice(a, n, m);
+    let par = parallelism(m * n);
+    let (u_mat, s, v_mat) = match method {
+        SvdMethod::Exact => exact(at, k)?,
+        SvdMethod::Randomized {
+            oversample,
+            power_iters,
+        } => randomized(at, k, oversample, power_iters, seed, par)?,
+    };
+    Ok(split(u_mat.as_ref(), &s, v_mat.as_ref(), k))
+}
+
+/// The top-k triplets of `A` from the thin SVD of `Aᵀ = V Σ Uᵀ`.
+fn exact(at: MatRef<'_, f32>, k: usize) -> Result<Triplets, NoConvergence> {
+    let svd = at.thin_svd().map_err(|_| NoConvergence)?;
+    let s: Vec<f32> = (0..k).map(|r| svd.S()[r]).collect();
+    // svd of Aᵀ: U' = V_A, V' = U_A.
+    let u = svd.V().subcols(0, k).to_owned();
+    let v = svd.U().subcols(0, k).to_owned();
+    Ok((u, s, v))
+}
+
+/// Halko–Martinsson–Tropp randomized SVD with `power_iters` QR-stabilised power iterations.
+fn randomized(
+    at: MatRef<'_, f32>,
+    k: usize,
+    oversample: usize,
+    power_iters: usize,
+    seed: u64,
+    par: Par,
+) -> Result<Triplets, NoConvergence> {
+    let (n, m) = at.shape();
+    let a = at.transpose(); // m×n
+    let l = k.saturating_add(oversample).min(m.min(n));
+
+    let omega = gaussian(n, l, seed);
+    let mut y = Mat::<f32>::zeros(m, l);
+    matmul(y.as_mut(), Accum::Replace, a, omega.as_ref(), 1.0, par);
+    let mut q = orthonormal_basis(y.as_ref());
+    let mut z = Mat::<f32>::zeros(n, l);
+    for _ in 0..power_iters {
+        matmul(z.as_mut(), Accum::Replace, at, q.as_ref(), 1.0, par);
+        let qz = orthonormal_basis(z.as_ref());
+        matmul(y.as_mut(), Accum::Replace, a, qz.as_ref(), 1.0, par);
+        q = orthonormal_basis(y.as_ref());
+    }
+    // Bᵀ = Aᵀ Q (n×l);  Bᵀ = P Σ Rᵀ  ⇒  A ≈ Q B = (Q R) Σ Pᵀ.
+    matmul(z.as_mut(), Accum::Replace, at, q.as_ref(), 1.0, par);
+    let svd = z.thin_svd().map_err(|_| NoConvergence)?;
+    let s: Vec<f32> = (0..k).map(|r| svd.S()[r]).collect();
+    let mut u = Mat::<f32>::zeros(m, k);
+    matmul(
+        u.as_mut(),
+        Accum::Replace,
+        q.as_ref(),
+        svd.V().subcols(0, k),
+        1.0,
+        Par::Seq,
+    );
+    let v = svd.U().subcols(0, k).to_owned();
+    Ok((u, s, v))
+}
+
+/// Thin Q of a tall matrix (Householder QR).
+fn orthonormal_basis(y: MatRef<'_, f32>) -> Mat<f32> {
+    y.qr().compute_thin_Q()
+}
+
+/// An `rows × cols` standard Gaussian matrix (Box–Muller on a ChaCha stream).
+fn gaussian(rows: usize, cols: usize, seed: u64) -> Mat<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut next = {
+        let mut spare: Option<f64> = None;
+        move || -> f32 {
+            if let Some(z) = spare.take() {
+                return z as f32;
+            }
+            // u1 in (0, 1] so that ln(u1) is finite.
+            let u1 = 1.0 - rng.random::<f64>();
+            let u2 = rng.random::<f64>();
+            let r = (-2.0 * u1.ln()).sqrt();
+            let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+            spare = Some(r * s);
+            (r * c) as f32
+        }
+    };
+    Mat::from_fn(rows, cols, |_, _| next())
+}
+
+/// `u = U Σ^{1/2}` (row-major m×k), `v = Σ^{1/2} Vᵀ` (row-major k×n), with the sign of each
+/// triplet chosen so that the column sum of `u` is nonnegative.
+fn split(u_mat: MatRef<'_, f32>, s: &[f32], v_mat: MatRef<'_, f32>, k: usize) -> SplitFactors {
+    let m = u_mat.nrows();
+    let n = v_mat.nrows();
+    let mut u = vec![0.0f32; m * k];
+    let mut v = vec![0.0f32; k * n];
+    for r in 0..k {
+        let col_sum: f64 = (0..m).map(|i| f64::from(u_mat[(i, r)])).sum();
+        let root = s[r].max(0.0).sqrt();
+        let scale = if col_sum < 0.0 { -root } else { root };
+        for i in 0..m {
+            u[i * k + r] = u_mat[(i, r)] * scale;
+        }
+        let v_row = &mut v[r * n..(r + 1) * n];
+        for (j, out) in v_row.iter_mut().enumerate() {
+            // u and v flip together, so the product u v is unchanged.
+            *out = v_mat[(j, r)] * scale;
+        }
+    }
+    SplitFactors { u, v }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn product(f: &SplitFactors, m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; m * n];
+        for i in 0..m {
+            for r in 0..k {
+                for j in 0..n {
+                    out[i * n + j] += f.u[i * k + r] * f.v[r * n + j];
+                }
+            }
+        }
+        out
+    }
+
+    fn low_rank_plus_noise(m: usize, n: usize, seed: u64) -> Vec<f32> {
+        let g1 = gaussian(m, 3, seed);
+        let g2 = gaussian(3, n, seed + 1);
+        let noise = gaussian(m, n, seed + 2);
+        let mut a = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut x = 0.01 * noise[(i, j)];
+                for r in 0..3 {
+                    x += g1[(i, r)] * g2[(r, j)] * (3.0 - r as f32);
+                }
+                a[i * n + j] = x.abs();
+            }
+        }
+        a
+    }
+
+    #[test]
+    fn randomized_matches_exact_on_low_rank() {
+        let (m, n, k) = (70, 45, 3);
+        let a = low_rank_plus_noise(m, n, 7);
+        let e = top_k_split(&a, m, n, k, SvdMethod::Exact, 0).unwrap();
+        let r = top_k_split(&a, m, n, k, SvdMethod::DEFAULT_RANDOMIZED, 0).unwrap();
+        let (pe, pr) = (product(&e, m, n, k), product(&r, m, n, k));
+        let diff: f32 = pe.iter().zip(&pr).map(|(x, y)| (x - y).powi(2)).sum();
+        let norm: f32 = pe.iter().map(|x| x * x).sum();
+        assert!(diff.sqrt() < 1e-3 * norm.sqrt(), "{diff} vs {norm}");
+        // Sign convention: nonnegative column sums of u.
+        for f in [&e, &r] {
+            for c in 0..k {
+                let s: f32 = (0..m).map(|i| f.u[i * k + c]).sum();
+                assert!(s >= 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn randomized_is_deterministic() {
+        let (m, n, k) = (40, 90, 4);
+        let a = low_rank_plus_noise(m, n, 3);
+        let r1 = top_k_split(&a, m, n, k, SvdMethod::DEFAULT_RANDOMIZED, 42).unwrap();
+        let r2 = top_k_split(&a, m, n, k, SvdMethod::DEFAULT_RANDOMIZED, 42).unwrap();
+        assert_eq!(r1.u, r2.u);
+        assert_eq!(r1.v, r2.v);
+    }
+
+    #[test]
+    fn wide_and_tall_exact_reconstruct_full_rank() {
+        for (m, n) in [(5, 9), (9, 5), (6, 6)] {
+            let k = m.min(n);
+            let a = low_rank_plus_noise(m, n, 11);
+            let f = top_k_split(&a, m, n, k, SvdMethod::Exact, 0).unwrap();
+            let p = product(&f, m, n, k);
+            for (x, y) in a.iter().zip(&p) {
+                assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+            }
+        }
+    }
+}

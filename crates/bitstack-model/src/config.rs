@@ -1,0 +1,426 @@
+//! Model hyper-parameters read from a Hugging Face `config.json`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::ModelError;
+
+/// The architectures this crate implements, as listed in error messages.
+pub const SUPPORTED_ARCHITECTURES: &str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
+
+/// A supported decoder architecture (they differ only in defaults: biases, sliding window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Architecture {
+    /// `LlamaForCausalLM`.
+    Llama,
+    /// `MistralForCausalLM`.
+    Mistral,
+    /// `Qwen2ForCausalLM` (q/k/v biases).
+    Qwen2,
+}
+
+impl Architecture {
+    /// Parses a Hugging Face `architectures` entry.
+    pub fn from_hf_name(name: &str) -> Result<Self, ModelError> {
+        match name {
+            "LlamaForCausalLM" => Ok(Self::Llama),
+            "MistralForCausalLM" => Ok(Self::Mistral),
+            "Qwen2ForCausalLM" => Ok(Self::Qwen2),
+            other => Err(ModelError::UnsupportedArchitecture {
+                found: other.to_owned(),
+                supported: SUPPORTED_ARCHITECTURES,
+            }),
+        }
+    }
+
+    /// The Hugging Face class name.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Llama => "LlamaForCausalLM",
+            Self::Mistral => "MistralForCausalLM",
+            Self::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+}
+
+/// How RoPE frequencies are derived from θ (`rope_type` in the config).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum RopeScaling {
+    /// Plain RoPE: `inv_freq[i] = θ^(-2i/d)`.
+    Default,
+    /// Positions divided by `factor` (`rope_type: "linear"`).
+    Linear {
+        /// The position interpolation factor.
+        factor: f64,
+    },
+    /// Llama 3 frequency-dependent scaling (`rope_type: "llama3"`).
+    Llama3 {
+        /// Scale factor for low frequencies.
+        factor: f64,
+        /// Low-frequency factor.
+        low_freq_factor: f64,
+        /// High-frequency factor.
+        high_freq_factor: f64,
+        /// The context length the model was pretrained with.
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// The hyper-parameters of a Llama-family decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Which architecture.
+    pub architecture: Architecture,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_layers: usize,
+    /// Number of query heads.
+    pub num_heads: usize,
+    /// Number of key/value heads (grouped-query attention when fewer than `num_heads`).
+    pub num_kv_heads: usize,
+    /// Width of one attention head.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f32,
+    /// RoPE base θ.
+    pub rope_theta: f64,
+    /// RoPE frequency scaling.
+    pub rope_scaling: RopeScaling,
+    /// Longest context the model was built for (RoPE tables are precomputed up to it).
+    pub max_position_embeddings: usize,
+    /// Whether `lm_head` shares the embedding matrix (then it is absent from the checkpoint).
+    pub tie_word_embeddings: bool,
+    /// Whether q/k/v (and, for Llama with `attention_bias`, o) projections have biases.
+    pub qkv_bias: bool,
+    /// Whether `o_proj` has a bias (Llama `attention_bias`).
+    pub o_bias: bool,
+    /// Whether the MLP projections have biases (`mlp_bias`).
+    pub mlp_bias: bool,
+    /// Sliding-window attention span, when the architecture uses one.
+    pub sliding_window: Option<usize>,
+    /// Storage dtype named by the config (`dtype` or `torch_dtype`), informative only.
+    pub dtype: Option<String>,
+}
+
+impl ModelConfig {
+    /// Reads and validates a `config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ModelError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates the text of a `config.json`.
+    pub fn from_json_str(text: &str) -> Result<Self, ModelError> {
+        Self::parse(text, Path::new("<memory>"))
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<Self, ModelError> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| ModelError::config(path, format!("not valid JSON: {e}")))?;
+        let p = Parser { v: &v, path };
+        let arch_name = match v.get("architectures") {
+            Some(Value::Array(a)) => match a.first() {
+                Some(Value::String(s)) => s.clone(),
+                _ => return Err(p.err("`architectures` must be a non-empty list of strings")),
+            },
+            Some(Value::String(s)) => s.clone(),
+            _ => return Err(p.err("missing `architectures`")),
+        };
+        let architecture = Architecture::from_hf_name(&arch_name)?;
+        if let Some(act) = v.get("hidden_act").or_else(|| v.get("hidden_activation")) {
+            if act.as_str() != Some("silu") {
+                return Err(p.err(format!(
+                    "unsupported hidden_act {act}; only \"silu\" is implemented"
+                )));
+            }
+        }
+        let hidden_size = p.usize_req("hidden_size")?;
+        let num_heads = p.usize_req("num_attention_heads")?;
+        let num_kv_heads = p.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = match p.usize_opt("head_dim")? {
+            Some(d) => d,
+            None => {
+                if num_heads == 0 || hidden_size % num_heads != 0 {
+                    return Err(p.err(format!(
+                        "hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}"
+                    )));
+                }
+                hidden_size / num_heads
+            }
+        };
+        let rope_params = v.get("rope_parameters").or_else(|| v.get("rope_scaling"));
+        let rope_params = rope_params.filter(|x| !x.is_null());
+        let rope_theta = match rope_params.and_then(|r| r.get("rope_theta")) {
+            Some(t) => t
+                .as_f64()
+                .ok_or_else(|| p.err("`rope_parameters.rope_theta` is not a number"))?,
+            None => p.f64_opt("rope_theta")?.unwrap_or(10000.0),
+        };
+        let rope_scaling = parse_rope_scaling(rope_params, &p)?;
+        let qkv_bias_default = architecture == Architecture::Qwen2;
+        let attention_bias = p.bool_opt("attention_bias")?;
+        let sliding_window = match architecture {
+            Architecture::Mistral => p.usize_opt("sliding_window")?,
+            Architecture::Qwen2 if p.bool_opt("use_sliding_window")? == Some(true) => {
+                return Err(p.err(
+                    "Qwen2 `use_sliding_window: true` (per-layer sliding windows) is not supported",
+                ))
+            }
+            _ => None,
+        };
+        let dtype = v
+            .get("dtype")
+            .or_else(|| v.get("torch_dtype"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let cfg = Self {
+            architecture,
+            hidden_size,
+            intermediate_size: p.usize_req("intermediate_size")?,
+            num_layers: p.usize_req("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: p.usize_req("vocab_size")?,
+            rms_norm_eps: p.f64_opt("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: p.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+            tie_word_embeddings: p.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias: attention_bias.unwrap_or(qkv_bias_default),
+            o_bias: attention_bias.unwrap_or(false),
+            mlp_bias: p.bool_opt("mlp_bias")?.unwrap_or(false),
+            sliding_window,
+            dtype,
+        };
+        cfg.validate().map_err(|m| p.err(m))?;
+        Ok(cfg)
+    }
+
+    /// Checks the internal consistency of the numbers (non-zero sizes, head grouping).
+    pub fn validate(&self) -> Result<(), String> {
+        let nonzero = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+        ];
+        for (k, v) in nonzero {
+            if v == 0 {
+                return Err(format!("`{k}` must be positive"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!("head_dim {} must be even for RoPE", self.head_dim));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!("rope_theta {} must be positive", self.rope_theta));
+        }
+        if self.vocab_size > u32::MAX as usize {
+            return Err(format!("vocab_size {} exceeds u32 token ids", self.vocab_size));
+        }
+        Ok(())
+    }
+
+    /// `num_heads * head_dim`: the output width of `q_proj`.
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    /// `num_kv_heads * head_dim`: the output width of `k_proj` and `v_proj`.
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// RoPE inverse frequencies (`head_dim / 2` of them), scaling applied.
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim as f64;
+        let base: Vec<f64> = (0..self.head_dim / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d))
+            .collect();
+        match self.rope_scaling {
+            RopeScaling::Default => base,
+            RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth =
+                                (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+fn parse_rope_scaling(params: Option<&Value>, p: &Parser<'_>) -> Result<RopeScaling, ModelError> {
+    let Some(r) = params else {
+        return Ok(RopeScaling::Default);
+    };
+    let ty = r
+        .get("rope_type")
+        .or_else(|| r.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |k: &str| -> Result<f64, ModelError> {
+        r.get(k)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| p.err(format!("rope type {ty:?} needs a numeric `{k}`")))
+    };
+    match ty {
+        "default" => Ok(RopeScaling::Default),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => Err(p.err(format!(
+            "unsupported rope_type {other:?} (supported: default, linear, llama3)"
+        ))),
+    }
+}
+
+struct Parser<'a> {
+    v: &'a Value,
+    path: &'a Path,
+}
+
+impl Parser<'_> {
+    fn err(&self, m: impl Into<String>) -> ModelError {
+        ModelError::Config {
+            path: PathBuf::from(self.path),
+            message: m.into(),
+        }
+    }
+
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>, ModelError> {
+        match self.v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => x
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| self.err(format!("`{key}` must be a non-negative integer, got {x}"))),
+        }
+    }
+
+    fn usize_req(&self, key: &str) -> Result<usize, ModelError> {
+        self.usize_opt(key)?
+            .ok_or_else(|| self.err(format!("missing `{key}`")))
+    }
+
+    fn f64_opt(&self, key: &str) -> Result<Option<f64>, ModelError> {
+        match self.v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => x
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(format!("`{key}` must be a number, got {x}"))),
+        }
+    }
+
+    fn bool_opt(&self, key: &str) -> Result<Option<bool>, ModelError> {
+        match self.v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => x
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.err(format!("`{key}` must be a boolean, got {x}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD_STYLE: &str = r#"{
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 100, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "torch_dtype": "bfloat16", "tie_word_embeddings": true, "hidden_act": "silu"
+    }"#;
+
+    #[test]
+    fn parses_old_key_style() {
+        let c = ModelConfig::from_json_str(OLD_STYLE).unwrap();
+        assert_eq!(c.architecture, Architecture::Llama);
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.dtype.as_deref(), Some("bfloat16"));
+        assert!(c.tie_word_embeddings);
+        assert!(!c.qkv_bias);
+    }
+
+    #[test]
+    fn parses_new_key_style() {
+        let text = r#"{
+            "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 32, "vocab_size": 100, "dtype": "float16",
+            "rope_parameters": {"rope_theta": 1234.0, "rope_type": "default"},
+            "use_sliding_window": false, "sliding_window": null
+        }"#;
+        let c = ModelConfig::from_json_str(text).unwrap();
+        assert_eq!(c.architecture, Architecture::Qwen2);
+        assert_eq!(c.rope_theta, 1234.0);
+        assert_eq!(c.head_dim, 32);
+        assert!(c.qkv_bias);
+        assert_eq!(c.dtype.as_deref(), Some("float16"));
+    }
+
+    #[test]
+    fn unsupported_architecture_names_it() {
+        let text = OLD_STYLE.replace("LlamaForCausalLM", "GPT2LMHeadModel");
+        let e = ModelConfig::from_json_str(&text).unwrap_err().to_string();
+        assert!(e.contains("GPT2LMHeadModel"), "{e}");
+        assert!(e.contains("Qwen2ForCausalLM"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let text = OLD_STYLE.replace("\"vocab_size\": 100,", "");
+        let e = ModelConfig::from_json_str(&text).unwrap_err().to_string();
+        assert!(e.contains("vocab_size"), "{e}");
+    }
+}

@@ -1,0 +1,361 @@
+//! The [`Linear`] trait every projection goes through, and its dense f32 implementation.
+
+use rayon::prelude::*;
+
+use crate::ModelError;
+
+/// A linear map `y = x Wᵀ` with `W` of shape `[out_features, in_features]`.
+///
+/// Every decoder projection (q, k, v, o, gate, up, down) and `lm_head` of a
+/// [`CausalLm`](crate::CausalLm) is an `Arc<dyn Linear>`, so a compressed representation can
+/// stand in for any of them. Biases are applied by the model, not by the trait.
+pub trait Linear: Send + Sync {
+    /// Input width `n`.
+    fn in_features(&self) -> usize;
+    /// Output width `m`.
+    fn out_features(&self) -> usize;
+    /// Computes `y = x Wᵀ` for `tokens` rows: `x` is `tokens × in_features` row-major,
+    /// `y` is `tokens × out_features` row-major and is overwritten.
+    ///
+    /// Implementations may panic when the slice lengths do not match; the model always
+    /// passes matching buffers.
+    fn forward(&self, x: &[f32], tokens: usize, y: &mut [f32]);
+}
+
+/// A dense f32 weight `[out_features, in_features]`, row-major.
+///
+/// Several tokens use faer's parallel GEMM; one token uses a multithreaded SIMD matrix-vector
+/// product.
+#[derive(Clone)]
+pub struct DenseLinear {
+    weight: Vec<f32>,
+    out_features: usize,
+    in_features: usize,
+}
+
+impl std::fmt::Debug for DenseLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DenseLinear")
+            .field("out_features", &self.out_features)
+            .field("in_features", &self.in_features)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DenseLinear {
+    /// Wraps a row-major `[out_features, in_features]` weight.
+    pub fn new(weight: Vec<f32>, out_features: usize, in_features: usize) -> Result<Self, ModelError> {
+        if out_features.checked_mul(in_features) != Some(weight.len()) {
+            return Err(ModelError::InvalidArgument(format!(
+                "dense weight has {} values, expected {out_features} x {in_features}",
+                weight.len()
+            )));
+        }
+        Ok(Self {
+            weight,
+            out_features,
+            in_features,
+        })
+    }
+
+    /// The weight, row-major `[out_features, in_features]`.
+    pub fn weight(&self) -> &[f32] {
+        &self.weight
+    }
+
+    /// Gives the weight back.
+    pub fn into_weight(self) -> Vec<f32> {
+        self.weight
+    }
+}
+
+impl Linear for DenseLinear {
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    fn forward(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
+        dense_forward(&self.weight, self.out_features, self.in_features, x, tokens, y);
+    }
+}
+
+/// `y = x Wᵀ` for a row-major `w: [out, inp]`, `x: tokens × inp`, `y: tokens × out`.
+///
+/// One token: multithreaded SIMD matrix-vector product ([`matvec`]); more: faer GEMM on the
+/// current rayon pool.
+///
+/// # Panics
+/// When a slice length does not match the dimensions.
+pub fn dense_forward(w: &[f32], out: usize, inp: usize, x: &[f32], tokens: usize, y: &mut [f32]) {
+    assert_eq!(w.len(), out * inp, "weight length");
+    assert_eq!(x.len(), tokens * inp, "input length");
+    assert_eq!(y.len(), tokens * out, "output length");
+    if tokens == 0 || out == 0 {
+        return;
+    }
+    if tokens == 1 {
+        matvec(w, out, inp, x, y);
+        return;
+    }
+    if inp == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let xm = faer::MatRef::from_row_major_slice(x, tokens, inp);
+    let wt = faer::MatRef::from_row_major_slice(w, out, inp).transpose();
+    let ym = faer::MatMut::from_row_major_slice_mut(y, tokens, out);
+    faer::linalg::matmul::matmul(ym, faer::Accum::Replace, xm, wt, 1.0f32, faer::Par::rayon(0));
+}
+
+/// `y = W x` for one vector, `w: [out, inp]` row-major, split over the rayon pool by rows.
+///
+/// # Panics
+/// When a slice length does not match the dimensions.
+pub fn matvec(w: &[f32], out: usize, inp: usize, x: &[f32], y: &mut [f32]) {
+    assert_eq!(w.len(), out * inp, "weight length");
+    assert_eq!(x.len(), inp, "input length");
+    assert_eq!(y.len(), out, "output length");
+    let threads = rayon::current_num_threads().max(1);
+    // Rows per task: about 4 tasks per thread, at least 256 KiB of weights per task.
+    let min_rows = (65536 / inp.max(1)).max(4);
+    let rows = out.div_ceil(threads * 4).max(min_rows).next_multiple_of(4);
+    if rows >= out {
+        matvec_rows(w, inp, x, y);
+        return;
+    }
+    y.par_chunks_mut(rows).enumerate().for_each(|(c, yc)| {
+        let r0 = c * rows;
+        matvec_rows(&w[r0 * inp..(r0 + yc.len()) * inp], inp, x, yc);
+    });
+}
+
+/// Sequential `y = W x` over the rows of `w` (`y.len()` rows of `inp` values).
+fn matvec_rows(w: &[f32], inp: usize, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the required CPU features were detected just above.
+            unsafe { simd::matvec_rows_avx2(w, inp, x, y) };
+            return;
+        }
+    }
+    matvec_rows_portable(w, inp, x, y);
+}
+
+/// Portable oracle for the SIMD kernel: 8-lane accumulation per row.
+pub(crate) fn matvec_rows_portable(w: &[f32], inp: usize, x: &[f32], y: &mut [f32]) {
+    for (r, yr) in y.iter_mut().enumerate() {
+        *yr = dot_portable(&w[r * inp..(r + 1) * inp], x);
+    }
+}
+
+/// Dot product with 8 independent partial sums (vectorizable without fast-math).
+pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(p, q)| p * q)
+        .sum();
+    for (pa, pb) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += pa[i] * pb[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Dot product of two equal-length slices, SIMD when available.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the required CPU features were detected just above.
+            return unsafe { simd::dot_avx2(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+/// `y += a * x`, SIMD when available.
+pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::{
+        __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps,
+        _mm256_storeu_ps,
+    };
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` has room for 8 f32 (unaligned store).
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+        lanes.iter().sum()
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA. `a.len() == b.len()` is required.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, aj) in acc.iter_mut().enumerate() {
+                // SAFETY: i + 8j + 8 <= i + 32 <= n, within both slices.
+                unsafe {
+                    *aj = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(i + 8 * j)),
+                        _mm256_loadu_ps(pb.add(i + 8 * j)),
+                        *aj,
+                    );
+                }
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, within both slices.
+            unsafe {
+                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            }
+            i += 8;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut total = hsum(s);
+        while i < n {
+            total += a[i] * b[i];
+            i += 1;
+        }
+        total
+    }
+
+    /// `y[r] = w[r, :] · x` for every row, 4 rows at a time sharing the loads of `x`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `w.len() >= y.len() * inp`, `x.len() == inp`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn matvec_rows_avx2(w: &[f32], inp: usize, x: &[f32], y: &mut [f32]) {
+        assert!(w.len() >= y.len() * inp && x.len() == inp);
+        let px = x.as_ptr();
+        let mut r = 0;
+        while r + 4 <= y.len() {
+            let base = w[r * inp..].as_ptr();
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            let mut i = 0;
+            while i + 16 <= inp {
+                // SAFETY: i + 16 <= inp: the x loads are within x, and row q's loads at
+                // (r + q) * inp + i .. + 16 are within w (asserted length).
+                unsafe {
+                    let x0 = _mm256_loadu_ps(px.add(i));
+                    let x1 = _mm256_loadu_ps(px.add(i + 8));
+                    for (q, aq) in acc.iter_mut().enumerate() {
+                        let pr = base.add(q * inp + i);
+                        aq[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pr), x0, aq[0]);
+                        aq[1] = _mm256_fmadd_ps(_mm256_loadu_ps(pr.add(8)), x1, aq[1]);
+                    }
+                }
+                i += 16;
+            }
+            for (q, aq) in acc.iter().enumerate() {
+                let mut s = hsum(_mm256_add_ps(aq[0], aq[1]));
+                let row = &w[(r + q) * inp..(r + q + 1) * inp];
+                for k in i..inp {
+                    s += row[k] * x[k];
+                }
+                y[r + q] = s;
+            }
+            r += 4;
+        }
+        while r < y.len() {
+            // SAFETY: the caller guarantees AVX2 + FMA; equal lengths.
+            y[r] = unsafe { dot_avx2(&w[r * inp..(r + 1) * inp], x) };
+            r += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    fn naive(w: &[f32], out: usize, inp: usize, x: &[f32], tokens: usize) -> Vec<f32> {
+        let mut y = vec![0.0f32; tokens * out];
+        for t in 0..tokens {
+            for o in 0..out {
+                let mut s = 0.0f64;
+                for i in 0..inp {
+                    s += f64::from(w[o * inp + i]) * f64::from(x[t * inp + i]);
+                }
+                y[t * out + o] = s as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn dense_matches_naive_for_odd_shapes() {
+        for &(out, inp, tokens) in &[(1, 1, 1), (7, 13, 1), (33, 70, 1), (5, 3, 4), (130, 67, 9), (4096, 35, 1)] {
+            let w = pseudo(out * inp, 1);
+            let x = pseudo(tokens * inp, 2);
+            let mut y = vec![f32::NAN; tokens * out];
+            dense_forward(&w, out, inp, &x, tokens, &mut y);
+            let r = naive(&w, out, inp, &x, tokens);
+            for (a, b) in y.iter().zip(&r) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{out}x{inp}x{tokens}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn simd_dot_matches_portable() {
+        for n in [0, 1, 7, 8, 15, 16, 31, 32, 33, 100, 257] {
+            let a = pseudo(n, 3);
+            let b = pseudo(n, 4);
+            let p = dot_portable(&a, &b);
+            let s = dot(&a, &b);
+            assert!((p - s).abs() <= 1e-5 * (1.0 + p.abs()), "n={n}: {p} vs {s}");
+            let mut y1 = vec![0.0; 5];
+            let mut y2 = vec![0.0; 5];
+            let w = pseudo(5 * n, 5);
+            matvec_rows(&w, n, &a, &mut y1);
+            matvec_rows_portable(&w, n, &a, &mut y2);
+            for (u, v) in y1.iter().zip(&y2) {
+                assert!((u - v).abs() <= 1e-5 * (1.0 + v.abs()));
+            }
+        }
+    }
+
+    #[test]
+    fn new_checks_length() {
+        assert!(DenseLinear::new(vec![0.0; 5], 2, 3).is_err());
+        let d = DenseLinear::new(vec![0.0; 6], 2, 3).unwrap();
+        assert_eq!((d.out_features(), d.in_features()), (2, 3));
+    }
+}

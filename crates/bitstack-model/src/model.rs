@@ -1,0 +1,836 @@
+//! The decoder: [`CausalLm`], its linear slots, calibration sites and forward passes.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::attention::{attention, AttnShape};
+use crate::rope::Rope;
+use crate::{DenseLinear, Linear, ModelConfig, ModelError, SafetensorsDir, TensorSource};
+
+/// One of the seven decomposable projections of a decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinearSlot {
+    /// `self_attn.q_proj`.
+    QProj,
+    /// `self_attn.k_proj`.
+    KProj,
+    /// `self_attn.v_proj`.
+    VProj,
+    /// `self_attn.o_proj`.
+    OProj,
+    /// `mlp.gate_proj`.
+    GateProj,
+    /// `mlp.up_proj`.
+    UpProj,
+    /// `mlp.down_proj`.
+    DownProj,
+}
+
+impl LinearSlot {
+    /// All slots in module order (q, k, v, o, gate, up, down).
+    pub const ALL: [LinearSlot; 7] = [
+        Self::QProj,
+        Self::KProj,
+        Self::VProj,
+        Self::OProj,
+        Self::GateProj,
+        Self::UpProj,
+        Self::DownProj,
+    ];
+
+    /// Module path inside a layer, e.g. `"self_attn.q_proj"`.
+    pub fn module(self) -> &'static str {
+        match self {
+            Self::QProj => "self_attn.q_proj",
+            Self::KProj => "self_attn.k_proj",
+            Self::VProj => "self_attn.v_proj",
+            Self::OProj => "self_attn.o_proj",
+            Self::GateProj => "mlp.gate_proj",
+            Self::UpProj => "mlp.up_proj",
+            Self::DownProj => "mlp.down_proj",
+        }
+    }
+
+    /// Short name, e.g. `"q_proj"`.
+    pub fn short_name(self) -> &'static str {
+        let m = self.module();
+        m.rsplit('.').next().unwrap_or(m)
+    }
+
+    /// Hugging Face weight name, e.g. `model.layers.3.self_attn.q_proj.weight`.
+    pub fn weight_name(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}.weight", self.module())
+    }
+
+    /// Hugging Face bias name, e.g. `model.layers.3.self_attn.q_proj.bias`.
+    pub fn bias_name(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}.bias", self.module())
+    }
+
+    /// Parses a weight name produced by [`weight_name`](Self::weight_name) into `(layer, slot)`.
+    pub fn parse_weight_name(name: &str) -> Option<(usize, LinearSlot)> {
+        let rest = name.strip_prefix("model.layers.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let module = rest.strip_suffix(".weight")?;
+        let layer = layer.parse().ok()?;
+        Self::ALL.into_iter().find(|s| s.module() == module).map(|s| (layer, s))
+    }
+
+    /// `[out_features, in_features]` of this slot under `cfg`.
+    pub fn shape(self, cfg: &ModelConfig) -> [usize; 2] {
+        match self {
+            Self::QProj => [cfg.q_dim(), cfg.hidden_size],
+            Self::KProj | Self::VProj => [cfg.kv_dim(), cfg.hidden_size],
+            Self::OProj => [cfg.hidden_size, cfg.q_dim()],
+            Self::GateProj | Self::UpProj => [cfg.intermediate_size, cfg.hidden_size],
+            Self::DownProj => [cfg.hidden_size, cfg.intermediate_size],
+        }
+    }
+
+    /// The input site this projection reads.
+    pub fn site(self) -> Site {
+        match self {
+            Self::QProj | Self::KProj | Self::VProj => Site::AttnInput,
+            Self::OProj => Site::OProjInput,
+            Self::GateProj | Self::UpProj => Site::MlpInput,
+            Self::DownProj => Site::DownInput,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn has_bias(self, cfg: &ModelConfig) -> bool {
+        match self {
+            Self::QProj | Self::KProj | Self::VProj => cfg.qkv_bias,
+            Self::OProj => cfg.o_bias,
+            _ => cfg.mlp_bias,
+        }
+    }
+}
+
+/// An input site of a decoder layer's linears, as observed during calibration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Site {
+    /// Input of q/k/v: the output of `input_layernorm` (width `hidden_size`).
+    AttnInput,
+    /// Input of `o_proj`: the attention output (width `num_heads · head_dim`).
+    OProjInput,
+    /// Input of gate/up: the output of `post_attention_layernorm` (width `hidden_size`).
+    MlpInput,
+    /// Input of `down_proj`: `silu(gate) ⊙ up` (width `intermediate_size`).
+    DownInput,
+}
+
+impl Site {
+    /// All sites in the order they are visited in a layer.
+    pub const ALL: [Site; 4] = [Self::AttnInput, Self::OProjInput, Self::MlpInput, Self::DownInput];
+
+    /// The slots that read this site.
+    pub fn slots(self) -> &'static [LinearSlot] {
+        match self {
+            Self::AttnInput => &[LinearSlot::QProj, LinearSlot::KProj, LinearSlot::VProj],
+            Self::OProjInput => &[LinearSlot::OProj],
+            Self::MlpInput => &[LinearSlot::GateProj, LinearSlot::UpProj],
+            Self::DownInput => &[LinearSlot::DownProj],
+        }
+    }
+}
+
+/// Observer of linear inputs: `(layer, site, x: tokens × width row-major, tokens)`.
+pub type Observer<'a> = dyn FnMut(usize, Site, &[f32], usize) + 'a;
+
+/// Decides each linear while building a model: `(HF weight name, [out, in])` →
+/// `Some(linear)` to use it, `None` for a dense layer read from the source.
+pub type LinearChooser<'a> =
+    dyn FnMut(&str, [usize; 2]) -> Result<Option<Arc<dyn Linear>>, ModelError> + 'a;
+
+struct DecoderLayer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    linears: [Arc<dyn Linear>; 7],
+    biases: [Option<Vec<f32>>; 7],
+}
+
+/// Reusable intermediate buffers of one forward step.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Scratch {
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    att_scratch: Vec<f32>,
+    hidden: Vec<f32>,
+}
+
+/// Cached keys and values of past positions, for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    len: usize,
+    kv_dim: usize,
+    scratch: Scratch,
+}
+
+impl KvCache {
+    /// An empty cache for a model with this config.
+    pub fn new(config: &ModelConfig) -> Self {
+        Self::with_capacity(config, 0)
+    }
+
+    /// An empty cache with room for `positions` tokens without reallocating.
+    pub fn with_capacity(config: &ModelConfig, positions: usize) -> Self {
+        let kv_dim = config.kv_dim();
+        let mk = || {
+            (0..config.num_layers)
+                .map(|_| Vec::with_capacity(positions * kv_dim))
+                .collect::<Vec<_>>()
+        };
+        Self {
+            keys: mk(),
+            values: mk(),
+            len: 0,
+            kv_dim,
+            scratch: Scratch::default(),
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every position (keeps the allocations).
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Keeps only the first `len` positions.
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            for kv in self.keys.iter_mut().chain(self.values.iter_mut()) {
+                kv.truncate(len * self.kv_dim);
+            }
+            self.len = len;
+        }
+    }
+}
+
+/// The result of a perplexity evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Perplexity {
+    /// `exp(mean_nll)`.
+    pub ppl: f64,
+    /// Mean negative log-likelihood (nats) over all predicted tokens.
+    pub mean_nll: f64,
+    /// Number of predicted tokens (`Σ (window length − 1)`).
+    pub predicted_tokens: usize,
+    /// Number of windows evaluated.
+    pub windows: usize,
+}
+
+/// A Llama-family causal language model (Llama, Mistral, Qwen2), f32 compute on the CPU.
+///
+/// Every projection is an `Arc<dyn Linear>`, replaceable with [`set_linear`](Self::set_linear).
+pub struct CausalLm {
+    config: ModelConfig,
+    embed: Vec<f32>,
+    layers: Vec<DecoderLayer>,
+    final_norm: Vec<f32>,
+    lm_head: Arc<dyn Linear>,
+    rope: Rope,
+}
+
+impl std::fmt::Debug for CausalLm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CausalLm")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rows of the lm_head evaluated at once when scoring (bounds the logits buffer).
+const LOGIT_CHUNK: usize = 128;
+
+fn load_vec(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+    let (found, values) = src.tensor_f32(name)?;
+    if found != shape {
+        return Err(ModelError::TensorShape {
+            name: name.into(),
+            expected: shape.to_vec(),
+            found,
+        });
+    }
+    Ok(values)
+}
+
+fn check_linear(name: &str, lin: &dyn Linear, shape: [usize; 2]) -> Result<(), ModelError> {
+    if lin.out_features() != shape[0] || lin.in_features() != shape[1] {
+        return Err(ModelError::LinearShape {
+            name: name.into(),
+            expected_out: shape[0],
+            expected_in: shape[1],
+            found_out: lin.out_features(),
+            found_in: lin.in_features(),
+        });
+    }
+    Ok(())
+}
+
+impl CausalLm {
+    /// Loads a Hugging Face model directory (`config.json` + safetensors) with dense linears.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
+        let dir = dir.as_ref();
+        let config = ModelConfig::from_file(dir.join("config.json"))?;
+        let source = SafetensorsDir::open(dir)?;
+        Self::from_source(config, &source, &mut |_, _| Ok(None))
+    }
+
+    /// Builds a model from any tensor source, asking `choose` for each linear (the seven
+    /// projections of every layer, then `lm_head.weight`).
+    ///
+    /// `choose` returns `None` to get a [`DenseLinear`] from the source (for a tied
+    /// `lm_head`, the embedding matrix). The weight of a chosen linear is never read, so it
+    /// may be absent from the source.
+    pub fn from_source(
+        config: ModelConfig,
+        source: &dyn TensorSource,
+        choose: &mut LinearChooser<'_>,
+    ) -> Result<Self, ModelError> {
+        config
+            .validate()
+            .map_err(|m| ModelError::config("<config>", m))?;
+        let h = config.hidden_size;
+        let embed = load_vec(source, "model.embed_tokens.weight", &[config.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for l in 0..config.num_layers {
+            let input_norm = load_vec(source, &format!("model.layers.{l}.input_layernorm.weight"), &[h])?;
+            let post_norm = load_vec(
+                source,
+                &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                &[h],
+            )?;
+            let mut linears = Vec::with_capacity(7);
+            let mut biases = Vec::with_capacity(7);
+            for slot in LinearSlot::ALL {
+                let name = slot.weight_name(l);
+                let shape = slot.shape(&config);
+                let lin: Arc<dyn Linear> = match choose(&name, shape)? {
+                    Some(lin) => {
+                        check_linear(&name, lin.as_ref(), shape)?;
+                        lin
+                    }
+                    None => Arc::new(DenseLinear::new(load_vec(source, &name, &shape)?, shape[0], shape[1])?),
+                };
+                linears.push(lin);
+                biases.push(if slot.has_bias(&config) {
+                    Some(load_vec(source, &slot.bias_name(l), &[shape[0]])?)
+                } else {
+                    None
+                });
+            }
+            let linears: [Arc<dyn Linear>; 7] = linears
+                .try_into()
+                .map_err(|_| ModelError::InvalidArgument("internal: 7 linears per layer".into()))?;
+            let biases: [Option<Vec<f32>>; 7] = biases
+                .try_into()
+                .map_err(|_| ModelError::InvalidArgument("internal: 7 biases per layer".into()))?;
+            layers.push(DecoderLayer {
+                input_norm,
+                post_norm,
+                linears,
+                biases,
+            });
+        }
+        let final_norm = load_vec(source, "model.norm.weight", &[h])?;
+        let head_shape = [config.vocab_size, h];
+        let lm_head: Arc<dyn Linear> = match choose("lm_head.weight", head_shape)? {
+            Some(lin) => {
+                check_linear("lm_head.weight", lin.as_ref(), head_shape)?;
+                lin
+            }
+            None if config.tie_word_embeddings => {
+                Arc::new(DenseLinear::new(embed.clone(), config.vocab_size, h)?)
+            }
+            None => Arc::new(DenseLinear::new(
+                load_vec(source, "lm_head.weight", &head_shape)?,
+                config.vocab_size,
+                h,
+            )?),
+        };
+        let rope = Rope::new(&config);
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer(&self, layer: usize) -> Result<&DecoderLayer, ModelError> {
+        self.layers.get(layer).ok_or_else(|| {
+            ModelError::InvalidArgument(format!(
+                "layer {layer} out of range (model has {})",
+                self.layers.len()
+            ))
+        })
+    }
+
+    /// The linear currently in `slot` of `layer`.
+    pub fn linear(&self, layer: usize, slot: LinearSlot) -> Result<&Arc<dyn Linear>, ModelError> {
+        Ok(&self.layer(layer)?.linears[slot.index()])
+    }
+
+    /// The bias of `slot` in `layer`, if the architecture has one.
+    pub fn bias(&self, layer: usize, slot: LinearSlot) -> Result<Option<&[f32]>, ModelError> {
+        Ok(self.layer(layer)?.biases[slot.index()].as_deref())
+    }
+
+    /// Replaces the linear in `slot` of `layer`, returning the previous one.
+    ///
+    /// Errors when the shapes differ or the layer does not exist.
+    pub fn set_linear(
+        &mut self,
+        layer: usize,
+        slot: LinearSlot,
+        linear: Arc<dyn Linear>,
+    ) -> Result<Arc<dyn Linear>, ModelError> {
+        let name = slot.weight_name(layer);
+        check_linear(&name, linear.as_ref(), slot.shape(&self.config))?;
+        let n = self.layers.len();
+        let l = self.layers.get_mut(layer).ok_or_else(|| {
+            ModelError::InvalidArgument(format!("layer {layer} out of range (model has {n})"))
+        })?;
+        Ok(std::mem::replace(&mut l.linears[slot.index()], linear))
+    }
+
+    /// The output projection.
+    pub fn lm_head(&self) -> &Arc<dyn Linear> {
+        &self.lm_head
+    }
+
+    /// Replaces the output projection, returning the previous one.
+    pub fn set_lm_head(&mut self, linear: Arc<dyn Linear>) -> Result<Arc<dyn Linear>, ModelError> {
+        check_linear(
+            "lm_head.weight",
+            linear.as_ref(),
+            [self.config.vocab_size, self.config.hidden_size],
+        )?;
+        Ok(std::mem::replace(&mut self.lm_head, linear))
+    }
+
+    /// Input-layernorm and post-attention-layernorm weights of `layer`, for re-scaling.
+    pub fn layer_norms(&self, layer: usize) -> Result<(&[f32], &[f32]), ModelError> {
+        let l = self.layer(layer)?;
+        Ok((&l.input_norm, &l.post_norm))
+    }
+
+    /// Embeds `tokens`: returns the hidden states, `tokens.len() × hidden_size` row-major.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let mut out = Vec::new();
+        self.embed_into(tokens, &mut out)?;
+        Ok(out)
+    }
+
+    fn embed_into(&self, tokens: &[u32], out: &mut Vec<f32>) -> Result<(), ModelError> {
+        let h = self.config.hidden_size;
+        out.clear();
+        out.reserve(tokens.len() * h);
+        for &t in tokens {
+            let i = t as usize;
+            let row = self
+                .embed
+                .get(i * h..(i + 1) * h)
+                .ok_or(ModelError::TokenOutOfRange {
+                    token: t,
+                    vocab_size: self.config.vocab_size,
+                })?;
+            out.extend_from_slice(row);
+        }
+        Ok(())
+    }
+
+    fn check_hidden(&self, hidden: &[f32], tokens: usize) -> Result<(), ModelError> {
+        if tokens == 0 || hidden.len() != tokens * self.config.hidden_size {
+            return Err(ModelError::InvalidArgument(format!(
+                "hidden has {} values, expected {tokens} tokens x {} (and at least one token)",
+                hidden.len(),
+                self.config.hidden_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs decoder layer `layer` in place on a full sequence (`hidden`: `tokens × hidden_size`,
+    /// positions `0..tokens`, causal), reporting the inputs of its linears to `observer`.
+    pub fn forward_layer(
+        &self,
+        layer: usize,
+        hidden: &mut [f32],
+        tokens: usize,
+        observer: Option<&mut Observer<'_>>,
+    ) -> Result<(), ModelError> {
+        self.check_hidden(hidden, tokens)?;
+        let l = self.layer(layer)?;
+        let mut scratch = Scratch::default();
+        let mut obs = observer;
+        self.layer_step(layer, l, hidden, tokens, 0, None, &mut obs, &mut scratch);
+        Ok(())
+    }
+
+    /// Final norm + `lm_head`: logits `tokens × vocab_size` for hidden states `tokens × hidden`.
+    pub fn final_logits(&self, hidden: &[f32], tokens: usize) -> Result<Vec<f32>, ModelError> {
+        self.check_hidden(hidden, tokens)?;
+        let mut xn = vec![0.0; hidden.len()];
+        rms_norm(hidden, &self.final_norm, self.config.rms_norm_eps, &mut xn);
+        let mut logits = vec![0.0; tokens * self.config.vocab_size];
+        self.lm_head.forward(&xn, tokens, &mut logits);
+        Ok(logits)
+    }
+
+    /// Logits for every position of `tokens` (`tokens.len() × vocab_size`), full sequence
+    /// from position 0.
+    pub fn forward(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let hidden = self.forward_hidden(tokens, None)?;
+        self.final_logits(&hidden, tokens.len())
+    }
+
+    /// Hidden states after the last decoder layer (before the final norm), calling `observer`
+    /// with the inputs of every linear of every layer.
+    pub fn forward_hidden(
+        &self,
+        tokens: &[u32],
+        observer: Option<&mut Observer<'_>>,
+    ) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::InvalidArgument("empty token sequence".into()));
+        }
+        let mut hidden = self.embed(tokens)?;
+        let mut scratch = Scratch::default();
+        let mut obs = observer;
+        for (i, l) in self.layers.iter().enumerate() {
+            self.layer_step(i, l, &mut hidden, tokens.len(), 0, None, &mut obs, &mut scratch);
+        }
+        Ok(hidden)
+    }
+
+    /// Sum over `i in 0..T-1` of `−log p(tokens[i+1] | tokens[..=i])` for one window.
+    pub fn window_nll(&self, tokens: &[u32]) -> Result<f64, ModelError> {
+        self.window_nll_observed(tokens, None)
+    }
+
+    /// [`window_nll`](Self::window_nll) that also reports linear inputs to `observer`.
+    pub fn window_nll_observed(
+        &self,
+        tokens: &[u32],
+        observer: Option<&mut Observer<'_>>,
+    ) -> Result<f64, ModelError> {
+        let hidden = self.forward_hidden(tokens, observer)?;
+        self.hidden_nll(&hidden, tokens)
+    }
+
+    /// NLL sum of `tokens[1..]` from the last layer's hidden states (`tokens.len() × hidden`),
+    /// computed in chunks so the full logits matrix is never held.
+    pub fn hidden_nll(&self, hidden: &[f32], tokens: &[u32]) -> Result<f64, ModelError> {
+        let t = tokens.len();
+        self.check_hidden(hidden, t)?;
+        let v = self.config.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= v) {
+            return Err(ModelError::TokenOutOfRange {
+                token: bad,
+                vocab_size: v,
+            });
+        }
+        let h = self.config.hidden_size;
+        let scored = t - 1;
+        let chunk = LOGIT_CHUNK.min(scored.max(1));
+        let mut xn = vec![0.0f32; chunk * h];
+        let mut logits = vec![0.0f32; chunk * v];
+        let mut total = 0.0f64;
+        let mut r0 = 0;
+        while r0 < scored {
+            let r1 = (r0 + chunk).min(scored);
+            let n = r1 - r0;
+            rms_norm(&hidden[r0 * h..r1 * h], &self.final_norm, self.config.rms_norm_eps, &mut xn[..n * h]);
+            self.lm_head.forward(&xn[..n * h], n, &mut logits[..n * v]);
+            total += logits[..n * v]
+                .par_chunks(v)
+                .enumerate()
+                .map(|(i, row)| nll_of(row, tokens[r0 + i + 1] as usize))
+                .sum::<f64>();
+            r0 = r1;
+        }
+        Ok(total)
+    }
+
+    /// Perplexity over windows (docs/ALGORITHM.md §5): `exp(Σ window NLL / Σ (len − 1))`.
+    pub fn perplexity(&self, windows: &[&[u32]]) -> Result<Perplexity, ModelError> {
+        self.perplexity_with_progress(windows, &mut |_, _| {})
+    }
+
+    /// [`perplexity`](Self::perplexity) calling `progress(done, total)` after each window.
+    pub fn perplexity_with_progress(
+        &self,
+        windows: &[&[u32]],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Perplexity, ModelError> {
+        let mut nll = 0.0f64;
+        let mut count = 0usize;
+        for (i, w) in windows.iter().enumerate() {
+            if w.len() < 2 {
+                return Err(ModelError::InvalidArgument(format!(
+                    "window {i} has {} tokens; at least 2 are needed",
+                    w.len()
+                )));
+            }
+            nll += self.window_nll(w)?;
+            count += w.len() - 1;
+            progress(i + 1, windows.len());
+        }
+        if count == 0 {
+            return Err(ModelError::InvalidArgument("no windows to evaluate".into()));
+        }
+        let mean_nll = nll / count as f64;
+        Ok(Perplexity {
+            ppl: mean_nll.exp(),
+            mean_nll,
+            predicted_tokens: count,
+            windows: windows.len(),
+        })
+    }
+
+    /// A new, empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::with_capacity(&self.config, self.config.max_position_embeddings)
+    }
+
+    fn check_cache(&self, cache: &KvCache) -> Result<(), ModelError> {
+        if cache.keys.len() != self.layers.len() || cache.kv_dim != self.config.kv_dim() {
+            return Err(ModelError::InvalidArgument(format!(
+                "KV cache built for {} layers x {} kv width, model has {} x {}",
+                cache.keys.len(),
+                cache.kv_dim,
+                self.layers.len(),
+                self.config.kv_dim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Feeds `tokens` after the cached positions (batched), appends their keys/values to
+    /// `cache`, and writes the logits of the last token into `logits` (`vocab_size`).
+    pub fn forward_cached_into(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
+        self.check_cache(cache)?;
+        let v = self.config.vocab_size;
+        if logits.len() != v {
+            return Err(ModelError::InvalidArgument(format!(
+                "logits buffer has {} values, vocabulary is {v}",
+                logits.len()
+            )));
+        }
+        if tokens.is_empty() {
+            return Err(ModelError::InvalidArgument("empty token sequence".into()));
+        }
+        let t = tokens.len();
+        let h = self.config.hidden_size;
+        let mut hidden = std::mem::take(&mut cache.scratch.hidden);
+        let res = self.embed_into(tokens, &mut hidden);
+        if let Err(e) = res {
+            cache.scratch.hidden = hidden;
+            return Err(e);
+        }
+        let pos0 = cache.len;
+        let mut obs: Option<&mut Observer<'_>> = None;
+        for (i, l) in self.layers.iter().enumerate() {
+            let (keys, values, scratch) = (&mut cache.keys[i], &mut cache.values[i], &mut cache.scratch);
+            self.layer_step(i, l, &mut hidden, t, pos0, Some((keys, values)), &mut obs, scratch);
+        }
+        cache.len += t;
+        let s = &mut cache.scratch;
+        s.xn.resize(h, 0.0);
+        rms_norm(&hidden[(t - 1) * h..], &self.final_norm, self.config.rms_norm_eps, &mut s.xn);
+        self.lm_head.forward(&s.xn, 1, logits);
+        cache.scratch.hidden = hidden;
+        Ok(())
+    }
+
+    /// Feeds `tokens` after the cached positions; returns the logits of the last one.
+    pub fn forward_cached(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
+        let mut logits = vec![0.0; self.config.vocab_size];
+        self.forward_cached_into(tokens, cache, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// Incremental decoding: feeds one token at position `cache.len()`, returns its logits.
+    pub fn forward_next(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
+        self.forward_cached(&[token], cache)
+    }
+
+    /// Generates up to `max_new_tokens` after `prompt`, stopping after any token in `stop`
+    /// or when `on_token` returns `false`. Returns the generated tokens (prompt excluded).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        sampler: &mut crate::Sampler,
+        stop: &[u32],
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Vec<u32>, ModelError> {
+        let mut cache = self.new_cache();
+        let mut logits = vec![0.0; self.config.vocab_size];
+        let mut out = Vec::new();
+        if max_new_tokens == 0 {
+            return Ok(out);
+        }
+        self.forward_cached_into(prompt, &mut cache, &mut logits)?;
+        loop {
+            let next = sampler.sample(&logits);
+            out.push(next);
+            if stop.contains(&next) || !on_token(next) || out.len() >= max_new_tokens {
+                break;
+            }
+            self.forward_cached_into(&[next], &mut cache, &mut logits)?;
+        }
+        Ok(out)
+    }
+
+    /// One decoder layer on `t` rows at positions `pos0..pos0+t`. With `kv`, the new keys
+    /// and values are appended to it and attention covers all its rows.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_step(
+        &self,
+        li: usize,
+        l: &DecoderLayer,
+        hidden: &mut [f32],
+        t: usize,
+        pos0: usize,
+        kv: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
+        obs: &mut Option<&mut Observer<'_>>,
+        s: &mut Scratch,
+    ) {
+        let c = &self.config;
+        let (h, qd, kvd, im) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let eps = c.rms_norm_eps;
+        s.xn.resize(t * h, 0.0);
+        rms_norm(hidden, &l.input_norm, eps, &mut s.xn);
+        if let Some(o) = obs.as_deref_mut() {
+            o(li, Site::AttnInput, &s.xn, t);
+        }
+        s.q.resize(t * qd, 0.0);
+        s.k.resize(t * kvd, 0.0);
+        s.v.resize(t * kvd, 0.0);
+        self.project(l, LinearSlot::QProj, &s.xn, t, &mut s.q);
+        self.project(l, LinearSlot::KProj, &s.xn, t, &mut s.k);
+        self.project(l, LinearSlot::VProj, &s.xn, t, &mut s.v);
+        self.rope.apply(&mut s.q, t, c.num_heads, pos0);
+        self.rope.apply(&mut s.k, t, c.num_kv_heads, pos0);
+        s.attn.resize(t * qd, 0.0);
+        let shape = AttnShape {
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            tokens: t,
+            pos0,
+            window: c.sliding_window,
+        };
+        match kv {
+            Some((keys, values)) => {
+                keys.extend_from_slice(&s.k);
+                values.extend_from_slice(&s.v);
+                attention(shape, &s.q, keys, values, &mut s.attn, &mut s.att_scratch);
+            }
+            None => attention(shape, &s.q, &s.k, &s.v, &mut s.attn, &mut s.att_scratch),
+        }
+        if let Some(o) = obs.as_deref_mut() {
+            o(li, Site::OProjInput, &s.attn, t);
+        }
+        s.proj.resize(t * h, 0.0);
+        self.project(l, LinearSlot::OProj, &s.attn, t, &mut s.proj);
+        add_in_place(hidden, &s.proj);
+        rms_norm(hidden, &l.post_norm, eps, &mut s.xn);
+        if let Some(o) = obs.as_deref_mut() {
+            o(li, Site::MlpInput, &s.xn, t);
+        }
+        s.gate.resize(t * im, 0.0);
+        s.up.resize(t * im, 0.0);
+        self.project(l, LinearSlot::GateProj, &s.xn, t, &mut s.gate);
+        self.project(l, LinearSlot::UpProj, &s.xn, t, &mut s.up);
+        silu_mul(&mut s.gate, &s.up);
+        if let Some(o) = obs.as_deref_mut() {
+            o(li, Site::DownInput, &s.gate, t);
+        }
+        self.project(l, LinearSlot::DownProj, &s.gate, t, &mut s.proj);
+        add_in_place(hidden, &s.proj);
+    }
+
+    fn project(&self, l: &DecoderLayer, slot: LinearSlot, x: &[f32], t: usize, y: &mut [f32]) {
+        l.linears[slot.index()].forward(x, t, y);
+        if let Some(b) = &l.biases[slot.index()] {
+            for row in y.chunks_exact_mut(b.len()) {
+                add_in_place(row, b);
+            }
+        }
+    }
+}
+
+/// `−log softmax(row)[target]`, in f64.
+fn nll_of(row: &[f32], target: usize) -> f64 {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f64 = row.iter().map(|&x| f64::from(x - m).exp()).sum();
+    f64::from(m) + s.ln() - f64::from(row[target])
+}
+
+/// Row-wise RMSNorm: `out = x / sqrt(mean(x²) + eps) ⊙ w`.
+pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let h = w.len();
+    for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let ss = crate::linear::dot(xr, xr);
+        let r = 1.0 / (ss / h as f32 + eps).sqrt();
+        for ((o, &a), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = a * r * g;
+        }
+    }
+}
+
+fn add_in_place(y: &mut [f32], x: &[f32]) {
+    for (a, b) in y.iter_mut().zip(x) {
+        *a += b;
+    }
+}
+
+/// `gate = silu(gate) ⊙ up`.
+fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}

@@ -1,0 +1,349 @@
+//! A budget loaded into owned memory, resizable while in use.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bitstack_order::Plan;
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use half::{bf16, f16};
+
+use crate::block::Block;
+use crate::file::StackFile;
+use crate::RuntimeError;
+
+/// A fixed (non-decomposed) tensor held in memory in its stored 16-bit (or 32-bit) form.
+#[derive(Debug, Clone)]
+pub struct FixedTensor {
+    /// Stored dtype name (`F16`, `BF16`, `F32`, `U8`).
+    pub dtype: String,
+    /// Dtype of the original checkpoint.
+    pub original_dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Little-endian bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl FixedTensor {
+    /// The values widened to f32 (`None` for a dtype that is not a float).
+    pub fn to_f32(&self) -> Option<Vec<f32>> {
+        let b = &self.bytes;
+        match self.dtype.as_str() {
+            "F32" => Some(
+                b.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            "F16" => Some(
+                b.chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
+            "BF16" => Some(
+                b.chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// What a resize did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResizeReport {
+    /// The plan now in force.
+    pub plan: Plan,
+    /// Bytes of blocks read from the file.
+    pub bytes_read: u64,
+    /// Bytes of blocks freed.
+    pub bytes_freed: u64,
+    /// Blocks read.
+    pub blocks_read: usize,
+    /// Blocks dropped.
+    pub blocks_dropped: usize,
+}
+
+/// Cumulative counters of a [`LoadedStack`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Bytes of blocks read from the file since loading (initial load included).
+    pub bytes_read: u64,
+    /// Bytes of blocks freed since loading.
+    pub bytes_freed: u64,
+    /// Bytes of blocks resident now.
+    pub resident_block_bytes: u64,
+    /// Bytes of fixed tensors resident (constant).
+    pub fixed_bytes: u64,
+}
+
+/// A budget of a [`StackFile`] loaded into memory this struct owns.
+///
+/// Thread-safe: each matrix's blocks sit behind their own lock, so a forward pass on one
+/// thread and a [`LoadedStack::resize`] on another never see a half-changed matrix (a matrix
+/// is used either entirely before or entirely after its change). Resizes are serialized.
+#[derive(Debug)]
+pub struct LoadedStack {
+    file: Arc<StackFile>,
+    /// Stack positions of each matrix's blocks, in chain order.
+    positions: Vec<Vec<usize>>,
+    matrices: Vec<RwLock<Vec<Arc<Block>>>>,
+    fixed: BTreeMap<String, FixedTensor>,
+    fixed_bytes: u64,
+    plan: Mutex<Plan>,
+    bytes_read: AtomicU64,
+    bytes_freed: AtomicU64,
+    resident: AtomicU64,
+}
+
+impl LoadedStack {
+    /// Loads the longest stack prefix that fits `budget` bytes (ALGORITHM.md §4).
+    ///
+    /// Errors: a budget below the minimum (the error states it), a truncated file that lacks
+    /// blocks the budget would use only if `budget` exceeds what is present *and* the base
+    /// model is missing (otherwise the plan is clamped to the blocks present — use
+    /// [`LoadedStack::load_exact`] to refuse instead), a checksum mismatch.
+    pub fn load(file: Arc<StackFile>, budget: u64) -> Result<Self, RuntimeError> {
+        file.require_base()?;
+        let plan = file.layout().plan_for_budget(budget)?;
+        Self::load_plan(file, plan)
+    }
+
+    /// Like [`LoadedStack::load`], but a budget that would use blocks missing from a
+    /// truncated file is an error that says how many bytes are missing.
+    pub fn load_exact(file: Arc<StackFile>, budget: u64) -> Result<Self, RuntimeError> {
+        file.require_base()?;
+        check_available(&file, budget)?;
+        let plan = file.layout().plan_for_budget(budget)?;
+        Self::load_plan(file, plan)
+    }
+
+    fn load_plan(file: Arc<StackFile>, plan: Plan) -> Result<Self, RuntimeError> {
+        let container = file.container();
+        let mut fixed = BTreeMap::new();
+        let mut fixed_bytes = 0;
+        for entry in &container.manifest().fixed {
+            let tensor = container.fixed(&entry.name).ok_or_else(|| {
+                RuntimeError::Invalid(format!("fixed tensor {} is missing", entry.name))
+            })?;
+            fixed_bytes += tensor.bytes.len() as u64;
+            fixed.insert(
+                entry.name.clone(),
+                FixedTensor {
+                    dtype: tensor.dtype.name().to_string(),
+                    original_dtype: entry.original_dtype.clone(),
+                    shape: tensor.shape.to_vec(),
+                    bytes: tensor.bytes.to_vec(),
+                },
+            );
+        }
+        let mut positions = vec![Vec::new(); file.matrix_count()];
+        for (p, e) in file.layout().order().iter().enumerate() {
+            positions[e.matrix as usize].push(p);
+        }
+        let matrices = (0..file.matrix_count())
+            .map(|_| RwLock::new(Vec::new()))
+            .collect();
+        let empty = Plan {
+            blocks_loaded: 0,
+            memory_bytes: file.layout().fixed_bytes(),
+            per_matrix: vec![0; file.matrix_count()],
+        };
+        let stack = Self {
+            file,
+            positions,
+            matrices,
+            fixed,
+            fixed_bytes,
+            plan: Mutex::new(empty),
+            bytes_read: AtomicU64::new(0),
+            bytes_freed: AtomicU64::new(0),
+            resident: AtomicU64::new(0),
+        };
+        stack.apply(plan)?;
+        Ok(stack)
+    }
+
+    /// The file this stack was loaded from.
+    pub fn file(&self) -> &Arc<StackFile> {
+        &self.file
+    }
+
+    /// The plan in force.
+    pub fn plan(&self) -> Plan {
+        self.lock_plan().clone()
+    }
+
+    fn lock_plan(&self) -> std::sync::MutexGuard<'_, Plan> {
+        // A panic while holding the lock cannot leave the plan inconsistent with the
+        // matrices (it is written last), so a poisoned lock is still usable.
+        self.plan.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counters: bytes read and freed so far, bytes resident.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_freed: self.bytes_freed.load(Ordering::Relaxed),
+            resident_block_bytes: self.resident.load(Ordering::Relaxed),
+            fixed_bytes: self.fixed_bytes,
+        }
+    }
+
+    /// Resident bytes of fixed tensors and blocks: equals the plan's `memory_bytes`.
+    pub fn resident_bytes(&self) -> u64 {
+        self.fixed_bytes + self.resident.load(Ordering::Relaxed)
+    }
+
+    /// Moves to the plan of `budget`, reading only the missing blocks and dropping only the
+    /// extra ones. Safe to call while other threads use the model.
+    ///
+    /// A budget beyond what a truncated file holds is an error that says how many bytes are
+    /// missing (nothing changes).
+    pub fn resize(&self, budget: u64) -> Result<ResizeReport, RuntimeError> {
+        check_available(&self.file, budget)?;
+        let plan = self.file.layout().plan_for_budget(budget)?;
+        self.apply(plan)
+    }
+
+    fn apply(&self, target: Plan) -> Result<ResizeReport, RuntimeError> {
+        let mut current = self.lock_plan();
+        let mut report = ResizeReport {
+            plan: target.clone(),
+            bytes_read: 0,
+            bytes_freed: 0,
+            blocks_read: 0,
+            blocks_dropped: 0,
+        };
+        for m in 0..self.matrices.len() {
+            let have = current.per_matrix[m] as usize;
+            let want = target.per_matrix[m] as usize;
+            if want > have {
+                // Read outside the matrix lock: readers keep using the old blocks meanwhile.
+                let mut fresh = Vec::with_capacity(want - have);
+                for &position in &self.positions[m][have..want] {
+                    let (block, length) = self.file.read_block(position)?;
+                    report.bytes_read += length;
+                    report.blocks_read += 1;
+                    fresh.push(Arc::new(block));
+                }
+                let added: u64 = fresh.iter().map(|b| b.byte_size()).sum();
+                let mut blocks = self.matrices[m].write().unwrap_or_else(|e| e.into_inner());
+                blocks.extend(fresh);
+                self.resident.fetch_add(added, Ordering::Relaxed);
+            } else if want < have {
+                let mut blocks = self.matrices[m].write().unwrap_or_else(|e| e.into_inner());
+                let freed: u64 = blocks[want..].iter().map(|b| b.byte_size()).sum();
+                blocks.truncate(want);
+                blocks.shrink_to_fit();
+                self.resident.fetch_sub(freed, Ordering::Relaxed);
+                report.bytes_freed += freed;
+                report.blocks_dropped += have - want;
+            }
+            current.per_matrix[m] = want as u32;
+        }
+        current.blocks_loaded = target.blocks_loaded;
+        current.memory_bytes = target.memory_bytes;
+        self.bytes_read
+            .fetch_add(report.bytes_read, Ordering::Relaxed);
+        self.bytes_freed
+            .fetch_add(report.bytes_freed, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    /// Number of blocks of matrix `m` loaded now.
+    pub fn blocks_of(&self, m: usize) -> usize {
+        self.read_blocks(m).len()
+    }
+
+    fn read_blocks(&self, m: usize) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Block>>> {
+        self.matrices[m].read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fixed tensor (embeddings, norms, biases, …) by its original name.
+    pub fn fixed(&self, name: &str) -> Option<&FixedTensor> {
+        self.fixed.get(name)
+    }
+
+    /// Names of the fixed tensors.
+    pub fn fixed_names(&self) -> impl Iterator<Item = &str> {
+        self.fixed.keys().map(String::as_str)
+    }
+
+    /// Writes `Ŵ` of matrix `m` (row-major `rows × cols`) into `out`.
+    ///
+    /// # Panics
+    /// If `out.len() != rows · cols`.
+    pub fn reconstruct_into(&self, m: usize, out: &mut [f32]) {
+        let (rows, cols) = self.file.shape(m);
+        assert_eq!(out.len(), rows * cols, "reconstruct_into: wrong output length");
+        out.fill(0.0);
+        for block in self.read_blocks(m).iter() {
+            block.add_to_dense(out);
+        }
+    }
+
+    /// `Ŵ` of matrix `m` as a new row-major f32 vector.
+    pub fn reconstruct_f32(&self, m: usize) -> Vec<f32> {
+        let (rows, cols) = self.file.shape(m);
+        let mut out = vec![0.0; rows * cols];
+        self.reconstruct_into(m, &mut out);
+        out
+    }
+
+    /// `y = Ŵ x` for matrix `m`, from the packed blocks (no dense `Ŵ` is built).
+    ///
+    /// # Panics
+    /// If `x.len() != cols` or `y.len() != rows`.
+    pub fn matvec(&self, m: usize, x: &[f32], y: &mut [f32]) {
+        let (rows, cols) = self.file.shape(m);
+        assert!(x.len() == cols && y.len() == rows, "matvec: wrong lengths");
+        y.fill(0.0);
+        for block in self.read_blocks(m).iter() {
+            block.matvec_add(x, y);
+        }
+    }
+
+    /// `Y = X Ŵᵀ` for `tokens` row vectors `X` (`tokens × cols`, row-major) into `Y`
+    /// (`tokens × rows`). One token goes through [`LoadedStack::matvec`]; more tokens rebuild
+    /// `Ŵ` and use a dense GEMM.
+    ///
+    /// # Panics
+    /// If the slice lengths do not match the shapes.
+    pub fn matmul(&self, m: usize, x: &[f32], tokens: usize, y: &mut [f32]) {
+        let (rows, cols) = self.file.shape(m);
+        assert!(
+            x.len() == tokens * cols && y.len() == tokens * rows,
+            "matmul: wrong lengths"
+        );
+        if tokens == 1 {
+            return self.matvec(m, x, y);
+        }
+        let w = self.reconstruct_f32(m);
+        let wt = MatRef::from_row_major_slice(&w, rows, cols).transpose();
+        let xm = MatRef::from_row_major_slice(x, tokens, cols);
+        let ym = MatMut::from_row_major_slice_mut(y, tokens, rows);
+        matmul(ym, Accum::Replace, xm, wt, 1.0f32, Par::rayon(0));
+    }
+}
+
+fn check_available(file: &StackFile, budget: u64) -> Result<(), RuntimeError> {
+    let full = file.full_layout();
+    if !file.is_truncated() || budget < full.min_memory() {
+        return Ok(());
+    }
+    let wanted = full.plan_for_budget(budget)?;
+    let present = file.layout().order().len();
+    if wanted.blocks_loaded > present {
+        return Err(RuntimeError::BeyondAvailable {
+            budget,
+            missing_bytes: wanted.memory_bytes - full.memory_of_prefix(present),
+            available_blocks: present,
+            total_blocks: full.order().len(),
+            max_available: file.layout().max_memory(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! # bitstack
+//!
+//! Compress a large language model once into a single file that loads at **any** memory
+//! budget and resizes at run time by moving only the difference — the BitStack method
+//! (training-free iterative absolute-value decomposition into ~1-bit residual blocks, sorted
+//! into one universal stack), on an ordinary CPU.
+//!
+//! This crate is the facade: it re-exports the layers and wires them into pipelines.
+//!
+//! | layer | crate | re-exported as |
+//! |---|---|---|
+//! | packed ±1 matrices and kernels | `bitstack-bits` | [`bits`] |
+//! | AVD decomposition | `bitstack-decompose` | [`decompose`] |
+//! | scoring, stack, budgets | `bitstack-order` | [`order`] |
+//! | the container | `bitstack-format` | [`format`] |
+//! | budgeted, resizable runtime | `bitstack-runtime` | [`runtime`] |
+//! | transformer forward pass (feature `model`) | `bitstack-model` | `model` |
+//!
+//! Pipelines: [`checkpoint`] (reading Hugging Face checkpoints), [`compress`](mod@compress)
+//! (checkpoint → container).
+//!
+//! ## Feature flags
+//! - `model` (default): the Llama/Mistral/Qwen2 forward pass, for calibration, perplexity,
+//!   generation.
+//!
+//! ## Example
+//! ```no_run
+//! use std::sync::Arc;
+//! use bitstack::{compress, CompressOptions, LoadedStack, StackFile};
+//!
+//! // Compress once (data-free ordering) ...
+//! let options = CompressOptions::default();
+//! compress::compress("model_dir".as_ref(), "model.bitstack".as_ref(), &options, &|_| {})?;
+//! // ... load at any budget, resize at run time.
+//! let file = Arc::new(StackFile::open("model.bitstack")?);
+//! let stack = LoadedStack::load(file, bitstack::order::parse_size("30MB")?)?;
+//! stack.resize(bitstack::order::parse_size("40MB")?)?;
+//! # Ok::<(), bitstack::Error>(())
+//! ```
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub use bitstack_bits as bits;
+pub use bitstack_decompose as decompose;
+pub use bitstack_format as format;
+#[cfg(feature = "model")]
+pub use bitstack_model as model;
+pub use bitstack_order as order;
+pub use bitstack_runtime as runtime;
+
+pub mod checkpoint;
+pub mod compress;
+pub mod select;
+
+pub use compress::{CompressOptions, CompressSummary};
+pub use runtime::{LoadedStack, StackFile};
+
+/// Errors of the pipelines.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The checkpoint is invalid or lacks something.
+    #[error("{0}")]
+    Checkpoint(String),
+    /// The architecture is not supported.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A usage error (bad option value).
+    #[error("{0}")]
+    Usage(String),
+    /// Decomposition failed.
+    #[error("decomposition of {0}")]
+    Decompose(String),
+    /// Ordering or budget errors.
+    #[error(transparent)]
+    Order(#[from] bitstack_order::OrderError),
+    /// Container errors.
+    #[error(transparent)]
+    Format(#[from] bitstack_format::FormatError),
+    /// Runtime errors.
+    #[error(transparent)]
+    Runtime(#[from] bitstack_runtime::RuntimeError),
+    /// Model errors.
+    #[cfg(feature = "model")]
+    #[error(transparent)]
+    Model(#[from] bitstack_model::ModelError),
+}
+
+impl Error {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
