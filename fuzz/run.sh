@@ -3,7 +3,9 @@
 #   fuzz/run.sh [seconds]
 # Seeds the corpus with a small real container (and truncated copies of it), then runs
 # cargo-fuzz on the nightly toolchain. Crashes land in fuzz/artifacts/open_container/;
-# keep each one as a regression test in crates/bitstack-format/tests/fuzz_regressions.rs.
+# keep each one as a regression test by copying it into crates/bitstack-format/tests/fuzz_inputs/
+# (tests/fuzz_regressions.rs runs every file there, also with its checksums re-stamped,
+# because fuzzing builds ignore the manifest and fixed-part checksums on open).
 set -euo pipefail
 secs="${1:-180}"
 here="$(cd "$(dirname "$0")" && pwd)"

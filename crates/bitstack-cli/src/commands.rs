@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use bitstack::calibrate::{compress_calibrated, CalibrationOptions};
 use bitstack::compress::{compress as run_compress, CompressOptions};
 use bitstack::decompose::SvdMethod;
 use bitstack::order::{format_size, parse_size};
@@ -39,36 +40,87 @@ pub struct CompressArgs {
     /// No activation statistics and a data-free ordering (error removed per byte).
     #[arg(long)]
     pub no_calibration: bool,
+    /// The paper's settings: 128 calibration windows, 32 scoring windows, exact SVD,
+    /// perplexity scorer.
+    #[arg(long, conflicts_with = "no_calibration")]
+    pub reference: bool,
+    /// Calibration text (activation statistics).
+    #[arg(long, value_name = "FILE")]
+    pub calib: Option<PathBuf>,
+    /// Scoring text (block ordering); defaults to the calibration text.
+    #[arg(long, value_name = "FILE")]
+    pub score: Option<PathBuf>,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 128)]
+    pub calib_windows: usize,
+    /// Scoring windows (the paper uses 32; the default trades a little quality for time,
+    /// see docs/DEFAULTS.md).
+    #[arg(long, default_value_t = DEFAULT_SCORE_WINDOWS)]
+    pub score_windows: usize,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
     /// Stack the 2-D tensors whose names match this glob (repeatable), for any checkpoint.
     #[arg(long = "include", value_name = "GLOB")]
     pub include: Vec<String>,
-    /// SVD method.
-    #[arg(long, value_enum, default_value_t = SvdChoice::Fast)]
-    pub svd: SvdChoice,
+    /// SVD method (default: fast; exact with --reference).
+    #[arg(long, value_enum)]
+    pub svd: Option<SvdChoice>,
     /// Seed of the randomized SVD.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
+/// Scoring windows used by default (docs/DEFAULTS.md).
+pub const DEFAULT_SCORE_WINDOWS: usize = 4;
+
 pub fn compress(args: CompressArgs) -> Result<()> {
-    if !args.no_calibration {
-        bail!(
-            "calibrated compression (activation scaling and perplexity ordering) is not \
-             available yet; pass --no-calibration for the data-free mode"
-        );
-    }
     let mut options = CompressOptions::default();
     options.avd.k = args.k;
     options.avd.niter = args.niter;
     options.avd.seed = args.seed;
-    options.avd.svd = match args.svd {
+    let svd = args.svd.unwrap_or(if args.reference {
+        SvdChoice::Exact
+    } else {
+        SvdChoice::Fast
+    });
+    options.avd.svd = match svd {
         SvdChoice::Fast => SvdMethod::default(),
         SvdChoice::Exact => SvdMethod::Exact,
     };
     options.include = args.include;
     let bars = Bars::new();
-    let summary = run_compress(&args.model_dir, &args.output, &options, &|e| bars.handle(e))
-        .with_context(|| format!("compressing {}", args.model_dir.display()))?;
+    let progress = |e: bitstack::compress::Progress<'_>| bars.handle(e);
+    let summary = if args.no_calibration {
+        run_compress(&args.model_dir, &args.output, &options, &progress)
+    } else {
+        let Some(calib) = args.calib.clone() else {
+            bail!(
+                "compress needs calibration text: pass --calib FILE (and optionally --score \
+                 FILE), or --no-calibration for the data-free mode"
+            );
+        };
+        let (calib_windows, score_windows) = if args.reference {
+            (128, 32)
+        } else {
+            (args.calib_windows, args.score_windows)
+        };
+        let calibration = CalibrationOptions {
+            score_text: args.score.clone().unwrap_or_else(|| calib.clone()),
+            calib_text: calib,
+            calib_windows,
+            score_windows,
+            seq: args.seq,
+        };
+        compress_calibrated(
+            &args.model_dir,
+            &args.output,
+            &options,
+            &calibration,
+            &progress,
+        )
+    }
+    .with_context(|| format!("compressing {}", args.model_dir.display()))?;
     bars.finish();
     println!(
         "wrote {} ({}): {} matrices, {} blocks, memory {} .. {}",
@@ -88,9 +140,11 @@ pub fn compress(args: CompressArgs) -> Result<()> {
             errs[errs.len() - 1]
         );
     }
+    let total: f64 = summary.stage_seconds.iter().map(|(_, s)| s).sum();
     for (stage, seconds) in &summary.stage_seconds {
         println!("  {stage:<10} {seconds:8.2} s");
     }
+    println!("  {:<10} {total:8.2} s", "total");
     Ok(())
 }
 
@@ -143,13 +197,18 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
     println!("file          {}", path.display());
     println!(
         "model         {}",
-        meta.get("architecture").and_then(|a| a.as_str()).unwrap_or("(unknown)")
+        meta.get("architecture")
+            .and_then(|a| a.as_str())
+            .unwrap_or("(unknown)")
     );
     println!(
         "compression   k = {}, niter = {}, ordering: {}",
         compress.get("k").unwrap_or(&json!("?")),
         compress.get("niter").unwrap_or(&json!("?")),
-        compress.get("scorer").and_then(|s| s.as_str()).unwrap_or("?")
+        compress
+            .get("scorer")
+            .and_then(|s| s.as_str())
+            .unwrap_or("?")
     );
     println!("matrices      {}", file.matrix_count());
     println!(
@@ -167,8 +226,16 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
             String::new()
         }
     );
-    println!("fixed tensors {} bytes ({})", layout.fixed_bytes(), format_size(layout.fixed_bytes()));
-    println!("base_bytes    {} bytes ({})", full.min_memory(), format_size(full.min_memory()));
+    println!(
+        "fixed tensors {} bytes ({})",
+        layout.fixed_bytes(),
+        format_size(layout.fixed_bytes())
+    );
+    println!(
+        "base_bytes    {} bytes ({})",
+        full.min_memory(),
+        format_size(full.min_memory())
+    );
     println!(
         "memory        {} .. {} bytes ({} .. {})",
         layout.min_memory(),

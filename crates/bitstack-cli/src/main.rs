@@ -2,6 +2,8 @@
 #![allow(clippy::print_stdout)]
 
 mod commands;
+mod eval;
+mod plot;
 mod progress;
 
 use std::path::PathBuf;
@@ -40,6 +42,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Perplexity of a .bitstack file at a budget (or a sweep of budgets), or of an original
+    /// model directory.
+    Eval(eval::EvalArgs),
+    /// Generate text from a .bitstack file at a budget, streaming tokens.
+    Generate(eval::GenerateArgs),
     /// Write a dense Hugging Face checkpoint of the model at a budget.
     Export {
         /// The .bitstack file.
@@ -57,6 +64,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Compress(args) => commands::compress(args),
+        Command::Eval(args) => eval::eval(args),
+        Command::Generate(args) => eval::generate(args),
         Command::Inspect { file, json } => commands::inspect(&file, json),
         Command::Plan { file, budget, json } => commands::plan(&file, &budget, json),
         Command::Export {

@@ -4,7 +4,10 @@ use bitstack_bits::{packed_len, SignMatrix};
 use half::f16;
 use rayon::prelude::*;
 
-use crate::block::{row_product, widen};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+use crate::block::widen;
 use crate::error::ExpectedLen;
 use crate::svd::{top_k_split, PAR_THRESHOLD};
 use crate::{AvdBlock, AvdParams, DecomposeError, Significance};
@@ -282,7 +285,8 @@ fn init_state(
 /// * unless `last`: `R ← R − S ⊙ (f.u f.v)`, kept as `A = |R|` and the packed signs of `R`.
 ///
 /// With `R = S ⊙ A`: `R − S ⊙ P = S ⊙ (A − P)`, so `|R'| = |A − P|` and
-/// `sign(R') = S · sign(A − P)`, with `sign(0) = +1`.
+/// `sign(R') = S · sign(A − P)`, with `sign(0) = +1`. The products `u v` are formed one
+/// row tile at a time (faer's kernels, cache-resident) and never stored whole.
 #[allow(clippy::too_many_arguments)]
 fn update_state(
     a: &mut [f32],
@@ -296,44 +300,93 @@ fn update_state(
     last: bool,
 ) -> f64 {
     for_row_chunks(a, e, bits, m, n, |row0, ac, ec, bc| {
-        let mut p = vec![0.0f32; n];
-        let mut q = vec![0.0f32; n];
-        let mut sum = 0.0f64;
-        for (r, (a_row, e_row)) in ac.chunks_mut(n).zip(ec.chunks_mut(n)).enumerate() {
-            let i = row0 + r;
-            row_product(&g.0[i * k..(i + 1) * k], g.1, n, &mut q);
-            if !last {
-                row_product(&f.0[i * k..(i + 1) * k], f.1, n, &mut p);
-            }
-            let mut row_sum = 0.0f64;
-            for j in 0..n {
-                let loc = r * n + j;
-                let (byte, mask) = (loc >> 3, 0x80u8 >> (loc & 7));
-                let positive = bc[byte] & mask != 0;
-                let ev = if positive {
-                    e_row[j] - q[j]
-                } else {
-                    e_row[j] + q[j]
-                };
-                e_row[j] = ev;
-                row_sum += f64::from(ev) * f64::from(ev);
-                if !last {
-                    let d = a_row[j] - p[j];
-                    a_row[j] = d.abs();
-                    let new_positive = if d == 0.0 {
-                        true
-                    } else {
-                        positive == (d > 0.0)
-                    };
-                    if new_positive {
-                        bc[byte] |= mask;
-                    } else {
-                        bc[byte] &= !mask;
-                    }
-                }
-            }
-            sum += row_sum;
+        let rows = ac.len() / n;
+        let mut q = vec![0.0f32; rows * n];
+        tile_product(&g.0[row0 * k..(row0 + rows) * k], g.1, rows, n, k, &mut q);
+        if last {
+            return update_error_only(ec, bc, &q);
         }
-        sum
+        let mut p = vec![0.0f32; rows * n];
+        tile_product(&f.0[row0 * k..(row0 + rows) * k], f.1, rows, n, k, &mut p);
+        if n.is_multiple_of(8) {
+            update_bytes(ac, ec, bc, &p, &q)
+        } else {
+            update_bits(ac, ec, bc, &p, &q)
+        }
     })
+}
+
+/// `out = u_tile · v` for row-major `u_tile` (`rows × k`), `v` (`k × n`), `out` (`rows × n`),
+/// on the calling thread.
+fn tile_product(u_tile: &[f32], v: &[f32], rows: usize, n: usize, k: usize, out: &mut [f32]) {
+    // Row-major X (r×c) is column-major Xᵀ (c×r): outᵀ = vᵀ u_tileᵀ, all column-major.
+    let vt = MatRef::from_column_major_slice(v, n, k);
+    let ut = MatRef::from_column_major_slice(u_tile, k, rows);
+    let out_t = MatMut::from_column_major_slice_mut(out, n, rows);
+    matmul(out_t, Accum::Replace, vt, ut, 1.0, Par::Seq);
+}
+
+/// `E ← E − S ⊙ Q` only (the last block); returns `‖E‖²` over the chunk.
+fn update_error_only(ec: &mut [f32], bc: &[u8], q: &[f32]) -> f64 {
+    let mut sum = 0.0f64;
+    for (loc, (ev, &qv)) in ec.iter_mut().zip(q).enumerate() {
+        let positive = bc[loc >> 3] & (0x80 >> (loc & 7)) != 0;
+        let x = *ev - if positive { qv } else { -qv };
+        *ev = x;
+        sum += f64::from(x) * f64::from(x);
+    }
+    sum
+}
+
+/// The full update when rows start on byte boundaries (`n % 8 == 0`): one packed byte of
+/// signs, eight values, at a time.
+fn update_bytes(ac: &mut [f32], ec: &mut [f32], bc: &mut [u8], p: &[f32], q: &[f32]) -> f64 {
+    let mut sum = 0.0f64;
+    for ((((byte, a8), e8), p8), q8) in bc
+        .iter_mut()
+        .zip(ac.chunks_exact_mut(8))
+        .zip(ec.chunks_exact_mut(8))
+        .zip(p.chunks_exact(8))
+        .zip(q.chunks_exact(8))
+    {
+        let old = *byte;
+        let mut new = 0u8;
+        let mut part = 0.0f32;
+        for t in 0..8 {
+            let positive = (old >> (7 - t)) & 1 == 1;
+            let x = e8[t] - if positive { q8[t] } else { -q8[t] };
+            e8[t] = x;
+            part += x * x;
+            let d = a8[t] - p8[t];
+            a8[t] = d.abs();
+            let new_positive = if positive { d >= 0.0 } else { d <= 0.0 };
+            new |= u8::from(new_positive) << (7 - t);
+        }
+        *byte = new;
+        sum += f64::from(part);
+    }
+    sum
+}
+
+/// The full update for any `n` (rows not byte-aligned), one bit at a time.
+fn update_bits(ac: &mut [f32], ec: &mut [f32], bc: &mut [u8], p: &[f32], q: &[f32]) -> f64 {
+    let mut sum = 0.0f64;
+    for (loc, (((av, ev), &pv), &qv)) in ac.iter_mut().zip(ec.iter_mut()).zip(p).zip(q).enumerate()
+    {
+        let (byte, mask) = (loc >> 3, 0x80u8 >> (loc & 7));
+        let positive = bc[byte] & mask != 0;
+        let x = *ev - if positive { qv } else { -qv };
+        *ev = x;
+        sum += f64::from(x) * f64::from(x);
+        let d = *av - pv;
+        *av = d.abs();
+        // R' = S·(A − P): + when (S = + and d ≥ 0) or (S = − and d ≤ 0); sign(0) = +1.
+        let new_positive = if positive { d >= 0.0 } else { d <= 0.0 };
+        if new_positive {
+            bc[byte] |= mask;
+        } else {
+            bc[byte] &= !mask;
+        }
+    }
+    sum
 }

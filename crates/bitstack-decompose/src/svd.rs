@@ -79,19 +79,21 @@ fn randomized(
     par: Par,
 ) -> Result<Triplets, NoConvergence> {
     let (n, m) = at.shape();
-    let a = at.transpose(); // m×n
     let l = k.saturating_add(oversample).min(m.min(n));
 
-    let omega = gaussian(n, l, seed);
-    let mut y = Mat::<f32>::zeros(m, l);
-    matmul(y.as_mut(), Accum::Replace, a, omega.as_ref(), 1.0, par);
-    let mut q = orthonormal_basis(y.as_ref());
+    // `A X` is computed as `(Xᵀ Aᵀ)ᵀ` and `Aᵀ Y` directly, so that the large operand is
+    // always the column-major `Aᵀ` on the right or left of a skinny matrix (faer's fast
+    // layouts; a row-major `A` operand is ~2–3× slower).
+    let omega_t = gaussian(l, n, seed);
+    let mut y_t = Mat::<f32>::zeros(l, m);
+    matmul(y_t.as_mut(), Accum::Replace, omega_t.as_ref(), at, 1.0, par);
+    let mut q = orthonormal_basis(y_t.transpose());
     let mut z = Mat::<f32>::zeros(n, l);
     for _ in 0..power_iters {
         matmul(z.as_mut(), Accum::Replace, at, q.as_ref(), 1.0, par);
         let qz = orthonormal_basis(z.as_ref());
-        matmul(y.as_mut(), Accum::Replace, a, qz.as_ref(), 1.0, par);
-        q = orthonormal_basis(y.as_ref());
+        matmul(y_t.as_mut(), Accum::Replace, qz.transpose(), at, 1.0, par);
+        q = orthonormal_basis(y_t.transpose());
     }
     // Bᵀ = Aᵀ Q (n×l);  Bᵀ = P Σ Rᵀ  ⇒  A ≈ Q B = (Q R) Σ Pᵀ.
     matmul(z.as_mut(), Accum::Replace, at, q.as_ref(), 1.0, par);
@@ -110,9 +112,13 @@ fn randomized(
     Ok((u, s, v))
 }
 
-/// Thin Q of a tall matrix (Householder QR).
+/// Thin Q of a tall matrix (Householder QR), column-major.
 fn orthonormal_basis(y: MatRef<'_, f32>) -> Mat<f32> {
-    y.qr().compute_thin_Q()
+    if y.row_stride() == 1 {
+        y.qr().compute_thin_Q()
+    } else {
+        y.to_owned().qr().compute_thin_Q()
+    }
 }
 
 /// An `rows × cols` standard Gaussian matrix (Box–Muller on a ChaCha stream).

@@ -56,7 +56,10 @@
 //! `block/<stack position>/<matrix index>.<block index in matrix>/<part>` (see
 //! [`block_tensor_name`]).
 //!
-//! This crate has no feature flags.
+//! This crate has no feature flags. Fuzzing builds (`cargo fuzz`, which passes
+//! `--cfg fuzzing`) ignore the manifest and fixed-part checksums when opening, so that the
+//! fuzzer (`fuzz/`, target `open_container`) reaches the validation behind them; block
+//! checksums and the `verify_*` methods are always checked.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 #[cfg(doctest)]

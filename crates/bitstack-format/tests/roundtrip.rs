@@ -350,3 +350,11 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn container_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Container>();
+    assert_send_sync::<bitstack_format::BlockRef<'_>>();
+    assert_send_sync::<ContainerWriter>();
+}

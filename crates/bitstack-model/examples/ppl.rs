@@ -12,8 +12,12 @@ use bitstack_model::{windows, CausalLm, Sampler, TextTokenizer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let dir = args.get(1).map_or("../shared/models/small-llama", String::as_str);
-    let text = args.get(2).map_or("../shared/data/test.txt", String::as_str);
+    let dir = args
+        .get(1)
+        .map_or("../shared/models/small-llama", String::as_str);
+    let text = args
+        .get(2)
+        .map_or("../shared/data/test.txt", String::as_str);
     let max_windows: Option<usize> = match args.get(3).map(String::as_str) {
         None => Some(64),
         Some("all") => None,
@@ -27,7 +31,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("loaded {dir} in {:.2}s", t0.elapsed().as_secs_f64());
     let t0 = Instant::now();
     let ids = tok.encode(&std::fs::read_to_string(text)?)?;
-    println!("tokenized {text}: {} tokens in {:.2}s", ids.len(), t0.elapsed().as_secs_f64());
+    println!(
+        "tokenized {text}: {} tokens in {:.2}s",
+        ids.len(),
+        t0.elapsed().as_secs_f64()
+    );
     let wins = windows(&ids, 512, max_windows);
     let t0 = Instant::now();
     let p = model.perplexity_with_progress(&wins, &mut |done, total| {
@@ -59,7 +67,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             out.len() as f64 / dt,
             prompt.len()
         );
-        println!("sample: {:?}", tok.decode(&out[..out.len().min(48)], false)?);
+        println!(
+            "sample: {:?}",
+            tok.decode(&out[..out.len().min(48)], false)?
+        );
     }
     Ok(())
 }

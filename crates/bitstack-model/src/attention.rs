@@ -3,6 +3,7 @@
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+use crate::fastmath::softmax_in_place;
 use crate::linear::{axpy, dot};
 
 /// Shapes of one attention call.
@@ -76,67 +77,71 @@ pub(crate) fn attention(
     // Many queries: per head, blocks of query rows against the keys they can see, with GEMMs.
     let t = s.tokens;
     scratch.resize(s.heads * t * d, 0.0);
-    scratch.par_chunks_mut(t * d).enumerate().for_each(|(h, oh)| {
-        let g = h / group;
-        let mut probs = vec![0.0f32; QUERY_BLOCK * keys];
-        let mut r0 = 0;
-        while r0 < t {
-            let r1 = (r0 + QUERY_BLOCK).min(t);
-            let rows = r1 - r0;
-            let lo = s.first_key(s.pos0 + r0);
-            let hi = s.pos0 + r1;
-            let n = hi - lo;
-            let qb = MatRef::from_row_major_slice_with_stride(&q[r0 * q_dim + h * d..], rows, d, q_dim);
-            let kb = MatRef::from_row_major_slice_with_stride(&k[lo * kv_dim + g * d..], n, d, kv_dim);
-            let vb = MatRef::from_row_major_slice_with_stride(&v[lo * kv_dim + g * d..], n, d, kv_dim);
-            let p = &mut probs[..rows * n];
-            faer::linalg::matmul::matmul(
-                MatMut::from_row_major_slice_mut(&mut *p, rows, n),
-                Accum::Replace,
-                qb,
-                kb.transpose(),
-                scale,
-                Par::Seq,
-            );
-            for (i, row) in p.chunks_exact_mut(n).enumerate() {
-                let pos = s.pos0 + r0 + i;
-                let a = s.first_key(pos) - lo;
-                let b = pos + 1 - lo;
-                row[..a].fill(0.0);
-                row[b..].fill(0.0);
-                softmax_in_place(&mut row[a..b]);
+    scratch
+        .par_chunks_mut(t * d)
+        .enumerate()
+        .for_each(|(h, oh)| {
+            let g = h / group;
+            let mut probs = vec![0.0f32; QUERY_BLOCK * keys];
+            let mut r0 = 0;
+            while r0 < t {
+                let r1 = (r0 + QUERY_BLOCK).min(t);
+                let rows = r1 - r0;
+                let lo = s.first_key(s.pos0 + r0);
+                let hi = s.pos0 + r1;
+                let n = hi - lo;
+                let qb = MatRef::from_row_major_slice_with_stride(
+                    &q[r0 * q_dim + h * d..],
+                    rows,
+                    d,
+                    q_dim,
+                );
+                let kb = MatRef::from_row_major_slice_with_stride(
+                    &k[lo * kv_dim + g * d..],
+                    n,
+                    d,
+                    kv_dim,
+                );
+                let vb = MatRef::from_row_major_slice_with_stride(
+                    &v[lo * kv_dim + g * d..],
+                    n,
+                    d,
+                    kv_dim,
+                );
+                let p = &mut probs[..rows * n];
+                faer::linalg::matmul::matmul(
+                    MatMut::from_row_major_slice_mut(&mut *p, rows, n),
+                    Accum::Replace,
+                    qb,
+                    kb.transpose(),
+                    scale,
+                    Par::Seq,
+                );
+                for (i, row) in p.chunks_exact_mut(n).enumerate() {
+                    let pos = s.pos0 + r0 + i;
+                    let a = s.first_key(pos) - lo;
+                    let b = pos + 1 - lo;
+                    row[..a].fill(0.0);
+                    row[b..].fill(0.0);
+                    softmax_in_place(&mut row[a..b]);
+                }
+                faer::linalg::matmul::matmul(
+                    MatMut::from_row_major_slice_mut(&mut oh[r0 * d..r1 * d], rows, d),
+                    Accum::Replace,
+                    MatRef::from_row_major_slice(&*p, rows, n),
+                    vb,
+                    1.0f32,
+                    Par::Seq,
+                );
+                r0 = r1;
             }
-            faer::linalg::matmul::matmul(
-                MatMut::from_row_major_slice_mut(&mut oh[r0 * d..r1 * d], rows, d),
-                Accum::Replace,
-                MatRef::from_row_major_slice(&*p, rows, n),
-                vb,
-                1.0f32,
-                Par::Seq,
-            );
-            r0 = r1;
-        }
-    });
+        });
     // Head-major [h, t, d] -> token-major [t, h·d].
     for h in 0..s.heads {
         let oh = &scratch[h * t * d..(h + 1) * t * d];
         for (tt, src) in oh.chunks_exact(d).enumerate() {
             out[tt * q_dim + h * d..tt * q_dim + (h + 1) * d].copy_from_slice(src);
         }
-    }
-}
-
-/// Numerically stable softmax of a non-empty row, in place.
-pub(crate) fn softmax_in_place(row: &mut [f32]) {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for x in row.iter_mut() {
-        *x = (*x - m).exp();
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    for x in row.iter_mut() {
-        *x *= inv;
     }
 }
 
@@ -148,7 +153,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -166,7 +173,9 @@ mod tests {
                 let sc: Vec<f64> = (lo..=pos)
                     .map(|j| {
                         (0..d)
-                            .map(|i| f64::from(q[t * qd + h * d + i]) * f64::from(k[j * kd + g * d + i]))
+                            .map(|i| {
+                                f64::from(q[t * qd + h * d + i]) * f64::from(k[j * kd + g * d + i])
+                            })
                             .sum::<f64>()
                             / (d as f64).sqrt()
                     })
@@ -188,7 +197,14 @@ mod tests {
 
     #[test]
     fn matches_naive() {
-        for &(tokens, pos0, window) in &[(1, 0, None), (1, 9, None), (70, 0, None), (130, 5, None), (90, 3, Some(17)), (1, 40, Some(8))] {
+        for &(tokens, pos0, window) in &[
+            (1, 0, None),
+            (1, 9, None),
+            (70, 0, None),
+            (130, 5, None),
+            (90, 3, Some(17)),
+            (1, 40, Some(8)),
+        ] {
             let s = AttnShape {
                 heads: 4,
                 kv_heads: 2,

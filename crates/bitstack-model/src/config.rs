@@ -225,20 +225,23 @@ impl ModelConfig {
                 return Err(format!("`{k}` must be positive"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(format!("rope_theta {} must be positive", self.rope_theta));
         }
         if self.vocab_size > u32::MAX as usize {
-            return Err(format!("vocab_size {} exceeds u32 token ids", self.vocab_size));
+            return Err(format!(
+                "vocab_size {} exceeds u32 token ids",
+                self.vocab_size
+            ));
         }
         Ok(())
     }
@@ -278,8 +281,8 @@ impl ModelConfig {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth =
-                                (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -340,7 +343,9 @@ impl Parser<'_> {
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
                 .map(Some)
-                .ok_or_else(|| self.err(format!("`{key}` must be a non-negative integer, got {x}"))),
+                .ok_or_else(|| {
+                    self.err(format!("`{key}` must be a non-negative integer, got {x}"))
+                }),
         }
     }
 

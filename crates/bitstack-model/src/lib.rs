@@ -44,6 +44,7 @@
 mod attention;
 mod config;
 mod error;
+mod fastmath;
 mod linear;
 mod model;
 mod rope;
@@ -58,3 +59,8 @@ pub use model::{CausalLm, KvCache, LinearChooser, LinearSlot, Observer, Perplexi
 pub use sampler::{argmax, Sampler, SplitMix64};
 pub use source::{SafetensorsDir, TensorSource};
 pub use tokenizer::{windows, TextTokenizer};
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

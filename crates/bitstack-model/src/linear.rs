@@ -44,7 +44,11 @@ impl std::fmt::Debug for DenseLinear {
 
 impl DenseLinear {
     /// Wraps a row-major `[out_features, in_features]` weight.
-    pub fn new(weight: Vec<f32>, out_features: usize, in_features: usize) -> Result<Self, ModelError> {
+    pub fn new(
+        weight: Vec<f32>,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Self, ModelError> {
         if out_features.checked_mul(in_features) != Some(weight.len()) {
             return Err(ModelError::InvalidArgument(format!(
                 "dense weight has {} values, expected {out_features} x {in_features}",
@@ -79,7 +83,14 @@ impl Linear for DenseLinear {
     }
 
     fn forward(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
-        dense_forward(&self.weight, self.out_features, self.in_features, x, tokens, y);
+        dense_forward(
+            &self.weight,
+            self.out_features,
+            self.in_features,
+            x,
+            tokens,
+            y,
+        );
     }
 }
 
@@ -108,7 +119,14 @@ pub fn dense_forward(w: &[f32], out: usize, inp: usize, x: &[f32], tokens: usize
     let xm = faer::MatRef::from_row_major_slice(x, tokens, inp);
     let wt = faer::MatRef::from_row_major_slice(w, out, inp).transpose();
     let ym = faer::MatMut::from_row_major_slice_mut(y, tokens, out);
-    faer::linalg::matmul::matmul(ym, faer::Accum::Replace, xm, wt, 1.0f32, faer::Par::rayon(0));
+    faer::linalg::matmul::matmul(
+        ym,
+        faer::Accum::Replace,
+        xm,
+        wt,
+        1.0f32,
+        faer::Par::rayon(0),
+    );
 }
 
 /// `y = W x` for one vector, `w: [out, inp]` row-major, split over the rayon pool by rows.
@@ -233,7 +251,11 @@ mod simd {
         while i + 8 <= n {
             // SAFETY: i + 8 <= n, within both slices.
             unsafe {
-                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+                acc[0] = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i)),
+                    _mm256_loadu_ps(pb.add(i)),
+                    acc[0],
+                );
             }
             i += 8;
         }
@@ -299,7 +321,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -321,14 +345,24 @@ mod tests {
 
     #[test]
     fn dense_matches_naive_for_odd_shapes() {
-        for &(out, inp, tokens) in &[(1, 1, 1), (7, 13, 1), (33, 70, 1), (5, 3, 4), (130, 67, 9), (4096, 35, 1)] {
+        for &(out, inp, tokens) in &[
+            (1, 1, 1),
+            (7, 13, 1),
+            (33, 70, 1),
+            (5, 3, 4),
+            (130, 67, 9),
+            (4096, 35, 1),
+        ] {
             let w = pseudo(out * inp, 1);
             let x = pseudo(tokens * inp, 2);
             let mut y = vec![f32::NAN; tokens * out];
             dense_forward(&w, out, inp, &x, tokens, &mut y);
             let r = naive(&w, out, inp, &x, tokens);
             for (a, b) in y.iter().zip(&r) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{out}x{inp}x{tokens}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{out}x{inp}x{tokens}: {a} vs {b}"
+                );
             }
         }
     }

@@ -75,7 +75,10 @@ impl LinearSlot {
         let (layer, rest) = rest.split_once('.')?;
         let module = rest.strip_suffix(".weight")?;
         let layer = layer.parse().ok()?;
-        Self::ALL.into_iter().find(|s| s.module() == module).map(|s| (layer, s))
+        Self::ALL
+            .into_iter()
+            .find(|s| s.module() == module)
+            .map(|s| (layer, s))
     }
 
     /// `[out_features, in_features]` of this slot under `cfg`.
@@ -127,7 +130,12 @@ pub enum Site {
 
 impl Site {
     /// All sites in the order they are visited in a layer.
-    pub const ALL: [Site; 4] = [Self::AttnInput, Self::OProjInput, Self::MlpInput, Self::DownInput];
+    pub const ALL: [Site; 4] = [
+        Self::AttnInput,
+        Self::OProjInput,
+        Self::MlpInput,
+        Self::DownInput,
+    ];
 
     /// The slots that read this site.
     pub fn slots(self) -> &'static [LinearSlot] {
@@ -317,7 +325,11 @@ impl CausalLm {
         let embed = load_vec(source, "model.embed_tokens.weight", &[config.vocab_size, h])?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
-            let input_norm = load_vec(source, &format!("model.layers.{l}.input_layernorm.weight"), &[h])?;
+            let input_norm = load_vec(
+                source,
+                &format!("model.layers.{l}.input_layernorm.weight"),
+                &[h],
+            )?;
             let post_norm = load_vec(
                 source,
                 &format!("model.layers.{l}.post_attention_layernorm.weight"),
@@ -333,7 +345,11 @@ impl CausalLm {
                         check_linear(&name, lin.as_ref(), shape)?;
                         lin
                     }
-                    None => Arc::new(DenseLinear::new(load_vec(source, &name, &shape)?, shape[0], shape[1])?),
+                    None => Arc::new(DenseLinear::new(
+                        load_vec(source, &name, &shape)?,
+                        shape[0],
+                        shape[1],
+                    )?),
                 };
                 linears.push(lin);
                 biases.push(if slot.has_bias(&config) {
@@ -534,7 +550,16 @@ impl CausalLm {
         let mut scratch = Scratch::default();
         let mut obs = observer;
         for (i, l) in self.layers.iter().enumerate() {
-            self.layer_step(i, l, &mut hidden, tokens.len(), 0, None, &mut obs, &mut scratch);
+            self.layer_step(
+                i,
+                l,
+                &mut hidden,
+                tokens.len(),
+                0,
+                None,
+                &mut obs,
+                &mut scratch,
+            );
         }
         Ok(hidden)
     }
@@ -571,18 +596,28 @@ impl CausalLm {
         let chunk = LOGIT_CHUNK.min(scored.max(1));
         let mut xn = vec![0.0f32; chunk * h];
         let mut logits = vec![0.0f32; chunk * v];
+        let mut row_nll = vec![0.0f64; chunk];
         let mut total = 0.0f64;
         let mut r0 = 0;
         while r0 < scored {
             let r1 = (r0 + chunk).min(scored);
             let n = r1 - r0;
-            rms_norm(&hidden[r0 * h..r1 * h], &self.final_norm, self.config.rms_norm_eps, &mut xn[..n * h]);
+            rms_norm(
+                &hidden[r0 * h..r1 * h],
+                &self.final_norm,
+                self.config.rms_norm_eps,
+                &mut xn[..n * h],
+            );
             self.lm_head.forward(&xn[..n * h], n, &mut logits[..n * v]);
-            total += logits[..n * v]
-                .par_chunks(v)
+            // Per-row values summed in order: deterministic whatever the thread split.
+            logits[..n * v]
+                .par_chunks_mut(v)
+                .zip(row_nll[..n].par_iter_mut())
                 .enumerate()
-                .map(|(i, row)| nll_of(row, tokens[r0 + i + 1] as usize))
-                .sum::<f64>();
+                .for_each(|(i, (row, out))| {
+                    *out = crate::fastmath::nll_in_place(row, tokens[r0 + i + 1] as usize);
+                });
+            total += row_nll[..n].iter().sum::<f64>();
             r0 = r1;
         }
         Ok(total)
@@ -624,9 +659,10 @@ impl CausalLm {
         })
     }
 
-    /// A new, empty KV cache for this model.
+    /// A new, empty KV cache for this model, with room for `max_position_embeddings`
+    /// positions (at most 4096; it grows beyond that as needed).
     pub fn new_cache(&self) -> KvCache {
-        KvCache::with_capacity(&self.config, self.config.max_position_embeddings)
+        KvCache::with_capacity(&self.config, self.config.max_position_embeddings.min(4096))
     }
 
     fn check_cache(&self, cache: &KvCache) -> Result<(), ModelError> {
@@ -672,20 +708,39 @@ impl CausalLm {
         let pos0 = cache.len;
         let mut obs: Option<&mut Observer<'_>> = None;
         for (i, l) in self.layers.iter().enumerate() {
-            let (keys, values, scratch) = (&mut cache.keys[i], &mut cache.values[i], &mut cache.scratch);
-            self.layer_step(i, l, &mut hidden, t, pos0, Some((keys, values)), &mut obs, scratch);
+            let (keys, values, scratch) =
+                (&mut cache.keys[i], &mut cache.values[i], &mut cache.scratch);
+            self.layer_step(
+                i,
+                l,
+                &mut hidden,
+                t,
+                pos0,
+                Some((keys, values)),
+                &mut obs,
+                scratch,
+            );
         }
         cache.len += t;
         let s = &mut cache.scratch;
         s.xn.resize(h, 0.0);
-        rms_norm(&hidden[(t - 1) * h..], &self.final_norm, self.config.rms_norm_eps, &mut s.xn);
+        rms_norm(
+            &hidden[(t - 1) * h..],
+            &self.final_norm,
+            self.config.rms_norm_eps,
+            &mut s.xn,
+        );
         self.lm_head.forward(&s.xn, 1, logits);
         cache.scratch.hidden = hidden;
         Ok(())
     }
 
     /// Feeds `tokens` after the cached positions; returns the logits of the last one.
-    pub fn forward_cached(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
+    pub fn forward_cached(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, ModelError> {
         let mut logits = vec![0.0; self.config.vocab_size];
         self.forward_cached_into(tokens, cache, &mut logits)?;
         Ok(logits)
@@ -785,7 +840,7 @@ impl CausalLm {
         s.up.resize(t * im, 0.0);
         self.project(l, LinearSlot::GateProj, &s.xn, t, &mut s.gate);
         self.project(l, LinearSlot::UpProj, &s.xn, t, &mut s.up);
-        silu_mul(&mut s.gate, &s.up);
+        crate::fastmath::silu_mul(&mut s.gate, &s.up);
         if let Some(o) = obs.as_deref_mut() {
             o(li, Site::DownInput, &s.gate, t);
         }
@@ -803,13 +858,6 @@ impl CausalLm {
     }
 }
 
-/// `−log softmax(row)[target]`, in f64.
-fn nll_of(row: &[f32], target: usize) -> f64 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f64 = row.iter().map(|&x| f64::from(x - m).exp()).sum();
-    f64::from(m) + s.ln() - f64::from(row[target])
-}
-
 /// Row-wise RMSNorm: `out = x / sqrt(mean(x²) + eps) ⊙ w`.
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let h = w.len();
@@ -825,12 +873,5 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 fn add_in_place(y: &mut [f32], x: &[f32]) {
     for (a, b) in y.iter_mut().zip(x) {
         *a += b;
-    }
-}
-
-/// `gate = silu(gate) ⊙ up`.
-fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }

@@ -44,7 +44,11 @@ impl Sampler {
     /// A sampler with this temperature, nucleus mass (`top_p` in `(0, 1]`; values outside
     /// are clamped) and seed.
     pub fn new(temperature: f32, top_p: f32, seed: u64) -> Self {
-        let top_p = if top_p.is_nan() { 1.0 } else { top_p.clamp(f32::MIN_POSITIVE, 1.0) };
+        let top_p = if top_p.is_nan() {
+            1.0
+        } else {
+            top_p.clamp(f32::MIN_POSITIVE, 1.0)
+        };
         Self {
             temperature,
             top_p,
@@ -60,7 +64,7 @@ impl Sampler {
 
     /// Draws the next token id. `logits` must not be empty.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if !(self.temperature > 0.0) || logits.len() <= 1 {
+        if self.temperature.is_nan() || self.temperature <= 0.0 || logits.len() <= 1 {
             return argmax(logits);
         }
         let inv_t = 1.0 / self.temperature;

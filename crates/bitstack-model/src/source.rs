@@ -106,12 +106,13 @@ impl SafetensorsDir {
                     path: path.clone(),
                     message: e.to_string(),
                 })?;
-            let data_start = 8usize
-                .checked_add(header_len)
-                .ok_or_else(|| ModelError::Safetensors {
-                    path: path.clone(),
-                    message: "header length overflows".into(),
-                })?;
+            let data_start =
+                8usize
+                    .checked_add(header_len)
+                    .ok_or_else(|| ModelError::Safetensors {
+                        path: path.clone(),
+                        message: "header length overflows".into(),
+                    })?;
             for (name, info) in meta.tensors() {
                 let (a, b) = info.data_offsets;
                 let (start, end) = match (data_start.checked_add(a), data_start.checked_add(b)) {

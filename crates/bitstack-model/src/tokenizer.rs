@@ -12,7 +12,9 @@ pub struct TextTokenizer {
 
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TextTokenizer").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("TextTokenizer")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -36,6 +38,21 @@ impl TextTokenizer {
         })
     }
 
+    /// Parses the bytes of a `tokenizer.json` (e.g. one carried inside a container);
+    /// `origin` names where they came from in error messages.
+    pub fn from_bytes(bytes: &[u8], origin: impl AsRef<Path>) -> Result<Self, ModelError> {
+        let path = origin.as_ref();
+        let inner =
+            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| ModelError::Tokenizer {
+                path: path.to_owned(),
+                message: format!("cannot parse: {e}"),
+            })?;
+        Ok(Self {
+            inner,
+            path: path.to_owned(),
+        })
+    }
+
     /// Loads `dir/tokenizer.json`.
     pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
         Self::from_file(dir.as_ref().join("tokenizer.json"))
@@ -49,7 +66,9 @@ impl TextTokenizer {
 
     /// Text of `ids` (special tokens kept unless `skip_special_tokens`).
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, ModelError> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| self.err(e))
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| self.err(e))
     }
 
     /// Id of a token string, e.g. `"<|endoftext|>"`.

@@ -72,8 +72,14 @@ fn check_model(name: &str) {
         .iter()
         .zip(&g.logits)
         .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    println!("{name}: max |ours - golden| = {max_dev:.3e}, max |golden| = {max_ref:.3}, ratio {:.3e}", max_dev / max_ref);
-    assert!(max_dev <= 1e-3 * max_ref, "{name}: deviation {max_dev} vs max {max_ref}");
+    println!(
+        "{name}: max |ours - golden| = {max_dev:.3e}, max |golden| = {max_ref:.3}, ratio {:.3e}",
+        max_dev / max_ref
+    );
+    assert!(
+        max_dev <= 1e-3 * max_ref,
+        "{name}: deviation {max_dev} vs max {max_ref}"
+    );
     let argmax_next: Vec<u32> = json[name]["argmax_next"]
         .as_array()
         .unwrap()
@@ -94,21 +100,38 @@ fn check_model(name: &str) {
     for (i, &tokn) in g.input_ids.iter().enumerate() {
         let step = model.forward_next(tokn, &mut cache).unwrap();
         let full = &ours[i * g.vocab..(i + 1) * g.vocab];
-        let dev = step.iter().zip(full).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(dev <= 1e-4 * max_ours, "{name}: KV step {i} deviates by {dev}");
+        let dev = step
+            .iter()
+            .zip(full)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            dev <= 1e-4 * max_ours,
+            "{name}: KV step {i} deviates by {dev}"
+        );
     }
     assert_eq!(cache.len(), t);
     let mut cache = KvCache::new(model.config());
     let split = t / 2;
-    let last = model.forward_cached(&g.input_ids[..split], &mut cache).unwrap();
+    let last = model
+        .forward_cached(&g.input_ids[..split], &mut cache)
+        .unwrap();
     let full = &ours[(split - 1) * g.vocab..split * g.vocab];
-    let dev = last.iter().zip(full).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    let dev = last
+        .iter()
+        .zip(full)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(dev <= 1e-4 * max_ours, "{name}: prefill deviates by {dev}");
     for i in split..t {
         let step = model.forward_next(g.input_ids[i], &mut cache).unwrap();
         let full = &ours[i * g.vocab..(i + 1) * g.vocab];
-        let dev = step.iter().zip(full).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(dev <= 1e-4 * max_ours, "{name}: KV step {i} after prefill deviates by {dev}");
+        let dev = step
+            .iter()
+            .zip(full)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            dev <= 1e-4 * max_ours,
+            "{name}: KV step {i} after prefill deviates by {dev}"
+        );
     }
 }
 

@@ -77,7 +77,9 @@ pub enum OrderError {
         source: ScoreError,
     },
     /// The NaN rule of the reference cannot be applied.
-    #[error("score of matrix {matrix} at the last level {level} is NaN: the order cannot be built")]
+    #[error(
+        "score of matrix {matrix} at the last level {level} is NaN: the order cannot be built"
+    )]
     NanAtLastLevel {
         /// Matrix index.
         matrix: u32,

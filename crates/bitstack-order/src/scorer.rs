@@ -99,14 +99,16 @@ pub fn build_level_synchronous(
     on_level: &mut dyn FnMut(u32, u32),
 ) -> Result<Vec<StackEntry>, OrderError> {
     if let Some(m) = blocks_per_matrix.iter().position(|&b| b == 0) {
-        return Err(OrderError::InvalidStack(format!("matrix {m} has no blocks")));
+        return Err(OrderError::InvalidStack(format!(
+            "matrix {m} has no blocks"
+        )));
     }
     let levels = blocks_per_matrix.iter().copied().max().unwrap_or(0);
     let mut order: Vec<StackEntry> = (0..blocks_per_matrix.len() as u32)
         .map(|m| StackEntry::new(m, 0))
         .collect();
     // scores[level][matrix] for the candidates of each level.
-    let mut scores: Vec<Vec<Option<f64>>> = vec![vec![None; blocks_per_matrix.len()]; 0];
+    let mut scores: Vec<Vec<Option<f64>>> = Vec::new();
     for level in 1..levels {
         on_level(level, levels - 1);
         let candidates: Vec<u32> = (0..blocks_per_matrix.len() as u32)
@@ -183,7 +185,9 @@ mod tests {
     impl BlockScorer for Table {
         fn score_level(&mut self, level: u32, c: &[u32]) -> Result<Vec<f64>, ScoreError> {
             self.1.push((level, c.to_vec()));
-            Ok(c.iter().map(|&m| self.0[level as usize][m as usize]).collect())
+            Ok(c.iter()
+                .map(|&m| self.0[level as usize][m as usize])
+                .collect())
         }
     }
 
@@ -197,7 +201,17 @@ mod tests {
         let pairs: Vec<(u32, u32)> = order.iter().map(|e| (e.matrix, e.block)).collect();
         assert_eq!(
             pairs,
-            vec![(0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (0, 1), (2, 2), (0, 2), (1, 2)]
+            vec![
+                (0, 0),
+                (1, 0),
+                (2, 0),
+                (1, 1),
+                (2, 1),
+                (0, 1),
+                (2, 2),
+                (0, 2),
+                (1, 2)
+            ]
         );
         assert_eq!(t.1, vec![(1, vec![0, 1, 2]), (2, vec![0, 1, 2])]);
     }
@@ -222,7 +236,13 @@ mod tests {
         assert_eq!(level1, vec![1, 2, 0]);
         let mut t = Table(vec![vec![], vec![1.0, f64::NAN]], vec![]);
         let err = build_level_synchronous(&[2, 2], &mut t, &mut |_, _| {}).unwrap_err();
-        assert!(matches!(err, OrderError::NanAtLastLevel { matrix: 1, level: 1 }));
+        assert!(matches!(
+            err,
+            OrderError::NanAtLastLevel {
+                matrix: 1,
+                level: 1
+            }
+        ));
     }
 
     #[test]

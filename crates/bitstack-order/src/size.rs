@@ -76,7 +76,14 @@ mod tests {
 
     #[test]
     fn errors_name_the_input() {
-        for bad in ["", "MB", "12XB", "1.2.3MB", "-5MB", "99999999999999999999TB"] {
+        for bad in [
+            "",
+            "MB",
+            "12XB",
+            "1.2.3MB",
+            "-5MB",
+            "99999999999999999999TB",
+        ] {
             let err = parse_size(bad).unwrap_err().to_string();
             assert!(err.contains(&format!("{bad:?}")), "{err}");
         }

@@ -50,7 +50,10 @@ fn check_reference(model: &str) -> usize {
             assert_eq!(plan.blocks_loaded, blocks, "{model} k={}", run["k"]);
             checked += 1;
         }
-        assert_eq!(layout.min_memory(), run["curve"][0]["memory_bytes"].as_u64().unwrap());
+        assert_eq!(
+            layout.min_memory(),
+            run["curve"][0]["memory_bytes"].as_u64().unwrap()
+        );
         let below = layout.plan_for_budget(layout.min_memory() - 1).unwrap_err();
         assert!(below.to_string().contains(&layout.min_memory().to_string()));
     }
@@ -92,14 +95,19 @@ fn gptq_budget_points() {
         .collect();
     let mut next = vec![1u32; names.len()];
     for name in run["order"].as_array().unwrap() {
-        let m = names.iter().position(|n| *n == name.as_str().unwrap()).unwrap();
+        let m = names
+            .iter()
+            .position(|n| *n == name.as_str().unwrap())
+            .unwrap();
         order.push(StackEntry::new(m as u32, next[m]));
         next[m] += 1;
     }
     let fixed = run["base_bytes"].as_u64().unwrap() - block_bytes.iter().map(|b| b[0]).sum::<u64>();
     let layout = StackLayout::new(fixed, block_bytes, order, names.len()).unwrap();
     for p in at["points"].as_array().unwrap() {
-        let plan = layout.plan_for_budget(p["budget_bytes"].as_u64().unwrap()).unwrap();
+        let plan = layout
+            .plan_for_budget(p["budget_bytes"].as_u64().unwrap())
+            .unwrap();
         assert_eq!(plan.memory_bytes, p["memory_bytes"].as_u64().unwrap());
         assert_eq!(plan.blocks_loaded as u64, p["blocks"].as_u64().unwrap());
     }

@@ -95,7 +95,7 @@ impl StackFile {
     /// Shape `(rows, cols)` of matrix `m`.
     pub fn shape(&self, m: usize) -> (usize, usize) {
         let e = &self.container.manifest().matrices[m];
-        (e.rows as usize, e.cols as usize)
+        (e.rows, e.cols)
     }
 
     /// Index of the matrix with this tensor name.
@@ -122,14 +122,15 @@ impl StackFile {
                 bytes: tensor.bytes,
             })
             .collect();
-        let decoded = Block::decode(&entry.kind, &entry.params, rows, cols, &parts).map_err(
-            |reason| RuntimeError::BadBlock {
-                position,
-                matrix: self.matrix_name(m).to_string(),
-                index: entry.index as u32,
-                reason,
-            },
-        )?;
+        let decoded =
+            Block::decode(&entry.kind, &entry.params, rows, cols, &parts).map_err(|reason| {
+                RuntimeError::BadBlock {
+                    position,
+                    matrix: self.matrix_name(m).to_string(),
+                    index: entry.index as u32,
+                    reason,
+                }
+            })?;
         Ok((decoded, entry.length))
     }
 }

@@ -278,7 +278,11 @@ impl LoadedStack {
     /// If `out.len() != rows · cols`.
     pub fn reconstruct_into(&self, m: usize, out: &mut [f32]) {
         let (rows, cols) = self.file.shape(m);
-        assert_eq!(out.len(), rows * cols, "reconstruct_into: wrong output length");
+        assert_eq!(
+            out.len(),
+            rows * cols,
+            "reconstruct_into: wrong output length"
+        );
         out.fill(0.0);
         for block in self.read_blocks(m).iter() {
             block.add_to_dense(out);

@@ -46,7 +46,9 @@ fn build(path: &Path) -> Built {
         seed: 1,
     };
     let mut writer = ContainerWriter::new(BTreeMap::new());
-    writer.add_aux_file("config.json", b"{\"x\": 1}".to_vec()).unwrap();
+    writer
+        .add_aux_file("config.json", b"{\"x\": 1}".to_vec())
+        .unwrap();
     let norm: Vec<u8> = (0..8)
         .flat_map(|i| f16::from_f32(i as f32 * 0.5).to_le_bytes())
         .collect();
@@ -64,7 +66,16 @@ fn build(path: &Path) -> Built {
         originals.push(w);
         blocks.push(d.blocks);
     }
-    let order = [(0, 0), (1, 0), (1, 1), (0, 1), (0, 2), (1, 2), (1, 3), (0, 3)];
+    let order = [
+        (0, 0),
+        (1, 0),
+        (1, 1),
+        (0, 1),
+        (0, 2),
+        (1, 2),
+        (1, 3),
+        (0, 3),
+    ];
     for &(m, b) in &order {
         let block = &blocks[m][b];
         let (rows, cols) = shapes[m];
@@ -148,13 +159,18 @@ fn reconstruction_and_products_agree() {
             .resize(file.layout().memory_of_prefix(budget_blocks))
             .unwrap();
         let e = rel_err(&built.originals[0], &stack.reconstruct_f32(0));
-        assert!(e < previous, "error must fall as blocks are added: {e} vs {previous}");
+        assert!(
+            e < previous,
+            "error must fall as blocks are added: {e} vs {previous}"
+        );
         previous = e;
     }
     for (m, &(rows, cols)) in built.shapes.iter().enumerate() {
         let w = stack.reconstruct_f32(m);
         let tokens = 3;
-        let x: Vec<f32> = (0..tokens * cols).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+        let x: Vec<f32> = (0..tokens * cols)
+            .map(|i| ((i * 37) % 11) as f32 - 5.0)
+            .collect();
         // Oracle: naive dense product.
         let mut want = vec![0.0f32; tokens * rows];
         for t in 0..tokens {
@@ -196,7 +212,10 @@ fn truncated_file_loads_complete_prefix() {
     let err = stack.resize(complete.max_memory()).unwrap_err();
     match err {
         RuntimeError::BeyondAvailable { missing_bytes, .. } => {
-            assert_eq!(missing_bytes, complete.max_memory() - complete.memory_of_prefix(5))
+            assert_eq!(
+                missing_bytes,
+                complete.max_memory() - complete.memory_of_prefix(5)
+            )
         }
         other => panic!("unexpected {other}"),
     }
@@ -230,7 +249,10 @@ fn export_round_trip() {
     let stack = LoadedStack::load(file.clone(), u64::MAX).unwrap();
     let out = dir.path().join("export");
     stack.export_hf(&out).unwrap();
-    assert_eq!(std::fs::read(out.join("config.json")).unwrap(), b"{\"x\": 1}");
+    assert_eq!(
+        std::fs::read(out.join("config.json")).unwrap(),
+        b"{\"x\": 1}"
+    );
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     for m in 0..2 {

@@ -126,11 +126,17 @@ impl Checkpoint {
             // rewrites it while it is mapped (as every mmap-based safetensors reader does).
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
             let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
-                Error::Checkpoint(format!("{}: not a valid safetensors file: {e}", path.display()))
+                Error::Checkpoint(format!(
+                    "{}: not a valid safetensors file: {e}",
+                    path.display()
+                ))
             })?;
             let data_start = 8 + header_len;
             let parsed = SafeTensors::deserialize(&map).map_err(|e| {
-                Error::Checkpoint(format!("{}: not a valid safetensors file: {e}", path.display()))
+                Error::Checkpoint(format!(
+                    "{}: not a valid safetensors file: {e}",
+                    path.display()
+                ))
             })?;
             drop(parsed);
             for (name, info) in metadata.tensors() {

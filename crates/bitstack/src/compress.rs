@@ -339,7 +339,10 @@ pub fn write_container(
             // Biases are kept in f32, as the reference implementation keeps them (its
             // accounting counts them at 4 bytes: tiny-qwen2's base_bytes).
             let values = options.reparametrisation.load(checkpoint, name)?;
-            (Dtype::F32, crate::checkpoint::from_f32(SourceDtype::F32, &values))
+            (
+                Dtype::F32,
+                crate::checkpoint::from_f32(SourceDtype::F32, &values),
+            )
         } else if options.reparametrisation.touches(name) {
             let values = options.reparametrisation.load(checkpoint, name)?;
             stored_dtype(info.dtype, &values)
@@ -380,7 +383,12 @@ pub fn write_container(
             "avd",
             BTreeMap::from([("k".to_string(), k as i64)]),
             vec![
-                PartData::new("signs", Dtype::U8, vec![signs.as_bytes().len()], signs.into_bytes()),
+                PartData::new(
+                    "signs",
+                    Dtype::U8,
+                    vec![signs.as_bytes().len()],
+                    signs.into_bytes(),
+                ),
                 PartData::new("u", Dtype::F16, vec![rows, k], halves(u)),
                 PartData::new("v", Dtype::F16, vec![k, cols], halves(v)),
             ],

@@ -47,8 +47,12 @@ pub use bitstack_model as model;
 pub use bitstack_order as order;
 pub use bitstack_runtime as runtime;
 
+#[cfg(feature = "model")]
+pub mod calibrate;
 pub mod checkpoint;
 pub mod compress;
+#[cfg(feature = "model")]
+pub mod engine;
 pub mod select;
 
 pub use compress::{CompressOptions, CompressSummary};

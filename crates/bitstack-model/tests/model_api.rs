@@ -1,0 +1,248 @@
+//! Loading variants, the linear hook, layer-by-layer execution and calibration sites.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bitstack_model::{
+    CausalLm, DenseLinear, Linear, LinearSlot, ModelConfig, ModelError, SafetensorsDir, Site,
+    TensorSource,
+};
+
+fn model_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/models")
+        .join(name)
+}
+
+fn scratch_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("bitstack-model-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const PROMPT: [u32; 12] = [47, 702, 6655, 323, 262, 1151, 324, 2579, 408, 1622, 400, 78];
+
+/// Writes the tensors of `src` as f32 into `n` shards, optionally with an index.
+fn write_shards(src: &SafetensorsDir, dir: &Path, n: usize, with_index: bool) {
+    let names = src.names();
+    let mut weight_map = serde_json::Map::new();
+    for (s, chunk) in names.chunks(names.len().div_ceil(n)).enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", s + 1);
+        let data: Vec<(String, Vec<usize>, Vec<u8>)> = chunk
+            .iter()
+            .map(|name| {
+                let (shape, v) = src.tensor_f32(name).unwrap();
+                weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
+                (
+                    name.clone(),
+                    shape,
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+            .iter()
+            .map(|(name, shape, bytes)| {
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    bytes,
+                )
+                .unwrap();
+                (name.clone(), view)
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(file)).unwrap();
+    }
+    if with_index {
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    }
+}
+
+#[test]
+fn sharded_checkpoints_load_identically() {
+    let dir = model_dir("tiny-qwen2");
+    let reference = CausalLm::load(&dir).unwrap().forward(&PROMPT).unwrap();
+    let src = SafetensorsDir::open(&dir).unwrap();
+    for with_index in [true, false] {
+        let out = scratch_dir(if with_index { "index" } else { "glob" });
+        write_shards(&src, &out, 3, with_index);
+        // Old-style config keys: rope_theta top level, torch_dtype.
+        let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("rope_parameters");
+        o.remove("dtype");
+        o.insert("rope_theta".into(), 10000.0.into());
+        o.insert("torch_dtype".into(), "float32".into());
+        std::fs::write(out.join("config.json"), v.to_string()).unwrap();
+        let m = CausalLm::load(&out).unwrap();
+        assert_eq!(
+            m.forward(&PROMPT).unwrap(),
+            reference,
+            "with_index={with_index}"
+        );
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+#[test]
+fn missing_tensor_and_bad_architecture_are_named() {
+    let dir = model_dir("tiny-qwen2");
+    let src = SafetensorsDir::open(&dir).unwrap();
+    let out = scratch_dir("missing");
+    write_shards(&src, &out, 1, false);
+    std::fs::copy(dir.join("config.json"), out.join("config.json")).unwrap();
+    // Drop one tensor by rewriting with an index that omits nothing but a file that lacks it.
+    let src2 = SafetensorsDir::open(&out).unwrap();
+    let cfg = ModelConfig::from_file(out.join("config.json")).unwrap();
+    struct Without<'a>(&'a SafetensorsDir, &'a str);
+    impl TensorSource for Without<'_> {
+        fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
+            if name == self.1 {
+                return Err(ModelError::MissingTensor { name: name.into() });
+            }
+            self.0.tensor_f32(name)
+        }
+        fn contains(&self, name: &str) -> bool {
+            name != self.1 && self.0.contains(name)
+        }
+        fn names(&self) -> Vec<String> {
+            self.0.names().into_iter().filter(|n| n != self.1).collect()
+        }
+    }
+    let missing = "model.layers.2.mlp.up_proj.weight";
+    let e = CausalLm::from_source(cfg.clone(), &Without(&src2, missing), &mut |_, _| Ok(None))
+        .unwrap_err();
+    assert!(e.to_string().contains(missing), "{e}");
+    let e = CausalLm::from_source(
+        cfg,
+        &Without(&src2, "model.layers.0.self_attn.k_proj.bias"),
+        &mut |_, _| Ok(None),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("k_proj.bias"), "{e}");
+
+    let text = std::fs::read_to_string(out.join("config.json")).unwrap();
+    std::fs::write(
+        out.join("config.json"),
+        text.replace("Qwen2ForCausalLM", "PhiForCausalLM"),
+    )
+    .unwrap();
+    let e = CausalLm::load(&out).unwrap_err().to_string();
+    assert!(
+        e.contains("PhiForCausalLM") && e.contains("LlamaForCausalLM"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+
+    let e = bitstack_model::TextTokenizer::from_file(dir.join("config.json")).unwrap_err();
+    assert!(e.to_string().contains("config.json"), "{e}");
+}
+
+/// A linear that counts its calls and delegates to a dense one.
+struct Counting {
+    inner: DenseLinear,
+    calls: AtomicUsize,
+}
+
+impl Linear for Counting {
+    fn in_features(&self) -> usize {
+        self.inner.in_features()
+    }
+    fn out_features(&self) -> usize {
+        self.inner.out_features()
+    }
+    fn forward(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.forward(x, tokens, y);
+    }
+}
+
+#[test]
+fn hook_set_linear_layers_and_sites() {
+    let dir = model_dir("small-llama");
+    let src = SafetensorsDir::open(&dir).unwrap();
+    let cfg = ModelConfig::from_file(dir.join("config.json")).unwrap();
+    let mut seen = Vec::new();
+    let counting: Arc<Counting> = {
+        let (shape, w) = src
+            .tensor_f32("model.layers.1.self_attn.q_proj.weight")
+            .unwrap();
+        Arc::new(Counting {
+            inner: DenseLinear::new(w, shape[0], shape[1]).unwrap(),
+            calls: AtomicUsize::new(0),
+        })
+    };
+    let mut model = CausalLm::from_source(cfg.clone(), &src, &mut |name, shape| {
+        seen.push((name.to_owned(), shape));
+        if name == "model.layers.1.self_attn.q_proj.weight" {
+            return Ok(Some(counting.clone() as Arc<dyn Linear>));
+        }
+        Ok(None)
+    })
+    .unwrap();
+    assert_eq!(seen.len(), 7 * cfg.num_layers + 1);
+    assert_eq!(
+        seen[0],
+        (
+            "model.layers.0.self_attn.q_proj.weight".to_owned(),
+            [512, 512]
+        )
+    );
+    assert_eq!(seen[1].1, [256, 512]);
+    assert_eq!(
+        seen.last().unwrap(),
+        &("lm_head.weight".to_owned(), [8192, 512])
+    );
+    assert_eq!(
+        LinearSlot::parse_weight_name(&seen[6].0),
+        Some((0, LinearSlot::DownProj))
+    );
+
+    let full = model.forward(&PROMPT).unwrap();
+    assert_eq!(counting.calls.load(Ordering::Relaxed), 1);
+
+    // Layer by layer with an observer gives the same logits and sees every site.
+    let mut sites = Vec::new();
+    let mut hidden = model.embed(&PROMPT).unwrap();
+    for l in 0..model.num_layers() {
+        model
+            .forward_layer(
+                l,
+                &mut hidden,
+                PROMPT.len(),
+                Some(&mut |layer, site, x: &[f32], t| {
+                    sites.push((layer, site, x.len() / t));
+                }),
+            )
+            .unwrap();
+    }
+    assert_eq!(model.final_logits(&hidden, PROMPT.len()).unwrap(), full);
+    assert_eq!(sites.len(), 4 * cfg.num_layers);
+    assert_eq!(sites[0], (0, Site::AttnInput, 512));
+    assert_eq!(sites[1], (0, Site::OProjInput, 512));
+    assert_eq!(sites[2], (0, Site::MlpInput, 512));
+    assert_eq!(sites[3], (0, Site::DownInput, 1536));
+    let nll = model.window_nll(&PROMPT).unwrap();
+    let nll2 = model.hidden_nll(&hidden, &PROMPT).unwrap();
+    assert!((nll - nll2).abs() < 1e-9, "{nll} vs {nll2}");
+
+    // Swapping a matrix changes the output; swapping it back restores it exactly.
+    let zero = Arc::new(DenseLinear::new(vec![0.0; 1536 * 512], 1536, 512).unwrap());
+    let old = model.set_linear(3, LinearSlot::UpProj, zero).unwrap();
+    assert_ne!(model.forward(&PROMPT).unwrap(), full);
+    model.set_linear(3, LinearSlot::UpProj, old).unwrap();
+    assert_eq!(model.forward(&PROMPT).unwrap(), full);
+    let wrong = Arc::new(DenseLinear::new(vec![0.0; 4], 2, 2).unwrap());
+    let Err(e) = model.set_linear(0, LinearSlot::QProj, wrong) else {
+        panic!("shape mismatch accepted");
+    };
+    assert!(e.to_string().contains("q_proj"), "{e}");
+    assert!(model.set_linear(99, LinearSlot::QProj, counting).is_err());
+    assert!(model.embed(&[9000]).is_err());
+}

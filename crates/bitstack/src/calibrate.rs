@@ -1,0 +1,464 @@
+//! The paper's calibrated pipeline (ALGORITHM.md §1 and §3): activation statistics folded
+//! into the weights, and the level-synchronous perplexity scorer.
+
+use std::sync::Arc;
+
+use bitstack_model::{
+    CausalLm, DenseLinear, Linear, LinearSlot, ModelConfig, ModelError, Site, TensorSource,
+};
+use bitstack_order::{BlockScorer, ScoreError};
+use rayon::prelude::*;
+
+use crate::checkpoint::{from_f32, to_f32, Checkpoint, SourceDtype};
+use crate::compress::{Decomposed, Progress, Reparametrisation};
+use crate::Error;
+
+/// Per layer, per site (in [`Site::ALL`] order): `s_j = mean over windows of the L2 norm over
+/// positions of x[:, j]`, plus 1e-3 (ALGORITHM.md §1).
+pub fn activation_scales(
+    model: &CausalLm,
+    windows: &[&[u32]],
+    progress: &(dyn Fn(Progress<'_>) + Sync),
+) -> Result<Vec<[Vec<f32>; 4]>, Error> {
+    if windows.is_empty() {
+        return Err(Error::Usage(
+            "no calibration window: the calibration text is shorter than one window".into(),
+        ));
+    }
+    let layers = model.num_layers();
+    let mut sums: Vec<[Vec<f64>; 4]> = (0..layers).map(|_| Default::default()).collect();
+    progress(Progress::Stage {
+        name: "calibrate",
+        total: windows.len() as u64,
+    });
+    for (done, window) in windows.iter().enumerate() {
+        let mut squares: Vec<[Vec<f64>; 4]> = (0..layers).map(|_| Default::default()).collect();
+        let mut observe = |layer: usize, site: Site, x: &[f32], tokens: usize| {
+            let slot = &mut squares[layer][site_index(site)];
+            let width = x.len() / tokens.max(1);
+            if slot.len() != width {
+                *slot = vec![0.0; width];
+            }
+            for row in x.chunks_exact(width) {
+                for (acc, &v) in slot.iter_mut().zip(row) {
+                    *acc += f64::from(v) * f64::from(v);
+                }
+            }
+        };
+        model.forward_hidden(window, Some(&mut observe))?;
+        for (layer, per_site) in squares.into_iter().enumerate() {
+            for (site, sq) in per_site.into_iter().enumerate() {
+                let acc = &mut sums[layer][site];
+                if acc.len() != sq.len() {
+                    *acc = vec![0.0; sq.len()];
+                }
+                acc.iter_mut().zip(sq).for_each(|(a, s)| *a += s.sqrt());
+            }
+        }
+        progress(Progress::Step {
+            done: done as u64 + 1,
+            what: "window",
+        });
+    }
+    let n = windows.len() as f64;
+    Ok(sums
+        .into_iter()
+        .map(|per_site| per_site.map(|acc| acc.iter().map(|s| (s / n + 1e-3) as f32).collect()))
+        .collect())
+}
+
+fn site_index(site: Site) -> usize {
+    Site::ALL.iter().position(|s| *s == site).unwrap_or(0)
+}
+
+/// Folds activation scales into the weights exactly as ALGORITHM.md §1, including the
+/// grouped-query-attention exception (o_proj is scaled only if v_proj and o_proj have the same
+/// shape).
+pub fn scaling_reparametrisation(
+    config: &ModelConfig,
+    checkpoint: &Checkpoint,
+    scales: &[[Vec<f32>; 4]],
+) -> Result<Reparametrisation, Error> {
+    let mut r = Reparametrisation::default();
+    let mut add_cols = |name: String, s: &[f32]| {
+        r.column_scales.insert(name, s.to_vec());
+    };
+    for (l, per_site) in scales.iter().enumerate() {
+        let [attn, o_in, mlp, down_in] = per_site;
+        for slot in [LinearSlot::QProj, LinearSlot::KProj, LinearSlot::VProj] {
+            add_cols(slot.weight_name(l), attn);
+        }
+        for slot in [LinearSlot::GateProj, LinearSlot::UpProj] {
+            add_cols(slot.weight_name(l), mlp);
+        }
+        add_cols(LinearSlot::DownProj.weight_name(l), down_in);
+        let v_shape = &checkpoint.info(&LinearSlot::VProj.weight_name(l))?.shape;
+        let o_shape = &checkpoint.info(&LinearSlot::OProj.weight_name(l))?.shape;
+        if v_shape == o_shape {
+            add_cols(LinearSlot::OProj.weight_name(l), o_in);
+        }
+        let _ = config;
+        r.vector_divisors.insert(
+            format!("model.layers.{l}.input_layernorm.weight"),
+            attn.clone(),
+        );
+        r.vector_divisors.insert(
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            mlp.clone(),
+        );
+        if v_shape == o_shape {
+            r.row_divisors
+                .insert(LinearSlot::VProj.weight_name(l), o_in.clone());
+            let bias = LinearSlot::VProj.bias_name(l);
+            if checkpoint.tensors().contains_key(&bias) {
+                r.vector_divisors.insert(bias, o_in.clone());
+            }
+        }
+        r.row_divisors
+            .insert(LinearSlot::UpProj.weight_name(l), down_in.clone());
+        let bias = LinearSlot::UpProj.bias_name(l);
+        if checkpoint.tensors().contains_key(&bias) {
+            r.vector_divisors.insert(bias, down_in.clone());
+        }
+    }
+    Ok(r)
+}
+
+/// The checkpoint after a re-parametrisation, each tensor rounded to the dtype the container
+/// stores it in (so that a model built from it is the one the runtime will load).
+pub struct ReparametrisedSource<'a> {
+    /// The checkpoint.
+    pub checkpoint: &'a Checkpoint,
+    /// The re-parametrisation.
+    pub reparametrisation: &'a Reparametrisation,
+}
+
+impl TensorSource for ReparametrisedSource<'_> {
+    fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
+        let info = self
+            .checkpoint
+            .info(name)
+            .map_err(|_| ModelError::MissingTensor {
+                name: name.to_string(),
+            })?;
+        let values = self
+            .reparametrisation
+            .load(self.checkpoint, name)
+            .map_err(|e| ModelError::InvalidArgument(e.to_string()))?;
+        let stored = if name.ends_with(".bias") {
+            values
+        } else {
+            let dtype = match info.dtype {
+                SourceDtype::BF16 => SourceDtype::BF16,
+                _ => SourceDtype::F16,
+            };
+            to_f32(dtype, &from_f32(dtype, &values))
+        };
+        Ok((info.shape.clone(), stored))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.checkpoint.tensors().contains_key(name)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.checkpoint.tensors().keys().cloned().collect()
+    }
+}
+
+/// The paper's scorer (ALGORITHM.md §3): the perplexity on the scoring windows when one
+/// matrix gets its next block while every other matrix holds `level` blocks.
+///
+/// Work is reused: the hidden states entering each layer are computed once per level, so a
+/// candidate in layer `L` runs only layers `L..` (and the head); each matrix is rebuilt once
+/// per level.
+pub struct PerplexityScorer<'a> {
+    model: CausalLm,
+    decomposed: &'a Decomposed,
+    /// (layer, slot) of each stacked matrix.
+    places: Vec<(usize, LinearSlot)>,
+    /// Dense reconstruction of each matrix at the current level.
+    dense: Vec<Vec<f32>>,
+    level: u32,
+    windows: Vec<Vec<u32>>,
+    progress: &'a (dyn Fn(Progress<'_>) + Sync),
+    done: u64,
+}
+
+impl<'a> PerplexityScorer<'a> {
+    /// A scorer over `windows` for the decomposed matrices of `model` (which must be the
+    /// re-parametrised model the matrices were decomposed from).
+    pub fn new(
+        model: CausalLm,
+        decomposed: &'a Decomposed,
+        windows: Vec<Vec<u32>>,
+        progress: &'a (dyn Fn(Progress<'_>) + Sync),
+    ) -> Result<Self, Error> {
+        if windows.is_empty() {
+            return Err(Error::Usage(
+                "no scoring window: the scoring text is shorter than one window".into(),
+            ));
+        }
+        let places = decomposed
+            .names
+            .iter()
+            .map(|n| {
+                LinearSlot::parse_weight_name(n).ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "{n} is not a decoder linear: the perplexity scorer orders only decoder \
+                         linears (use --no-calibration with --include)"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let dense = decomposed
+            .shapes
+            .iter()
+            .map(|&(r, c)| vec![0.0; r * c])
+            .collect();
+        let total: u64 = decomposed
+            .decompositions
+            .iter()
+            .map(|d| d.blocks.len().saturating_sub(1) as u64)
+            .sum();
+        progress(Progress::Stage {
+            name: "score",
+            total,
+        });
+        Ok(Self {
+            model,
+            decomposed,
+            places,
+            dense,
+            level: 0,
+            windows,
+            progress,
+            done: 0,
+        })
+    }
+
+    fn dense_linear(&self, m: usize, weight: Vec<f32>) -> Result<Arc<dyn Linear>, ModelError> {
+        let (r, c) = self.decomposed.shapes[m];
+        Ok(Arc::new(DenseLinear::new(weight, r, c)?))
+    }
+
+    /// Brings every matrix to `level` blocks.
+    fn advance_to(&mut self, level: u32) -> Result<(), ModelError> {
+        while self.level < level {
+            for m in 0..self.dense.len() {
+                if let Some(block) = self.decomposed.decompositions[m]
+                    .blocks
+                    .get(self.level as usize)
+                {
+                    block.add_to_dense(&mut self.dense[m]);
+                }
+            }
+            self.level += 1;
+        }
+        for m in 0..self.dense.len() {
+            let (layer, slot) = self.places[m];
+            let linear = self.dense_linear(m, self.dense[m].clone())?;
+            self.model.set_linear(layer, slot, linear)?;
+        }
+        Ok(())
+    }
+
+    /// Hidden states entering each layer, per window (windows in parallel).
+    fn layer_inputs(&self) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
+        let per_window: Vec<Vec<Vec<f32>>> = self
+            .windows
+            .par_iter()
+            .map(|window| {
+                let mut hidden = self.model.embed(window)?;
+                let mut inputs = Vec::with_capacity(self.model.num_layers());
+                for l in 0..self.model.num_layers() {
+                    inputs.push(hidden.clone());
+                    self.model
+                        .forward_layer(l, &mut hidden, window.len(), None)?;
+                }
+                Ok(inputs)
+            })
+            .collect::<Result<_, ModelError>>()?;
+        // Transpose to [layer][window].
+        let mut by_layer = vec![Vec::with_capacity(self.windows.len()); self.model.num_layers()];
+        for inputs in per_window {
+            for (l, h) in inputs.into_iter().enumerate() {
+                by_layer[l].push(h);
+            }
+        }
+        Ok(by_layer)
+    }
+
+    /// Perplexity on the scoring windows, starting from the cached inputs of `layer`
+    /// (windows in parallel).
+    fn perplexity_from(&self, layer: usize, inputs: &[Vec<Vec<f32>>]) -> Result<f64, ModelError> {
+        let parts: Vec<(f64, usize)> = self
+            .windows
+            .par_iter()
+            .enumerate()
+            .map(|(w, window)| {
+                let mut hidden = inputs[layer][w].clone();
+                for l in layer..self.model.num_layers() {
+                    self.model
+                        .forward_layer(l, &mut hidden, window.len(), None)?;
+                }
+                Ok((
+                    self.model.hidden_nll(&hidden, window)?,
+                    window.len().saturating_sub(1),
+                ))
+            })
+            .collect::<Result<_, ModelError>>()?;
+        let nll: f64 = parts.iter().map(|p| p.0).sum();
+        let count: usize = parts.iter().map(|p| p.1).sum();
+        Ok((nll / count.max(1) as f64).exp())
+    }
+}
+
+impl BlockScorer for PerplexityScorer<'_> {
+    fn score_level(&mut self, level: u32, candidates: &[u32]) -> Result<Vec<f64>, ScoreError> {
+        self.advance_to(level)?;
+        let inputs = self.layer_inputs()?;
+        let mut scores = Vec::with_capacity(candidates.len());
+        for &m in candidates {
+            let m = m as usize;
+            let (layer, slot) = self.places[m];
+            let mut next = self.dense[m].clone();
+            let block = self.decomposed.decompositions[m]
+                .blocks
+                .get(level as usize)
+                .ok_or("candidate without a next block")?;
+            block.add_to_dense(&mut next);
+            let previous = self
+                .model
+                .set_linear(layer, slot, self.dense_linear(m, next)?)?;
+            let ppl = self.perplexity_from(layer, &inputs);
+            self.model.set_linear(layer, slot, previous)?;
+            scores.push(ppl?);
+            self.done += 1;
+            (self.progress)(Progress::Step {
+                done: self.done,
+                what: &self.decomposed.names[m],
+            });
+        }
+        Ok(scores)
+    }
+}
+
+/// Where the calibration and scoring windows come from (ALGORITHM.md §1, §3, §5).
+#[derive(Debug, Clone)]
+pub struct CalibrationOptions {
+    /// Text for activation statistics.
+    pub calib_text: std::path::PathBuf,
+    /// Number of calibration windows (reference: 128).
+    pub calib_windows: usize,
+    /// Text for block scoring.
+    pub score_text: std::path::PathBuf,
+    /// Number of scoring windows (reference: 32).
+    pub score_windows: usize,
+    /// Window length in tokens (reference: 512).
+    pub seq: usize,
+}
+
+fn read_windows(
+    tokenizer: &bitstack_model::TextTokenizer,
+    path: &std::path::Path,
+    seq: usize,
+    count: usize,
+    what: &str,
+) -> Result<Vec<Vec<u32>>, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let ids = tokenizer.encode(&text)?;
+    let windows: Vec<Vec<u32>> = bitstack_model::windows(&ids, seq, Some(count))
+        .into_iter()
+        .map(<[u32]>::to_vec)
+        .collect();
+    if windows.len() < count {
+        return Err(Error::Usage(format!(
+            "{}: {} tokens give only {} {what} windows of {seq} tokens, {count} requested \
+             (use a longer text or fewer windows)",
+            path.display(),
+            ids.len(),
+            windows.len()
+        )));
+    }
+    Ok(windows)
+}
+
+/// The paper's full pipeline: activation-aware scaling from calibration windows, AVD of the
+/// scaled weights, level-synchronous ordering by perplexity on scoring windows.
+pub fn compress_calibrated(
+    model_dir: &std::path::Path,
+    out: &std::path::Path,
+    options: &crate::CompressOptions,
+    calibration: &CalibrationOptions,
+    progress: &(dyn Fn(Progress<'_>) + Sync),
+) -> Result<crate::CompressSummary, Error> {
+    use std::time::Instant;
+    let checkpoint = Checkpoint::open(model_dir)?;
+    let architecture = crate::compress::read_architecture(&checkpoint)?;
+    let names =
+        crate::select::select_matrices(&checkpoint, architecture.as_deref(), &options.include)?;
+    let config = ModelConfig::from_file(model_dir.join("config.json"))?;
+    let tokenizer = bitstack_model::TextTokenizer::from_model_dir(model_dir)?;
+    let mut stages = Vec::new();
+
+    let t = Instant::now();
+    let calib = read_windows(
+        &tokenizer,
+        &calibration.calib_text,
+        calibration.seq,
+        calibration.calib_windows,
+        "calibration",
+    )?;
+    let score = read_windows(
+        &tokenizer,
+        &calibration.score_text,
+        calibration.seq,
+        calibration.score_windows,
+        "scoring",
+    )?;
+    let original = CausalLm::load(model_dir)?;
+    let refs: Vec<&[u32]> = calib.iter().map(Vec::as_slice).collect();
+    let scales = activation_scales(&original, &refs, progress)?;
+    drop(original);
+    let mut options = options.clone();
+    options.reparametrisation = scaling_reparametrisation(&config, &checkpoint, &scales)?;
+    stages.push(("calibrate".to_string(), t.elapsed()));
+
+    let t = Instant::now();
+    let decomposed =
+        crate::compress::decompose_checkpoint(&checkpoint, &names, &options, progress)?;
+    stages.push(("decompose".to_string(), t.elapsed()));
+
+    let t = Instant::now();
+    let source = ReparametrisedSource {
+        checkpoint: &checkpoint,
+        reparametrisation: &options.reparametrisation,
+    };
+    let scaled = CausalLm::from_source(config, &source, &mut |_, _| Ok(None))?;
+    let mut scorer = PerplexityScorer::new(scaled, &decomposed, score, progress)?;
+    let order = crate::compress::order_blocks(&decomposed, &mut scorer, progress)?;
+    drop(scorer);
+    stages.push(("score".to_string(), t.elapsed()));
+
+    options.extra_metadata.insert(
+        "calibration".into(),
+        serde_json::json!({
+            "calib_text": calibration.calib_text.file_name().map(|n| n.to_string_lossy().to_string()),
+            "calib_windows": calibration.calib_windows,
+            "score_text": calibration.score_text.file_name().map(|n| n.to_string_lossy().to_string()),
+            "score_windows": calibration.score_windows,
+            "seq": calibration.seq,
+        }),
+    );
+    crate::compress::finish(
+        &checkpoint,
+        architecture,
+        decomposed,
+        &order,
+        &options,
+        "perplexity",
+        out,
+        stages,
+    )
+}

@@ -1,0 +1,123 @@
+//! Wiring the runtime into the transformer: a loaded stack as a [`CausalLm`].
+
+use std::sync::Arc;
+
+use bitstack_model::{CausalLm, Linear, ModelConfig, ModelError, TensorSource, TextTokenizer};
+use bitstack_runtime::LoadedStack;
+
+use crate::Error;
+
+/// One stacked matrix of a [`LoadedStack`] as a model [`Linear`]: one token uses the packed
+/// matrix-vector product, several tokens the batch path.
+#[derive(Debug, Clone)]
+pub struct StackLinear {
+    stack: Arc<LoadedStack>,
+    matrix: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl StackLinear {
+    /// The linear of matrix `matrix` of `stack`.
+    pub fn new(stack: Arc<LoadedStack>, matrix: usize) -> Self {
+        let (rows, cols) = stack.file().shape(matrix);
+        Self {
+            stack,
+            matrix,
+            rows,
+            cols,
+        }
+    }
+}
+
+impl Linear for StackLinear {
+    fn in_features(&self) -> usize {
+        self.cols
+    }
+
+    fn out_features(&self) -> usize {
+        self.rows
+    }
+
+    fn forward(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
+        self.stack.matmul(self.matrix, x, tokens, y);
+    }
+}
+
+/// The fixed tensors of a loaded stack as a model [`TensorSource`].
+pub struct StackTensors<'a>(pub &'a LoadedStack);
+
+impl TensorSource for StackTensors<'_> {
+    fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
+        let tensor = self
+            .0
+            .fixed(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+            })?;
+        let values = tensor.to_f32().ok_or_else(|| ModelError::MissingTensor {
+            name: format!("{name} (stored as {}, not a float)", tensor.dtype),
+        })?;
+        Ok((tensor.shape.clone(), values))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.fixed(name).is_some()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0.fixed_names().map(str::to_string).collect()
+    }
+}
+
+/// The model configuration carried inside the container (`config.json`).
+pub fn config_of(stack: &LoadedStack) -> Result<ModelConfig, Error> {
+    let bytes = stack
+        .file()
+        .container()
+        .aux_file("config.json")
+        .ok_or_else(|| {
+            Error::Unsupported(
+                "this .bitstack file carries no config.json: it was compressed from a checkpoint \
+             without one (e.g. with --include) and cannot run as a language model"
+                    .to_string(),
+            )
+        })?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| Error::Checkpoint("config.json inside the file is not UTF-8".into()))?;
+    Ok(ModelConfig::from_json_str(text)?)
+}
+
+/// The tokenizer carried inside the container (`tokenizer.json`).
+pub fn tokenizer_of(stack: &LoadedStack) -> Result<TextTokenizer, Error> {
+    let bytes = stack
+        .file()
+        .container()
+        .aux_file("tokenizer.json")
+        .ok_or_else(|| {
+            Error::Unsupported(
+                "this .bitstack file carries no tokenizer.json (the checkpoint had none); \
+                 compress from a directory that holds the model's tokenizer.json"
+                    .to_string(),
+            )
+        })?;
+    Ok(TextTokenizer::from_bytes(
+        bytes,
+        format!("{}#tokenizer.json", stack.file().container().name()),
+    )?)
+}
+
+/// A [`CausalLm`] whose decoder linears are the stack's matrices (at the loaded budget) and
+/// whose other tensors are the stack's fixed tensors.
+pub fn model_of(stack: &Arc<LoadedStack>) -> Result<CausalLm, Error> {
+    let config = config_of(stack)?;
+    let file = stack.file().clone();
+    let source = StackTensors(stack);
+    let mut choose =
+        |name: &str, _shape: [usize; 2]| -> Result<Option<Arc<dyn Linear>>, ModelError> {
+            Ok(file
+                .matrix_index(name)
+                .map(|m| Arc::new(StackLinear::new(stack.clone(), m)) as Arc<dyn Linear>))
+        };
+    Ok(CausalLm::from_source(config, &source, &mut choose)?)
+}
