@@ -24,12 +24,16 @@ pub enum SvdMethod {
 }
 
 impl SvdMethod {
-    /// The default randomized setting: `oversample = 8`, `power_iters = 4`.
+    /// The default randomized setting: `oversample = 16`, `power_iters = 4`.
     ///
     /// On the test models' real weights (raw, k = 2 and k = 4, 16 blocks) the mean relative
-    /// error is within 0.1 % of [`SvdMethod::Exact`].
+    /// error after 16 blocks is within 0.2 % of [`SvdMethod::Exact`]'s and every matrix's
+    /// within 1 % (the remaining per-matrix differences, of either sign, are the greedy
+    /// iteration's sensitivity to small perturbations; more power iterations do not remove
+    /// them). `oversample = 8` costs ~25 % less at k = 16 with the mean still within 0.2 %
+    /// but single matrices up to 1.3 % worse.
     pub const DEFAULT_RANDOMIZED: SvdMethod = SvdMethod::Randomized {
-        oversample: 8,
+        oversample: 16,
         power_iters: 4,
     };
 }

@@ -216,15 +216,6 @@ impl<'a> PerplexityScorer<'a> {
             .iter()
             .map(|&(r, c)| vec![0.0; r * c])
             .collect();
-        let total: u64 = decomposed
-            .decompositions
-            .iter()
-            .map(|d| d.blocks.len().saturating_sub(1) as u64)
-            .sum();
-        progress(Progress::Stage {
-            name: "score",
-            total,
-        });
         Ok(Self {
             model,
             decomposed,
@@ -337,7 +328,7 @@ impl BlockScorer for PerplexityScorer<'_> {
             self.done += 1;
             (self.progress)(Progress::Step {
                 done: self.done,
-                what: &self.decomposed.names[m],
+                what: self.decomposed.names[m].as_str(),
             });
         }
         Ok(scores)

@@ -272,18 +272,19 @@ pub fn order_blocks(
         .iter()
         .map(|d| d.blocks.len() as u32)
         .collect();
-    let levels = counts.iter().copied().max().unwrap_or(1).saturating_sub(1);
+    // One step per candidate evaluation (scorers report their own steps).
+    let evaluations: u64 = counts.iter().map(|&c| u64::from(c.saturating_sub(1))).sum();
     progress(Progress::Stage {
         name: "order",
-        total: u64::from(levels),
+        total: evaluations,
     });
-    let mut on_level = |level: u32, _levels: u32| {
-        progress(Progress::Step {
-            done: u64::from(level.saturating_sub(1)),
-            what: "level",
-        })
-    };
-    Ok(build_level_synchronous(&counts, scorer, &mut on_level)?)
+    let mut on_level = |_level: u32, _levels: u32| {};
+    let order = build_level_synchronous(&counts, scorer, &mut on_level)?;
+    progress(Progress::Step {
+        done: evaluations,
+        what: "done",
+    });
+    Ok(order)
 }
 
 /// The stored dtype of a fixed tensor: 16-bit as in the checkpoint, f32 sources as f16

@@ -56,6 +56,11 @@ pub mod engine;
 pub mod select;
 
 pub use compress::{CompressOptions, CompressSummary};
+
+/// The README's Rust examples, compiled as doctests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 pub use runtime::{LoadedStack, StackFile};
 
 /// Errors of the pipelines.
