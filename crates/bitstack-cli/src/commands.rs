@@ -157,7 +157,7 @@ fn budget_of(text: &str) -> Result<u64> {
     parse_size(text).context("--budget")
 }
 
-pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
+pub fn inspect(path: &Path, as_json: bool, with_order: bool) -> Result<()> {
     let file = open(path)?;
     let manifest = file.container().manifest();
     let layout = file.layout();
@@ -190,7 +190,16 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
         "missing_bytes": full.max_memory() - layout.max_memory(),
         "steps": steps,
     });
+    let order: Vec<serde_json::Value> = layout
+        .order()
+        .iter()
+        .map(|e| json!([file.matrix_name(e.matrix as usize), e.block]))
+        .collect();
     if as_json {
+        let mut report = report;
+        if with_order {
+            report["order"] = json!(order);
+        }
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -243,6 +252,12 @@ pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
         format_size(layout.min_memory()),
         format_size(layout.max_memory())
     );
+    if with_order {
+        println!("\nstack order:");
+        for (i, e) in order.iter().enumerate() {
+            println!("{i:>6}  {} #{}", e[0].as_str().unwrap_or("?"), e[1]);
+        }
+    }
     println!("\n{:>14}  {:>14}  {:>7}", "budget", "memory", "blocks");
     for s in &report["steps"].as_array().cloned().unwrap_or_default() {
         println!(

@@ -30,6 +30,9 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also list the stack order (matrix name and block index of every entry).
+        #[arg(long)]
+        order: bool,
     },
     /// Show what a budget loads: blocks per matrix and the exact memory.
     Plan {
@@ -66,7 +69,7 @@ fn main() -> ExitCode {
         Command::Compress(args) => commands::compress(args),
         Command::Eval(args) => eval::eval(args),
         Command::Generate(args) => eval::generate(args),
-        Command::Inspect { file, json } => commands::inspect(&file, json),
+        Command::Inspect { file, json, order } => commands::inspect(&file, json, order),
         Command::Plan { file, budget, json } => commands::plan(&file, &budget, json),
         Command::Export {
             file,
