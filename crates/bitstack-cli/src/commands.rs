@@ -122,7 +122,7 @@ pub fn compress(args: CompressArgs) -> Result<()> {
     }
     .with_context(|| format!("compressing {}", args.model_dir.display()))?;
     bars.finish();
-    println!(
+    out!(
         "wrote {} ({}): {} matrices, {} blocks, memory {} .. {}",
         args.output.display(),
         format_size(summary.file_bytes),
@@ -133,7 +133,7 @@ pub fn compress(args: CompressArgs) -> Result<()> {
     );
     let errs = &summary.mean_rel_err;
     if !errs.is_empty() {
-        println!(
+        out!(
             "mean relative error after 1 / {} blocks: {:.4} / {:.4}",
             errs.len(),
             errs[0],
@@ -142,9 +142,9 @@ pub fn compress(args: CompressArgs) -> Result<()> {
     }
     let total: f64 = summary.stage_seconds.iter().map(|(_, s)| s).sum();
     for (stage, seconds) in &summary.stage_seconds {
-        println!("  {stage:<10} {seconds:8.2} s");
+        out!("  {stage:<10} {seconds:8.2} s");
     }
-    println!("  {:<10} {total:8.2} s", "total");
+    out!("  {:<10} {total:8.2} s", "total");
     Ok(())
 }
 
@@ -200,17 +200,17 @@ pub fn inspect(path: &Path, as_json: bool, with_order: bool) -> Result<()> {
         if with_order {
             report["order"] = json!(order);
         }
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("file          {}", path.display());
-    println!(
+    out!("file          {}", path.display());
+    out!(
         "model         {}",
         meta.get("architecture")
             .and_then(|a| a.as_str())
             .unwrap_or("(unknown)")
     );
-    println!(
+    out!(
         "compression   k = {}, niter = {}, ordering: {}",
         compress.get("k").unwrap_or(&json!("?")),
         compress.get("niter").unwrap_or(&json!("?")),
@@ -219,8 +219,8 @@ pub fn inspect(path: &Path, as_json: bool, with_order: bool) -> Result<()> {
             .and_then(|s| s.as_str())
             .unwrap_or("?")
     );
-    println!("matrices      {}", file.matrix_count());
-    println!(
+    out!("matrices      {}", file.matrix_count());
+    out!(
         "blocks        {} ({} base blocks){}",
         layout.order().len(),
         full.mandatory_blocks(),
@@ -235,17 +235,17 @@ pub fn inspect(path: &Path, as_json: bool, with_order: bool) -> Result<()> {
             String::new()
         }
     );
-    println!(
+    out!(
         "fixed tensors {} bytes ({})",
         layout.fixed_bytes(),
         format_size(layout.fixed_bytes())
     );
-    println!(
+    out!(
         "base_bytes    {} bytes ({})",
         full.min_memory(),
         format_size(full.min_memory())
     );
-    println!(
+    out!(
         "memory        {} .. {} bytes ({} .. {})",
         layout.min_memory(),
         layout.max_memory(),
@@ -253,16 +253,18 @@ pub fn inspect(path: &Path, as_json: bool, with_order: bool) -> Result<()> {
         format_size(layout.max_memory())
     );
     if with_order {
-        println!("\nstack order:");
+        out!("\nstack order:");
         for (i, e) in order.iter().enumerate() {
-            println!("{i:>6}  {} #{}", e[0].as_str().unwrap_or("?"), e[1]);
+            out!("{i:>6}  {} #{}", e[0].as_str().unwrap_or("?"), e[1]);
         }
     }
-    println!("\n{:>14}  {:>14}  {:>7}", "budget", "memory", "blocks");
+    out!("\n{:>14}  {:>14}  {:>7}", "budget", "memory", "blocks");
     for s in &report["steps"].as_array().cloned().unwrap_or_default() {
-        println!(
+        out!(
             "{:>14}  {:>14}  {:>7}",
-            s["budget_bytes"], s["memory_bytes"], s["blocks"]
+            s["budget_bytes"],
+            s["memory_bytes"],
+            s["blocks"]
         );
     }
     Ok(())
@@ -276,7 +278,7 @@ pub fn plan(path: &Path, budget: &str, as_json: bool) -> Result<()> {
         .map(|m| (file.matrix_name(m).to_string(), json!(plan.per_matrix[m])))
         .collect();
     if as_json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "budget_bytes": budget,
@@ -287,7 +289,7 @@ pub fn plan(path: &Path, budget: &str, as_json: bool) -> Result<()> {
         );
         return Ok(());
     }
-    println!(
+    out!(
         "budget {} bytes ({}): {} blocks, memory {} bytes ({})",
         budget,
         format_size(budget),
@@ -296,7 +298,7 @@ pub fn plan(path: &Path, budget: &str, as_json: bool) -> Result<()> {
         format_size(plan.memory_bytes)
     );
     for (name, count) in per_matrix {
-        println!("  {count:>3}  {name}");
+        out!("  {count:>3}  {name}");
     }
     Ok(())
 }
@@ -309,7 +311,7 @@ pub fn export(path: &Path, budget: &str, output: &Path) -> Result<()> {
         .export_hf(output)
         .with_context(|| format!("exporting to {}", output.display()))?;
     let plan = stack.plan();
-    println!(
+    out!(
         "exported {} blocks ({} of memory) to {}",
         plan.blocks_loaded,
         format_size(plan.memory_bytes),

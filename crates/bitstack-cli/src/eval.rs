@@ -211,7 +211,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             seconds,
         };
         if !quiet {
-            println!(
+            out!(
                 "{:>14} {:>10}  {:>6} blocks  ppl {:.4}",
                 p.memory_bytes,
                 format_size(p.memory_bytes),
@@ -237,16 +237,16 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         );
         write_curve_svg(path, &title, &[("bitstack", &points)], reference)?;
         if !quiet {
-            println!("plot written to {}", path.display());
+            out!("plot written to {}", path.display());
         }
     }
     if args.csv {
-        println!("memory_bytes,blocks,ppl");
+        out!("memory_bytes,blocks,ppl");
         if let Some(o) = &original {
-            println!("{},original,{}", o.memory_bytes, o.ppl);
+            out!("{},original,{}", o.memory_bytes, o.ppl);
         }
         for p in &rows {
-            println!("{},{},{}", p.memory_bytes, p.blocks.unwrap_or(0), p.ppl);
+            out!("{},{},{}", p.memory_bytes, p.blocks.unwrap_or(0), p.ppl);
         }
     } else if args.json {
         let out = json!({
@@ -255,9 +255,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             "original": original.as_ref().map(Point::json),
             "rows": rows.iter().map(Point::json).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        out!("{}", serde_json::to_string_pretty(&out)?);
     } else if let Some(o) = &original {
-        println!(
+        out!(
             "original: {} ({}) ppl {:.4}",
             o.memory_bytes,
             format_size(o.memory_bytes),
@@ -269,9 +269,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
 
 fn print_point(p: &Point, as_json: bool) -> Result<()> {
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&p.json())?);
+        out!("{}", serde_json::to_string_pretty(&p.json())?);
     } else {
-        println!(
+        out!(
             "perplexity {:.4} over {} windows ({} predicted tokens) at {} bytes ({}){}; {:.0} tokens/s",
             p.ppl,
             p.windows,
@@ -364,7 +364,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         return Err(e.into());
     }
     let seconds = t.elapsed().as_secs_f64();
-    println!();
+    out!();
     let decode_tokens = generated.len().saturating_sub(1) as f64;
     let decode_seconds = seconds - first_token.unwrap_or(0.0);
     eprintln!(

@@ -241,3 +241,118 @@ fn include_glob_stacks_any_tensor() {
     let info = json(&["inspect", out.to_str().unwrap(), "--json"]);
     assert_eq!(info["matrices"], 12);
 }
+
+/// Copies the tiny model into `dir`, letting `edit` change the files.
+fn tiny_copy(dir: &Path, skip: &[&str]) -> PathBuf {
+    let out = dir.join("model");
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(tiny()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if !skip.contains(&name.as_str()) {
+            std::fs::copy(&path, out.join(&name)).unwrap();
+        }
+    }
+    out
+}
+
+#[test]
+fn unsupported_architecture_suggests_include() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_copy(dir.path(), &[]);
+    let config = std::fs::read_to_string(model.join("config.json")).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        config.replace("Qwen2ForCausalLM", "BertModel"),
+    )
+    .unwrap();
+    let out = dir.path().join("x.bitstack");
+    let e = fails(&[
+        "compress",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-calibration",
+    ]);
+    assert!(e.contains("BertModel") && e.contains("--include"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn missing_tokenizer_and_calibration_text_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_copy(dir.path(), &["tokenizer.json"]);
+    let out = dir.path().join("x.bitstack");
+    let calib = root().join("fixtures/data/calib.txt");
+    let e = fails(&[
+        "compress",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+    ]);
+    assert!(e.contains("tokenizer.json"), "{e}");
+    // Without --calib the calibrated mode explains what it needs.
+    let e = fails(&[
+        "compress",
+        tiny().to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(e.contains("--calib"), "{e}");
+    // A calibration text too short for the windows asked for.
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "fn main() {}").unwrap();
+    let e = fails(&[
+        "compress",
+        tiny().to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        short.to_str().unwrap(),
+    ]);
+    assert!(e.contains("short.txt") && e.contains("windows"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn non_finite_weights_are_refused() {
+    use safetensors::tensor::TensorView;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_copy(dir.path(), &["model.safetensors"]);
+    let original = std::fs::read(tiny().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&original).unwrap();
+    let target = "model.layers.1.mlp.up_proj.weight";
+    let mut poisoned = st.tensor(target).unwrap().data().to_vec();
+    // f16 NaN at element 7.
+    poisoned[14..16].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    let mut views = Vec::new();
+    for (name, view) in st.tensors() {
+        let data: &[u8] = if name == target {
+            &poisoned
+        } else {
+            view.data()
+        };
+        views.push((
+            name.clone(),
+            TensorView::new(view.dtype(), view.shape().to_vec(), data).unwrap(),
+        ));
+    }
+    let bytes = safetensors::serialize(views, None).unwrap();
+    std::fs::write(model.join("model.safetensors"), bytes).unwrap();
+    let out = dir.path().join("x.bitstack");
+    let e = fails(&[
+        "compress",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-calibration",
+        "--k",
+        "1",
+        "--niter",
+        "1",
+    ]);
+    assert!(e.contains(target) && e.contains("non-finite"), "{e}");
+    assert!(!out.exists());
+}
