@@ -308,16 +308,49 @@ pub struct GenerateArgs {
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Change the budget while generating: `TOKEN:SIZE,...` (e.g. `0:6MB,20:4.7MB,40:11MB`);
+    /// each change is applied between two tokens and reports the bytes moved.
+    #[arg(long, value_name = "SCHEDULE")]
+    pub budget_schedule: Option<String>,
+}
+
+/// Parses `TOKEN:SIZE,...` into sorted (token index, bytes) pairs.
+fn parse_schedule(text: &str) -> Result<Vec<(usize, u64)>> {
+    let mut steps = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some((at, size)) = item.split_once(':') else {
+            bail!("--budget-schedule: {item:?} is not TOKEN:SIZE (example: 0:6MB,20:4.7MB)");
+        };
+        let at: usize = at
+            .trim()
+            .parse()
+            .with_context(|| format!("--budget-schedule: token index in {item:?}"))?;
+        steps.push((at, parse_size(size).context("--budget-schedule")?));
+    }
+    steps.sort_by_key(|s| s.0);
+    Ok(steps)
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
     let file = Arc::new(
         StackFile::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?,
     );
-    let budget = match &args.budget {
-        Some(b) => parse_size(b).context("--budget")?,
-        None => file.layout().max_memory(),
+    let mut schedule = match &args.budget_schedule {
+        Some(text) => parse_schedule(text)?,
+        None => Vec::new(),
     };
+    let budget = match (&args.budget, schedule.first()) {
+        (Some(b), _) => parse_size(b).context("--budget")?,
+        (None, Some(&(0, b))) => b,
+        _ => file.layout().max_memory(),
+    };
+    if schedule.first().is_some_and(|s| s.0 == 0) {
+        schedule.remove(0);
+    }
+    // Check every scheduled budget before starting.
+    for &(_, b) in &schedule {
+        file.layout().plan_for_budget(b)?;
+    }
     let stack = Arc::new(LoadedStack::load(file, budget)?);
     let model = model_of(&stack)?;
     let tokenizer = tokenizer_of(&stack)?;
@@ -342,11 +375,35 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let t = Instant::now();
     let mut first_token: Option<f64> = None;
     let mut write_error = None;
+    let mut resize_error = None;
+    let mut next_change = 0usize;
     model.generate(&prompt, args.max_tokens, &mut sampler, &eos, &mut |token| {
         if first_token.is_none() {
             first_token = Some(t.elapsed().as_secs_f64());
         }
         generated.push(token);
+        // Budget changes take effect before the next token is computed.
+        while let Some(&(at, budget)) = schedule.get(next_change) {
+            if at > generated.len() {
+                break;
+            }
+            next_change += 1;
+            match stack.resize(budget) {
+                Ok(r) => eprint!(
+                    "\n[token {}: budget {} -> {} blocks, {} bytes; read {} bytes, freed {} bytes]\n",
+                    generated.len(),
+                    format_size(budget),
+                    r.plan.blocks_loaded,
+                    r.plan.memory_bytes,
+                    r.bytes_read,
+                    r.bytes_freed
+                ),
+                Err(e) => {
+                    resize_error = Some(e);
+                    return false;
+                }
+            }
+        }
         // Print the text decoded so far past what was printed (multi-byte safe).
         if let Ok(text) = tokenizer.decode(&generated, true) {
             if text.len() > printed && text.is_char_boundary(printed) && !text.ends_with('\u{FFFD}')
@@ -361,6 +418,9 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         true
     })?;
     if let Some(e) = write_error {
+        return Err(e.into());
+    }
+    if let Some(e) = resize_error {
         return Err(e.into());
     }
     let seconds = t.elapsed().as_secs_f64();
