@@ -12,12 +12,14 @@
 //! | packed ±1 matrices and kernels | `bitstack-bits` | [`bits`] |
 //! | AVD decomposition | `bitstack-decompose` | [`decompose`] |
 //! | scoring, stack, budgets | `bitstack-order` | [`order`] |
-//! | the container | `bitstack-format` | [`format`] |
+//! | the container | `bitstack-format` | [`format`](mod@crate::format) |
 //! | budgeted, resizable runtime | `bitstack-runtime` | [`runtime`] |
 //! | transformer forward pass (feature `model`) | `bitstack-model` | `model` |
 //!
-//! Pipelines: [`checkpoint`] (reading Hugging Face checkpoints), [`compress`](mod@compress)
-//! (checkpoint → container).
+//! Pipelines: [`checkpoint`] (reading Hugging Face checkpoints), [`select`] (which tensors are
+//! stacked, in module order), [`compress`](mod@compress) (checkpoint → container, data-free
+//! ordering), `calibrate` (the paper's activation-aware scaling and perplexity scorer,
+//! feature `model`), `engine` (a loaded stack as a transformer, feature `model`).
 //!
 //! ## Feature flags
 //! - `model` (default): the Llama/Mistral/Qwen2 forward pass, for calibration, perplexity,
