@@ -297,8 +297,8 @@ pub fn plan(path: &Path, budget: &str, as_json: bool) -> Result<()> {
         plan.memory_bytes,
         format_size(plan.memory_bytes)
     );
-    for (name, count) in per_matrix {
-        out!("  {count:>3}  {name}");
+    for m in 0..file.matrix_count() {
+        out!("  {:>3}  {}", plan.per_matrix[m], file.matrix_name(m));
     }
     Ok(())
 }
