@@ -28,14 +28,11 @@ impl TextTokenizer {
                 message: "file not found".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer {
+        let bytes = std::fs::read(path).map_err(|e| ModelError::Tokenizer {
             path: path.to_owned(),
-            message: format!("cannot parse: {e}"),
+            message: format!("cannot read: {e}"),
         })?;
-        Ok(Self {
-            inner,
-            path: path.to_owned(),
-        })
+        Self::from_bytes(&bytes, path)
     }
 
     /// Parses the bytes of a `tokenizer.json` (e.g. one carried inside a container);
