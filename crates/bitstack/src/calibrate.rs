@@ -75,7 +75,6 @@ fn site_index(site: Site) -> usize {
 /// grouped-query-attention exception (o_proj is scaled only if v_proj and o_proj have the same
 /// shape).
 pub fn scaling_reparametrisation(
-    config: &ModelConfig,
     checkpoint: &Checkpoint,
     scales: &[[Vec<f32>; 4]],
 ) -> Result<Reparametrisation, Error> {
@@ -97,7 +96,6 @@ pub fn scaling_reparametrisation(
         if v_shape == o_shape {
             add_cols(LinearSlot::OProj.weight_name(l), o_in);
         }
-        let _ = config;
         r.vector_divisors.insert(
             format!("model.layers.{l}.input_layernorm.weight"),
             attn.clone(),
@@ -413,7 +411,7 @@ pub fn compress_calibrated(
     let scales = activation_scales(&original, &refs, progress)?;
     drop(original);
     let mut options = options.clone();
-    options.reparametrisation = scaling_reparametrisation(&config, &checkpoint, &scales)?;
+    options.reparametrisation = scaling_reparametrisation(&checkpoint, &scales)?;
     stages.push(("calibrate".to_string(), t.elapsed()));
 
     let t = Instant::now();
