@@ -320,12 +320,9 @@ pub fn write_container(
     metadata: BTreeMap<String, serde_json::Value>,
     out: &Path,
 ) -> Result<StackLayout, Error> {
-    let layout = StackLayout::new(
-        0,
-        decomposed.block_bytes(),
-        order.to_vec(),
-        decomposed.names.len(),
-    )?;
+    let block_bytes = decomposed.block_bytes();
+    let mandatory = decomposed.names.len();
+    let mut fixed_bytes = 0u64;
     let mut writer = ContainerWriter::new(metadata);
     for file in AUX_FILES {
         if let Some(bytes) = checkpoint.read_file(file)? {
@@ -360,6 +357,7 @@ pub fn write_container(
             };
             (dtype, raw.to_vec())
         };
+        fixed_bytes += bytes.len() as u64;
         writer.add_fixed(name, dtype, info.shape.clone(), bytes, info.dtype.name())?;
     }
     for (i, name) in decomposed.names.iter().enumerate() {
@@ -395,7 +393,9 @@ pub fn write_container(
             ],
         )?;
     }
-    writer.set_mandatory_blocks(decomposed.names.len());
+    writer.set_mandatory_blocks(mandatory);
+    // The layout is checked before anything is written.
+    let layout = StackLayout::new(fixed_bytes, block_bytes, order.to_vec(), mandatory)?;
     writer.write_atomic(out)?;
     Ok(layout)
 }
@@ -472,12 +472,11 @@ pub fn finish(
     let layout = write_container(checkpoint, decomposed, order, options, metadata, out)?;
     stages.push(("write".to_string(), t.elapsed()));
     let file_bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
-    let fixed = crate::StackFile::open(out)?.layout().fixed_bytes();
     Ok(CompressSummary {
         matrices,
         blocks: order.len(),
-        min_memory_bytes: layout.min_memory() + fixed,
-        max_memory_bytes: layout.max_memory() + fixed,
+        min_memory_bytes: layout.min_memory(),
+        max_memory_bytes: layout.max_memory(),
         file_bytes,
         stage_seconds: stages
             .into_iter()
