@@ -8,6 +8,7 @@ use bitstack::calibrate::{compress_calibrated, CalibrationOptions};
 use bitstack::compress::{compress as run_compress, CompressOptions};
 use bitstack::decompose::SvdMethod;
 use bitstack::order::{format_size, parse_size};
+use bitstack::resume::Checkpointing;
 use bitstack::{LoadedStack, StackFile};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -69,6 +70,10 @@ pub struct CompressArgs {
     /// Seed of the randomized SVD.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Continue an interrupted run from its progress in `<OUTPUT>.partial/` (same model and
+    /// options); the result is byte-identical to an uninterrupted run.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// Scoring windows used by default (docs/DEFAULTS.md).
@@ -89,6 +94,12 @@ pub fn compress(args: CompressArgs) -> Result<()> {
         SvdChoice::Exact => SvdMethod::Exact,
     };
     options.include = args.include;
+    options.checkpointing = if args.resume {
+        Checkpointing::Resume
+    } else {
+        Checkpointing::Fresh
+    };
+    let partial = bitstack::resume::progress_dir(&args.output);
     let bars = Bars::new();
     let progress = |e: bitstack::compress::Progress<'_>| bars.handle(e);
     let summary = if args.no_calibration {
@@ -120,8 +131,25 @@ pub fn compress(args: CompressArgs) -> Result<()> {
             &progress,
         )
     }
-    .with_context(|| format!("compressing {}", args.model_dir.display()))?;
+    .with_context(|| {
+        if partial.join("run.json").exists() {
+            format!(
+                "compressing {} (finished work is kept in {}: run the same command with \
+                 --resume to continue)",
+                args.model_dir.display(),
+                partial.display()
+            )
+        } else {
+            format!("compressing {}", args.model_dir.display())
+        }
+    })?;
     bars.finish();
+    if summary.reused > 0 {
+        out!(
+            "resumed: {} finished units (matrices, levels) taken from the interrupted run",
+            summary.reused
+        );
+    }
     out!(
         "wrote {} ({}): {} matrices, {} blocks, memory {} .. {}",
         args.output.display(),

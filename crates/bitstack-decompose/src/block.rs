@@ -130,6 +130,39 @@ impl AvdBlock {
         }
     }
 
+    /// `tile += rows row0.. of S ⊙ (u v)` for a row-major tile of `tile.len() / cols` rows:
+    /// a piece of the dense block, for batch products that never hold the whole `Ŵ`.
+    ///
+    /// # Panics
+    /// If the tile is not whole rows or reaches past the last row.
+    pub fn add_rows_to_dense(&self, row0: usize, tile: &mut [f32]) {
+        let (m, n, k) = (self.rows(), self.cols(), self.k);
+        if n == 0 {
+            return;
+        }
+        let rows = tile.len() / n;
+        assert!(
+            tile.len().is_multiple_of(n) && row0 + rows <= m,
+            "add_rows_to_dense: rows {row0}..{} of a {m}×{n} block",
+            row0 + rows
+        );
+        let v = widen(&self.v);
+        let bits = self.signs.as_bytes();
+        let mut prod = vec![0.0f32; n];
+        let mut u_row = vec![0.0f32; k];
+        for (ii, row) in tile.chunks_mut(n).enumerate() {
+            let i = row0 + ii;
+            for (o, h) in u_row.iter_mut().zip(&self.u[i * k..(i + 1) * k]) {
+                *o = h.to_f32();
+            }
+            row_product(&u_row, &v, n, &mut prod);
+            let base = i * n;
+            for (j, (out, p)) in row.iter_mut().zip(prod.iter()).enumerate() {
+                *out += if sign_bit(bits, base + j) { *p } else { -*p };
+            }
+        }
+    }
+
     /// `y += (S ⊙ (u v)) x` without building the dense block:
     /// `Σ_r u[:, r] ⊙ (S · (v[r, :]ᵀ ⊙ x))`, with the `k` sign products done by
     /// [`SignMatrixRef::sign_matmul_lut`].

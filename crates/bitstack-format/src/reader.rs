@@ -129,6 +129,22 @@ impl Container {
         Self::parse(name, Storage::Mapped(map))
     }
 
+    /// Gives back this process's resident pages of the file map (the kernel keeps them in
+    /// its page cache; a later read faults them in again). Callers that copy what they need
+    /// (the runtime copies loaded blocks and fixed tensors) call this so that the map does
+    /// not count against their memory budget. No effect on in-memory containers or off Unix.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Storage::Mapped(map) = &self.storage {
+            // SAFETY: `DontNeed` on this read-only file mapping only discards the process's
+            // page-table entries; the next access reads the same bytes back from the file
+            // (the file is never modified while open, see `open`), so every slice handed out
+            // from the map keeps its contents. Errors (e.g. an unsupported platform) leave
+            // the pages resident, which is harmless.
+            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     /// Reads a container from bytes in memory (a `Vec<u8>`, `Box<[u8]>` or `Arc<[u8]>`),
     /// with the same validation as [`open`](Self::open). Errors name the file `<memory>`.
     pub fn from_bytes(bytes: impl Into<Arc<[u8]>>) -> Result<Self, FormatError> {

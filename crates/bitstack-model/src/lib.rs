@@ -45,6 +45,7 @@ mod attention;
 mod config;
 mod error;
 mod fastmath;
+mod half16;
 mod linear;
 mod model;
 mod rope;
@@ -54,6 +55,7 @@ mod tokenizer;
 
 pub use config::{Architecture, ModelConfig, RopeScaling, SUPPORTED_ARCHITECTURES};
 pub use error::ModelError;
+pub use half16::{HalfKind, HalfLinear, HalfMatrix};
 pub use linear::{dense_forward, matvec, DenseLinear, Linear};
 pub use model::{CausalLm, KvCache, LinearChooser, LinearSlot, Observer, Perplexity, Site};
 pub use sampler::{argmax, Sampler, SplitMix64};

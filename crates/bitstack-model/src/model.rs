@@ -6,6 +6,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::attention::{attention, AttnShape};
+use crate::half16::{HalfLinear, HalfMatrix};
 use crate::rope::Rope;
 use crate::{DenseLinear, Linear, ModelConfig, ModelError, SafetensorsDir, TensorSource};
 
@@ -106,7 +107,7 @@ impl LinearSlot {
         self as usize
     }
 
-    fn has_bias(self, cfg: &ModelConfig) -> bool {
+    pub(crate) fn has_bias(self, cfg: &ModelConfig) -> bool {
         match self {
             Self::QProj | Self::KProj | Self::VProj => cfg.qkv_bias,
             Self::OProj => cfg.o_bias,
@@ -255,7 +256,7 @@ pub struct Perplexity {
 /// Every projection is an `Arc<dyn Linear>`, replaceable with [`set_linear`](Self::set_linear).
 pub struct CausalLm {
     config: ModelConfig,
-    embed: Vec<f32>,
+    embed: Embedding,
     layers: Vec<DecoderLayer>,
     final_norm: Vec<f32>,
     lm_head: Arc<dyn Linear>,
@@ -267,6 +268,29 @@ impl std::fmt::Debug for CausalLm {
         f.debug_struct("CausalLm")
             .field("config", &self.config)
             .finish_non_exhaustive()
+    }
+}
+
+/// The token embedding table: f32, or 16-bit shared with the source (widened per row).
+enum Embedding {
+    F32(Vec<f32>),
+    Half(HalfMatrix),
+}
+
+impl Embedding {
+    fn load(source: &dyn TensorSource, name: &str, shape: [usize; 2]) -> Result<Self, ModelError> {
+        match source.tensor_half(name) {
+            Some(m) if [m.rows(), m.cols()] == shape => Ok(Self::Half(m)),
+            _ => Ok(Self::F32(load_vec(source, name, &shape)?)),
+        }
+    }
+
+    /// The embedding as the tied `lm_head`.
+    fn as_linear(&self, rows: usize, cols: usize) -> Result<Arc<dyn Linear>, ModelError> {
+        Ok(match self {
+            Self::F32(w) => Arc::new(DenseLinear::new(w.clone(), rows, cols)?),
+            Self::Half(m) => Arc::new(HalfLinear::new(m.clone())),
+        })
     }
 }
 
@@ -322,7 +346,7 @@ impl CausalLm {
             .validate()
             .map_err(|m| ModelError::config("<config>", m))?;
         let h = config.hidden_size;
-        let embed = load_vec(source, "model.embed_tokens.weight", &[config.vocab_size, h])?;
+        let embed = Embedding::load(source, "model.embed_tokens.weight", [config.vocab_size, h])?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
             let input_norm = load_vec(
@@ -378,14 +402,15 @@ impl CausalLm {
                 check_linear("lm_head.weight", lin.as_ref(), head_shape)?;
                 lin
             }
-            None if config.tie_word_embeddings => {
-                Arc::new(DenseLinear::new(embed.clone(), config.vocab_size, h)?)
-            }
-            None => Arc::new(DenseLinear::new(
-                load_vec(source, "lm_head.weight", &head_shape)?,
-                config.vocab_size,
-                h,
-            )?),
+            None if config.tie_word_embeddings => embed.as_linear(config.vocab_size, h)?,
+            None => match source.tensor_half("lm_head.weight") {
+                Some(m) if [m.rows(), m.cols()] == head_shape => Arc::new(HalfLinear::new(m)),
+                _ => Arc::new(DenseLinear::new(
+                    load_vec(source, "lm_head.weight", &head_shape)?,
+                    config.vocab_size,
+                    h,
+                )?),
+            },
         };
         let rope = Rope::new(&config);
         Ok(Self {
@@ -479,14 +504,20 @@ impl CausalLm {
         out.reserve(tokens.len() * h);
         for &t in tokens {
             let i = t as usize;
-            let row = self
-                .embed
-                .get(i * h..(i + 1) * h)
-                .ok_or(ModelError::TokenOutOfRange {
+            if i >= self.config.vocab_size {
+                return Err(ModelError::TokenOutOfRange {
                     token: t,
                     vocab_size: self.config.vocab_size,
-                })?;
-            out.extend_from_slice(row);
+                });
+            }
+            match &self.embed {
+                Embedding::F32(w) => out.extend_from_slice(&w[i * h..(i + 1) * h]),
+                Embedding::Half(m) => {
+                    let at = out.len();
+                    out.resize(at + h, 0.0);
+                    m.rows_into(i, &mut out[at..]);
+                }
+            }
         }
         Ok(())
     }

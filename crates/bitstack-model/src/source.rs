@@ -22,6 +22,13 @@ pub trait TensorSource {
     fn contains(&self, name: &str) -> bool;
     /// All tensor names, sorted.
     fn names(&self) -> Vec<String>;
+    /// The tensor `name` as a 2-D 16-bit matrix shared with the source, when the source holds
+    /// it that way (then the model keeps it at 2 bytes per value instead of widening it to
+    /// f32). `None` (the default): use [`tensor_f32`](Self::tensor_f32).
+    fn tensor_half(&self, name: &str) -> Option<crate::HalfMatrix> {
+        let _ = name;
+        None
+    }
 }
 
 #[derive(Debug, Clone)]

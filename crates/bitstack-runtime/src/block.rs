@@ -85,6 +85,13 @@ impl Block {
         }
     }
 
+    /// `tile += rows row0.. of Δ` (a row-major tile of whole rows).
+    pub fn add_rows_to_dense(&self, row0: usize, tile: &mut [f32]) {
+        match self {
+            Block::Avd(b) => b.add_rows_to_dense(row0, tile),
+        }
+    }
+
     /// `y += Δ x`, computed from the packed representation.
     pub fn matvec_add(&self, x: &[f32], y: &mut [f32]) {
         match self {

@@ -89,7 +89,7 @@ impl LoadedStack {
                 t.to_f32(),
                 t.dtype == t.original_dtype,
             ) {
-                (_, _, true) | (None, _, _) | (_, None, _) => (t.bytes.clone(), t.dtype.as_str()),
+                (_, _, true) | (None, _, _) | (_, None, _) => (t.bytes.to_vec(), t.dtype.as_str()),
                 (Some(d), Some(values), false) => (d.encode(&values), t.original_dtype.as_str()),
             };
             let dtype = match bytes.1 {

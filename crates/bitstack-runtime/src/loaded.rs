@@ -22,8 +22,8 @@ pub struct FixedTensor {
     pub original_dtype: String,
     /// Shape.
     pub shape: Vec<usize>,
-    /// Little-endian bytes.
-    pub bytes: Vec<u8>,
+    /// Little-endian bytes (shared: a model built on this stack may hold them too).
+    pub bytes: Arc<[u8]>,
 }
 
 impl FixedTensor {
@@ -135,7 +135,7 @@ impl LoadedStack {
                     dtype: tensor.dtype.name().to_string(),
                     original_dtype: entry.original_dtype.clone(),
                     shape: tensor.shape.to_vec(),
-                    bytes: tensor.bytes.to_vec(),
+                    bytes: Arc::from(tensor.bytes),
                 },
             );
         }
@@ -229,6 +229,9 @@ impl LoadedStack {
                     report.blocks_read += 1;
                     fresh.push(Arc::new(block));
                 }
+                // The blocks are owned copies now: give back the map's pages at once, so that
+                // loading never holds a block twice.
+                self.file.container().release_pages();
                 let added: u64 = fresh.iter().map(|b| b.byte_size()).sum();
                 let mut blocks = self.matrices[m].write().unwrap_or_else(|e| e.into_inner());
                 blocks.extend(fresh);
@@ -250,6 +253,8 @@ impl LoadedStack {
             .fetch_add(report.bytes_read, Ordering::Relaxed);
         self.bytes_freed
             .fetch_add(report.bytes_freed, Ordering::Relaxed);
+        // What was read is owned now: the file map's pages need not stay resident.
+        self.file.container().release_pages();
         Ok(report)
     }
 
@@ -312,25 +317,76 @@ impl LoadedStack {
 
     /// `Y = X Ŵᵀ` for `tokens` row vectors `X` (`tokens × cols`, row-major) into `Y`
     /// (`tokens × rows`). One token goes through [`LoadedStack::matvec`]; more tokens rebuild
-    /// `Ŵ` and use a dense GEMM.
+    /// `Ŵ` one tile of rows at a time (about 1 MB, one per thread) and multiply each tile
+    /// with a dense GEMM: the dense `Ŵ` is never held whole.
     ///
     /// # Panics
     /// If the slice lengths do not match the shapes.
     pub fn matmul(&self, m: usize, x: &[f32], tokens: usize, y: &mut [f32]) {
+        let cols = self.file.shape(m).1.max(1);
+        self.matmul_tiled(m, x, tokens, y, (TILE_FLOATS / cols).max(8));
+    }
+
+    /// [`LoadedStack::matmul`] with `tile_rows` rows per tile (for tests and benchmarks).
+    ///
+    /// # Panics
+    /// If the slice lengths do not match the shapes or `tile_rows == 0`.
+    pub fn matmul_tiled(
+        &self,
+        m: usize,
+        x: &[f32],
+        tokens: usize,
+        y: &mut [f32],
+        tile_rows: usize,
+    ) {
         let (rows, cols) = self.file.shape(m);
         assert!(
-            x.len() == tokens * cols && y.len() == tokens * rows,
+            x.len() == tokens * cols && y.len() == tokens * rows && tile_rows > 0,
             "matmul: wrong lengths"
         );
         if tokens == 1 {
             return self.matvec(m, x, y);
         }
-        let w = self.reconstruct_f32(m);
-        let wt = MatRef::from_row_major_slice(&w, rows, cols).transpose();
+        let blocks = self.read_blocks(m);
         let xm = MatRef::from_row_major_slice(x, tokens, cols);
         let ym = MatMut::from_row_major_slice_mut(y, tokens, rows);
-        matmul(ym, Accum::Replace, xm, wt, 1.0f32, Par::rayon(0));
+        let leaf = |row0: usize, out: MatMut<'_, f32>| {
+            let n = out.ncols();
+            let mut tile = vec![0.0f32; n * cols];
+            for block in blocks.iter() {
+                block.add_rows_to_dense(row0, &mut tile);
+            }
+            let wt = MatRef::from_row_major_slice(&tile, n, cols).transpose();
+            matmul(out, Accum::Replace, xm, wt, 1.0f32, Par::Seq);
+        };
+        for_each_column_tile(ym, 0, tile_rows, &leaf);
     }
+}
+
+/// f32 values in one tile of the batch product (1 MB).
+const TILE_FLOATS: usize = 1 << 18;
+
+/// Splits `y`'s columns into tiles of `tile` columns and runs `leaf(first column, tile)` on
+/// each, tiles in parallel.
+fn for_each_column_tile(
+    y: MatMut<'_, f32>,
+    col0: usize,
+    tile: usize,
+    leaf: &(dyn Fn(usize, MatMut<'_, f32>) + Sync),
+) {
+    let n = y.ncols();
+    if n <= tile {
+        if n > 0 {
+            leaf(col0, y);
+        }
+        return;
+    }
+    let mid = (n.div_ceil(tile) / 2).max(1) * tile;
+    let (a, b) = y.split_at_col_mut(mid);
+    rayon::join(
+        || for_each_column_tile(a, col0, tile, leaf),
+        || for_each_column_tile(b, col0 + mid, tile, leaf),
+    );
 }
 
 fn check_available(file: &StackFile, budget: u64) -> Result<(), RuntimeError> {

@@ -189,6 +189,19 @@ fn reconstruction_and_products_agree() {
         for i in 0..tokens * rows {
             assert!((yb[i] - want[i]).abs() <= 1e-4 * scale, "matmul {i}");
         }
+        // Tiled batch products: every tile size, including ones that do not divide rows.
+        for tile in [1, 3, 5, 7, rows - 1, rows, rows + 9] {
+            let mut yt = vec![f32::NAN; tokens * rows];
+            stack.matmul_tiled(m, &x, tokens, &mut yt, tile);
+            for i in 0..tokens * rows {
+                assert!(
+                    (yt[i] - want[i]).abs() <= 1e-4 * scale,
+                    "matmul tile {tile}, {i}: {} vs {}",
+                    yt[i],
+                    want[i]
+                );
+            }
+        }
     }
 }
 
@@ -272,4 +285,71 @@ fn export_round_trip() {
     }
     let norm = st.tensor("model.norm.weight").unwrap();
     assert_eq!(norm.shape(), &[8]);
+}
+
+/// A forward thread and a resizing thread: every read of a matrix sees it entirely before
+/// or entirely after a change (never a partly applied block list), and the counters add up.
+#[test]
+fn resize_while_reading_never_tears() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.bitstack");
+    let built = build(&path);
+    let file = Arc::new(StackFile::open(&path).unwrap());
+    let layout = file.layout().clone();
+    // Plans [1, 1], [3, 2], [4, 4]: a torn update of matrix 0 would show 2 blocks.
+    let budgets = [
+        layout.min_memory(),
+        layout.memory_of_prefix(5),
+        layout.max_memory(),
+    ];
+    let valid: Vec<Vec<Vec<f32>>> = (0..built.shapes.len())
+        .map(|m| {
+            budgets
+                .iter()
+                .map(|&b| {
+                    LoadedStack::load(file.clone(), b)
+                        .unwrap()
+                        .reconstruct_f32(m)
+                })
+                .collect()
+        })
+        .collect();
+    let stack = Arc::new(LoadedStack::load(file.clone(), budgets[0]).unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stack, stop) = (stack.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || reads < 100 {
+                for (m, states) in valid.iter().enumerate() {
+                    let w = stack.reconstruct_f32(m);
+                    assert!(
+                        states.contains(&w),
+                        "matrix {m} read in a state no plan has (torn update)"
+                    );
+                    reads += 1;
+                }
+            }
+            reads
+        })
+    };
+    let mut moved = 0;
+    for i in 0..300 {
+        let r = stack.resize(budgets[i % 3]).unwrap();
+        moved += r.bytes_read;
+        assert_eq!(stack.resident_bytes(), r.plan.memory_bytes);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().unwrap();
+    assert!(reads >= 100);
+    let c = stack.counters();
+    let initial = budgets[0] - layout.fixed_bytes();
+    assert_eq!(c.bytes_read, initial + moved);
+    // 100 cycles min → a → max → min: each reads exactly max − min.
+    assert_eq!(moved, 100 * (budgets[2] - budgets[0]));
+    assert_eq!(
+        c.bytes_read - c.bytes_freed,
+        c.resident_block_bytes,
+        "read − freed = resident"
+    );
 }

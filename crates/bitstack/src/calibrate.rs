@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::{from_f32, to_f32, Checkpoint, SourceDtype};
 use crate::compress::{Decomposed, Progress, Reparametrisation};
+use crate::resume::Checkpointer;
 use crate::Error;
 
 /// Per layer, per site (in [`Site::ALL`] order): `s_j = mean over windows of the L2 norm over
@@ -390,6 +391,19 @@ pub fn compress_calibrated(
     let config = ModelConfig::from_file(model_dir.join("config.json"))?;
     let tokenizer = bitstack_model::TextTokenizer::from_model_dir(model_dir)?;
     let mut stages = Vec::new();
+    let run = crate::compress::run_description(
+        &checkpoint,
+        &names,
+        options,
+        serde_json::json!({
+            "calib_text": text_identity(&calibration.calib_text),
+            "calib_windows": calibration.calib_windows,
+            "score_text": text_identity(&calibration.score_text),
+            "score_windows": calibration.score_windows,
+            "seq": calibration.seq,
+        }),
+    )?;
+    let resume = Checkpointer::open(out, options.checkpointing, &run)?;
 
     let t = Instant::now();
     let calib = read_windows(
@@ -406,17 +420,35 @@ pub fn compress_calibrated(
         calibration.score_windows,
         "scoring",
     )?;
-    let original = CausalLm::load(model_dir)?;
-    let refs: Vec<&[u32]> = calib.iter().map(Vec::as_slice).collect();
-    let scales = activation_scales(&original, &refs, progress)?;
-    drop(original);
+    let saved = resume
+        .as_ref()
+        .and_then(|r| r.load_vectors("scales"))
+        .and_then(|flat| unflatten_scales(flat, config.num_layers));
+    let scales = match saved {
+        Some(scales) => scales,
+        None => {
+            let original = CausalLm::load(model_dir)?;
+            let refs: Vec<&[u32]> = calib.iter().map(Vec::as_slice).collect();
+            let scales = activation_scales(&original, &refs, progress)?;
+            if let Some(r) = &resume {
+                let flat: Vec<Vec<f32>> = scales.iter().flat_map(|s| s.iter().cloned()).collect();
+                r.save_vectors("scales", &flat)?;
+            }
+            scales
+        }
+    };
     let mut options = options.clone();
     options.reparametrisation = scaling_reparametrisation(&checkpoint, &scales)?;
     stages.push(("calibrate".to_string(), t.elapsed()));
 
     let t = Instant::now();
-    let decomposed =
-        crate::compress::decompose_checkpoint(&checkpoint, &names, &options, progress)?;
+    let decomposed = crate::compress::decompose_checkpoint(
+        &checkpoint,
+        &names,
+        &options,
+        resume.as_ref(),
+        progress,
+    )?;
     stages.push(("decompose".to_string(), t.elapsed()));
 
     let t = Instant::now();
@@ -426,7 +458,16 @@ pub fn compress_calibrated(
     };
     let scaled = CausalLm::from_source(config, &source, &mut |_, _| Ok(None))?;
     let mut scorer = PerplexityScorer::new(scaled, &decomposed, score, progress)?;
-    let order = crate::compress::order_blocks(&decomposed, &mut scorer, progress)?;
+    let order = match &resume {
+        Some(r) => {
+            let mut checkpointed = crate::compress::CheckpointedScorer {
+                inner: &mut scorer,
+                resume: r,
+            };
+            crate::compress::order_blocks(&decomposed, &mut checkpointed, progress)?
+        }
+        None => crate::compress::order_blocks(&decomposed, &mut scorer, progress)?,
+    };
     drop(scorer);
     stages.push(("score".to_string(), t.elapsed()));
 
@@ -440,7 +481,7 @@ pub fn compress_calibrated(
             "seq": calibration.seq,
         }),
     );
-    crate::compress::finish(
+    let summary = crate::compress::finish(
         &checkpoint,
         architecture,
         decomposed,
@@ -449,5 +490,31 @@ pub fn compress_calibrated(
         "perplexity",
         out,
         stages,
-    )
+    )?;
+    let mut summary = summary;
+    if let Some(r) = resume {
+        summary.reused = r.reused();
+        r.finish()?;
+    }
+    Ok(summary)
+}
+
+/// A text file as it enters the run description: its path and length.
+fn text_identity(path: &std::path::Path) -> serde_json::Value {
+    let len = std::fs::metadata(path).map(|m| m.len()).ok();
+    serde_json::json!([
+        std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+        len
+    ])
+}
+
+/// Saved scales (4 vectors per layer) back into per-layer arrays.
+fn unflatten_scales(flat: Vec<Vec<f32>>, layers: usize) -> Option<Vec<[Vec<f32>; 4]>> {
+    if flat.len() != layers * 4 {
+        return None;
+    }
+    let mut it = flat.into_iter();
+    (0..layers)
+        .map(|_| Some([it.next()?, it.next()?, it.next()?, it.next()?]))
+        .collect()
 }

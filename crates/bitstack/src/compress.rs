@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use crate::checkpoint::{Checkpoint, SourceDtype};
+use crate::resume::{Checkpointer, Checkpointing};
 use crate::select::select_matrices;
 use crate::Error;
 
@@ -119,6 +120,8 @@ pub struct CompressOptions {
     pub reparametrisation: Reparametrisation,
     /// Free-form entries added to the container's metadata (e.g. calibration settings).
     pub extra_metadata: BTreeMap<String, serde_json::Value>,
+    /// Checkpointed progress in `<output>.partial/` (see [`crate::resume`]).
+    pub checkpointing: Checkpointing,
 }
 
 impl Default for CompressOptions {
@@ -132,6 +135,7 @@ impl Default for CompressOptions {
             include: Vec::new(),
             reparametrisation: Reparametrisation::default(),
             extra_metadata: BTreeMap::new(),
+            checkpointing: Checkpointing::Off,
         }
     }
 }
@@ -199,6 +203,8 @@ pub struct CompressSummary {
     pub stage_seconds: Vec<(String, f64)>,
     /// Mean relative error over matrices after 1..=niter blocks.
     pub mean_rel_err: Vec<f64>,
+    /// Units of work (matrices, levels, scales) taken from an interrupted run.
+    pub reused: usize,
 }
 
 /// Opens a checkpoint and reads `config.json`'s first architecture, if any.
@@ -215,11 +221,13 @@ pub fn read_architecture(checkpoint: &Checkpoint) -> Result<Option<String>, Erro
     Ok(config["architectures"][0].as_str().map(str::to_string))
 }
 
-/// Decomposes every selected matrix (in parallel over matrices).
+/// Decomposes every selected matrix (in parallel over matrices). With `resume`, matrices
+/// finished by an earlier run are read back and each new one is saved when done.
 pub fn decompose_checkpoint(
     checkpoint: &Checkpoint,
     names: &[String],
     options: &CompressOptions,
+    resume: Option<&Checkpointer>,
     progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<Decomposed, Error> {
     progress(Progress::Stage {
@@ -229,13 +237,24 @@ pub fn decompose_checkpoint(
     let done = AtomicUsize::new(0);
     let results: Vec<(Decomposition, f64)> = names
         .par_iter()
-        .map(|name| {
+        .enumerate()
+        .map(|(index, name)| {
             let info = checkpoint.info(name)?;
             let (rows, cols) = (info.shape[0], info.shape[1]);
-            let w = options.reparametrisation.load(checkpoint, name)?;
-            let norm2: f64 = w.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
-            let d = decompose(&w, rows, cols, &options.avd, None)
-                .map_err(|e| Error::Decompose(format!("{name} [{rows}, {cols}]: {e}")))?;
+            let saved = resume.and_then(|r| r.load_matrix(index, name, rows, cols));
+            let (d, norm2) = match saved {
+                Some(saved) => saved,
+                None => {
+                    let w = options.reparametrisation.load(checkpoint, name)?;
+                    let norm2: f64 = w.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+                    let d = decompose(&w, rows, cols, &options.avd, None)
+                        .map_err(|e| Error::Decompose(format!("{name} [{rows}, {cols}]: {e}")))?;
+                    if let Some(r) = resume {
+                        r.save_matrix(index, name, &d, norm2)?;
+                    }
+                    (d, norm2)
+                }
+            };
             let n = done.fetch_add(1, Ordering::Relaxed) + 1;
             progress(Progress::Step {
                 done: n as u64,
@@ -259,6 +278,68 @@ pub fn decompose_checkpoint(
         squared_norms,
         decompositions,
     })
+}
+
+/// A scorer whose finished levels are saved to (and, on resume, read back from) the
+/// progress directory.
+pub struct CheckpointedScorer<'a> {
+    /// The scorer doing the work.
+    pub inner: &'a mut dyn BlockScorer,
+    /// Where levels are saved.
+    pub resume: &'a Checkpointer,
+}
+
+impl BlockScorer for CheckpointedScorer<'_> {
+    fn score_level(
+        &mut self,
+        level: u32,
+        candidates: &[u32],
+    ) -> Result<Vec<f64>, bitstack_order::ScoreError> {
+        if let Some(scores) = self.resume.load_level(level, candidates) {
+            return Ok(scores);
+        }
+        let scores = self.inner.score_level(level, candidates)?;
+        self.resume
+            .save_level(level, candidates, &scores)
+            .map_err(|e| e.to_string())?;
+        Ok(scores)
+    }
+}
+
+/// What identifies a compression run for `--resume`: the model's files (names and sizes),
+/// the stacked tensors and every option that changes the output.
+pub fn run_description(
+    checkpoint: &Checkpoint,
+    names: &[String],
+    options: &CompressOptions,
+    extra: serde_json::Value,
+) -> Result<serde_json::Value, Error> {
+    let dir = checkpoint.dir();
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.ends_with(".safetensors") || name.ends_with(".json") {
+            let len = entry
+                .metadata()
+                .map_err(|e| Error::io(&entry.path(), e))?
+                .len();
+            files.insert(name, len);
+        }
+    }
+    Ok(json!({
+        "tool": concat!("bitstack ", env!("CARGO_PKG_VERSION")),
+        "model": std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
+        "files": files,
+        "matrices": names,
+        "k": options.avd.k,
+        "niter": options.avd.niter,
+        "svd": format!("{:?}", options.avd.svd),
+        "seed": options.avd.seed,
+        "include": options.include,
+        "threads": rayon::current_num_threads(),
+        "extra": extra,
+    }))
 }
 
 /// Builds the universal stack level by level with `scorer` (ALGORITHM.md §3).
@@ -411,15 +492,17 @@ pub fn compress(
     let checkpoint = Checkpoint::open(model_dir)?;
     let architecture = read_architecture(&checkpoint)?;
     let names = select_matrices(&checkpoint, architecture.as_deref(), &options.include)?;
+    let run = run_description(&checkpoint, &names, options, json!("data-free"))?;
+    let resume = Checkpointer::open(out, options.checkpointing, &run)?;
     let mut stages = Vec::new();
     let t = Instant::now();
-    let decomposed = decompose_checkpoint(&checkpoint, &names, options, progress)?;
+    let decomposed = decompose_checkpoint(&checkpoint, &names, options, resume.as_ref(), progress)?;
     stages.push(("decompose".to_string(), t.elapsed()));
     let t = Instant::now();
     let mut scorer = decomposed.error_reduction_scorer()?;
     let order = order_blocks(&decomposed, &mut scorer, progress)?;
     stages.push(("order".to_string(), t.elapsed()));
-    finish(
+    let summary = finish(
         &checkpoint,
         architecture,
         decomposed,
@@ -428,7 +511,13 @@ pub fn compress(
         "error-reduction-per-byte",
         out,
         stages,
-    )
+    )?;
+    let mut summary = summary;
+    if let Some(r) = resume {
+        summary.reused = r.reused();
+        r.finish()?;
+    }
+    Ok(summary)
 }
 
 /// Writes the container and builds the summary (shared by every ordering).
@@ -483,5 +572,6 @@ pub fn finish(
             .map(|(n, d)| (n, d.as_secs_f64()))
             .collect(),
         mean_rel_err,
+        reused: 0,
     })
 }

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use bitstack_model::{CausalLm, Linear, ModelConfig, ModelError, TensorSource, TextTokenizer};
+use bitstack_model::{
+    CausalLm, HalfKind, HalfMatrix, Linear, ModelConfig, ModelError, TensorSource, TextTokenizer,
+};
 use bitstack_runtime::LoadedStack;
 
 use crate::Error;
@@ -68,6 +70,20 @@ impl TensorSource for StackTensors<'_> {
     fn names(&self) -> Vec<String> {
         self.0.fixed_names().map(str::to_string).collect()
     }
+
+    /// 16-bit 2-D tensors (embeddings, lm_head) are shared with the stack, not widened.
+    fn tensor_half(&self, name: &str) -> Option<HalfMatrix> {
+        let t = self.0.fixed(name)?;
+        let kind = match t.dtype.as_str() {
+            "F16" => HalfKind::F16,
+            "BF16" => HalfKind::Bf16,
+            _ => return None,
+        };
+        let [rows, cols] = t.shape[..] else {
+            return None;
+        };
+        HalfMatrix::new(kind, rows, cols, t.bytes.clone()).ok()
+    }
 }
 
 /// The model configuration carried inside the container (`config.json`).
@@ -83,9 +99,10 @@ pub fn config_of(stack: &LoadedStack) -> Result<ModelConfig, Error> {
                     .to_string(),
             )
         })?;
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| Error::Checkpoint("config.json inside the file is not UTF-8".into()))?;
-    Ok(ModelConfig::from_json_str(text)?)
+    Ok(ModelConfig::from_json_bytes(
+        bytes,
+        format!("{}#config.json", stack.file().container().name()),
+    )?)
 }
 
 /// The tokenizer carried inside the container (`tokenizer.json`).

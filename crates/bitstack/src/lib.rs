@@ -55,6 +55,7 @@ pub mod checkpoint;
 pub mod compress;
 #[cfg(feature = "model")]
 pub mod engine;
+pub mod resume;
 pub mod select;
 
 pub use compress::{CompressOptions, CompressSummary};
