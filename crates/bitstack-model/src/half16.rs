@@ -153,7 +153,7 @@ impl Linear for HalfLinear {
         }
         // Several tokens: widen a larger tile and multiply it with the GEMM, column block
         // by column block of y.
-        let tile_rows = (TILE_ROWS * 8).min(out.max(1));
+        let tile_rows = (TILE_ROWS * 2).min(out.max(1));
         let mut tile = vec![0.0f32; tile_rows * inp];
         let mut part = vec![0.0f32; tokens * tile_rows];
         let mut r0 = 0;

@@ -317,7 +317,7 @@ impl LoadedStack {
 
     /// `Y = X Ŵᵀ` for `tokens` row vectors `X` (`tokens × cols`, row-major) into `Y`
     /// (`tokens × rows`). One token goes through [`LoadedStack::matvec`]; more tokens rebuild
-    /// `Ŵ` one tile of rows at a time (about 1 MB, one per thread) and multiply each tile
+    /// `Ŵ` one tile of rows at a time (about 256 kB, one per thread) and multiply each tile
     /// with a dense GEMM: the dense `Ŵ` is never held whole.
     ///
     /// # Panics
@@ -363,8 +363,8 @@ impl LoadedStack {
     }
 }
 
-/// f32 values in one tile of the batch product (1 MB).
-const TILE_FLOATS: usize = 1 << 18;
+/// f32 values in one tile of the batch product (256 kB).
+const TILE_FLOATS: usize = 1 << 16;
 
 /// Splits `y`'s columns into tiles of `tile` columns and runs `leaf(first column, tile)` on
 /// each, tiles in parallel.
