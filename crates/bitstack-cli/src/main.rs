@@ -13,6 +13,7 @@ macro_rules! out {
     }};
 }
 
+mod bench;
 mod commands;
 mod eval;
 mod plot;
@@ -62,6 +63,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Generate text from a .bitstack file at a budget, streaming tokens.
     Generate(eval::GenerateArgs),
+    /// Speed comparisons side by side (AVD, decode and batch kernels, end to end) with
+    /// ratios; `--json` for machines, `--quick` for a one-minute version.
+    Bench(bench::BenchArgs),
     /// Write a dense Hugging Face checkpoint of the model at a budget.
     Export {
         /// The .bitstack file.
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Compress(args) => commands::compress(args),
         Command::Eval(args) => eval::eval(args),
+        Command::Bench(args) => bench::bench(args),
         Command::Generate(args) => eval::generate(args),
         Command::Inspect { file, json, order } => commands::inspect(&file, json, order),
         Command::Plan { file, budget, json } => commands::plan(&file, &budget, json),

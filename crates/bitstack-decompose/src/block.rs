@@ -146,19 +146,44 @@ impl AvdBlock {
             "add_rows_to_dense: rows {row0}..{} of a {m}×{n} block",
             row0 + rows
         );
+        if rows == 0 {
+            return;
+        }
+        // P = u[rows] · v with the GEMM, then tile += S ⊙ P with the signs applied a byte
+        // (8 weights) at a time as XORs of the f32 sign bit.
+        let u = widen(&self.u[row0 * k..(row0 + rows) * k]);
         let v = widen(&self.v);
+        let mut p = vec![0.0f32; rows * n];
+        faer::linalg::matmul::matmul(
+            faer::MatMut::from_row_major_slice_mut(&mut p, rows, n),
+            faer::Accum::Replace,
+            faer::MatRef::from_row_major_slice(&u, rows, k),
+            faer::MatRef::from_row_major_slice(&v, k, n),
+            1.0f32,
+            faer::Par::Seq,
+        );
         let bits = self.signs.as_bytes();
-        let mut prod = vec![0.0f32; n];
-        let mut u_row = vec![0.0f32; k];
-        for (ii, row) in tile.chunks_mut(n).enumerate() {
-            let i = row0 + ii;
-            for (o, h) in u_row.iter_mut().zip(&self.u[i * k..(i + 1) * k]) {
-                *o = h.to_f32();
+        if n.is_multiple_of(8) {
+            for (ii, (out, prod)) in tile.chunks_exact_mut(n).zip(p.chunks_exact(n)).enumerate() {
+                let first = (row0 + ii) * n / 8;
+                let row_bits = &bits[first..first + n / 8];
+                for ((o8, p8), &byte) in out
+                    .chunks_exact_mut(8)
+                    .zip(prod.chunks_exact(8))
+                    .zip(row_bits)
+                {
+                    let masks = &NEGATE_MASKS[byte as usize];
+                    for ((o, &pv), &mask) in o8.iter_mut().zip(p8).zip(masks) {
+                        *o += f32::from_bits(pv.to_bits() ^ mask);
+                    }
+                }
             }
-            row_product(&u_row, &v, n, &mut prod);
-            let base = i * n;
-            for (j, (out, p)) in row.iter_mut().zip(prod.iter()).enumerate() {
-                *out += if sign_bit(bits, base + j) { *p } else { -*p };
+        } else {
+            for (ii, (out, prod)) in tile.chunks_exact_mut(n).zip(p.chunks_exact(n)).enumerate() {
+                let base = (row0 + ii) * n;
+                for (j, (o, &pv)) in out.iter_mut().zip(prod).enumerate() {
+                    *o += if sign_bit(bits, base + j) { pv } else { -pv };
+                }
             }
         }
     }
@@ -208,9 +233,30 @@ impl AvdBlock {
     }
 }
 
+/// For each packed byte (MSB first = first weight), the XOR masks that negate the weights
+/// whose bit is 0 (sign −1).
+static NEGATE_MASKS: [[u32; 8]; 256] = {
+    let mut t = [[0u32; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut j = 0;
+        while j < 8 {
+            if (b >> (7 - j)) & 1 == 0 {
+                t[b][j] = 0x8000_0000;
+            }
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
 /// f16 → f32.
 pub(crate) fn widen(x: &[f16]) -> Vec<f32> {
-    x.iter().map(|h| h.to_f32()).collect()
+    use half::slice::HalfFloatSliceExt;
+    let mut out = vec![0.0f32; x.len()];
+    x.convert_to_f32_slice(&mut out);
+    out
 }
 
 /// `out[j] = Σ_r u_row[r] · v[r, j]` for a row-major `k × n` `v`.

@@ -92,6 +92,28 @@ proptest! {
         }
     }
 
+    /// `add_rows_to_dense` (GEMM + byte-wise sign XOR, or the per-bit path when cols is not a
+    /// multiple of 8) equals the rows of `add_to_dense`, for every tile of rows; tolerance
+    /// 1e-5 relative (only the summation order of the k products differs).
+    #[test]
+    fn row_tiles_match_add_to_dense(rows in 1usize..40, cols in 1usize..70, k in 1usize..33, tile in 1usize..9, seed: u64) {
+        let k = k.min(rows).min(cols);
+        let block = random_block(rows, cols, k, seed);
+        let mut want = matrix(rows, cols, seed.wrapping_add(3));
+        let start = want.clone();
+        block.add_to_dense(&mut want);
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + tile).min(rows);
+            let mut got = start[r0 * cols..r1 * cols].to_vec();
+            block.add_rows_to_dense(r0, &mut got);
+            for (i, (g, w)) in got.iter().zip(&want[r0 * cols..r1 * cols]).enumerate() {
+                prop_assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs() + k as f32), "rows {r0}..{r1} elt {i}: {g} vs {w}");
+            }
+            r0 = r1;
+        }
+    }
+
     #[test]
     fn byte_size_formula(rows in 0usize..5000, cols in 0usize..5000, k in 0usize..64) {
         let expected = (rows * cols).div_ceil(8) as u64 + 2 * (k * (rows + cols)) as u64;

@@ -1,0 +1,347 @@
+//! `bitstack bench`: the speed comparisons of issue 4, side by side in one process.
+//!
+//! Every ratio is measured in this run on this machine (best of a few repetitions), so that
+//! a shared, noisy box still gives comparable numbers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bitstack::compress::{compress as run_compress, CompressOptions};
+use bitstack::decompose::{decompose, AvdParams, SvdMethod};
+use bitstack::engine::model_of;
+use bitstack::format::{ContainerWriter, Dtype, PartData};
+use bitstack::model::{dense_forward, matvec, CausalLm, Sampler};
+use bitstack::runtime::{LoadedStack, StackFile};
+use clap::Args;
+use serde_json::{json, Map, Value};
+
+/// Options of `bitstack bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A smaller version (shapes 1024×1024 and 3584×1024, the bundled tiny model) that
+    /// finishes in about a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Model directory for the end-to-end rows (default: ../shared/models/small-llama, or
+    /// fixtures/tiny-qwen2 with --quick).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+}
+
+/// Best (minimum) wall time in seconds of `reps` runs of `f`.
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// A matrix with a decaying spectrum: Gaussian-like entries with column scales
+/// `(1 + j)^-0.5` plus a rank-8 component (a stand-in for a trained weight).
+fn synthetic(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let scale: Vec<f32> = (0..cols).map(|j| (1.0 + j as f32).powf(-0.5)).collect();
+    let a: Vec<f32> = (0..rows * 8).map(|_| next()).collect();
+    let b: Vec<f32> = (0..8 * cols).map(|_| next()).collect();
+    let mut w = vec![0.0f32; rows * cols];
+    for i in 0..rows {
+        for j in 0..cols {
+            let g = next() + next() + next();
+            let low: f32 = (0..8).map(|r| a[i * 8 + r] * b[r * cols + j]).sum();
+            w[i * cols + j] = g * scale[j] + 0.05 * low;
+        }
+    }
+    w
+}
+
+/// A container of one matrix with these blocks, loaded at its full size.
+fn stack_of(
+    blocks: &[bitstack::decompose::AvdBlock],
+    rows: usize,
+    cols: usize,
+) -> Result<LoadedStack> {
+    let mut writer = ContainerWriter::new(Default::default());
+    writer.add_matrix("w", rows, cols, "F32")?;
+    for (b, block) in blocks.iter().enumerate() {
+        let k = block.k();
+        let halves = |h: &[half::f16]| h.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        writer.push_block(
+            0,
+            b,
+            "avd",
+            [("k".to_string(), k as i64)].into(),
+            vec![
+                PartData::new(
+                    "signs",
+                    Dtype::U8,
+                    vec![block.signs().as_bytes().len()],
+                    block.signs().as_bytes().to_vec(),
+                ),
+                PartData::new("u", Dtype::F16, vec![rows, k], halves(block.u())),
+                PartData::new("v", Dtype::F16, vec![k, cols], halves(block.v())),
+            ],
+        )?;
+    }
+    writer.set_mandatory_blocks(1);
+    let container = bitstack::format::Container::from_bytes(writer.to_bytes()?)?;
+    let file = Arc::new(StackFile::from_container(container)?);
+    Ok(LoadedStack::load(file, u64::MAX)?)
+}
+
+struct Row {
+    what: String,
+    ours: f64,
+    baseline: f64,
+    unit: &'static str,
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let quick = args.quick;
+    let (k, blocks) = (16usize, 4usize);
+    let shapes: [(usize, usize); 2] = if quick {
+        [(1024, 1024), (3584, 1024)]
+    } else {
+        [(4096, 4096), (14336, 4096)]
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    let mut keys = Map::new();
+    let note = |s: &str| eprintln!("bench: {s}");
+
+    // 1. AVD: one iteration fast vs exact, and the fast full decomposition.
+    let mut speedups = Vec::new();
+    let mut stacks = Vec::new();
+    for &(r, c) in &shapes {
+        note(&format!("AVD {r}x{c}, k = {k}"));
+        let w = synthetic(r, c, (r * 31 + c) as u64);
+        let fast = AvdParams {
+            k,
+            niter: blocks,
+            svd: SvdMethod::default(),
+            seed: 0,
+        };
+        let t = Instant::now();
+        let d = decompose(&w, r, c, &fast, None)?;
+        let fast_iter = t.elapsed().as_secs_f64() / blocks as f64;
+        let exact = AvdParams {
+            niter: 1,
+            svd: SvdMethod::Exact,
+            ..fast
+        };
+        let t = Instant::now();
+        decompose(&w, r, c, &exact, None)?;
+        let exact_iter = t.elapsed().as_secs_f64();
+        speedups.push(exact_iter / fast_iter);
+        rows.push(Row {
+            what: format!("AVD iteration {r}x{c} k={k}: fast vs exact SVD"),
+            ours: fast_iter,
+            baseline: exact_iter,
+            unit: "s",
+        });
+        stacks.push((r, c, w, stack_of(&d.blocks, r, c)?));
+    }
+    keys.insert(
+        "avd_iteration_speedup".into(),
+        json!(speedups.iter().copied().fold(f64::INFINITY, f64::min)),
+    );
+    let (fr, fc) = shapes[1];
+    note(&format!("full fast AVD {fr}x{fc}, k = {k}, niter = 16"));
+    let w = &stacks[1].2;
+    let params = AvdParams {
+        k,
+        niter: 16,
+        svd: SvdMethod::default(),
+        seed: 0,
+    };
+    let t = Instant::now();
+    let full = decompose(w, fr, fc, &params, None)?;
+    let full_seconds = t.elapsed().as_secs_f64();
+    keys.insert(format!("avd_full_seconds_{fr}x{fc}"), json!(full_seconds));
+    // Fast vs exact quality after 16 blocks, on a 512×512 synthetic matrix (exact is slow).
+    note("fast vs exact error after 16 blocks, 512x512");
+    let q = synthetic(512, 512, 5);
+    let e_fast = decompose(&q, 512, 512, &params, None)?.rel_err[15];
+    let e_exact = decompose(
+        &q,
+        512,
+        512,
+        &AvdParams {
+            svd: SvdMethod::Exact,
+            ..params
+        },
+        None,
+    )?
+    .rel_err[15];
+    keys.insert(
+        "avd_error_ratio_fast_vs_exact_512".into(),
+        json!(e_fast / e_exact),
+    );
+    drop(full);
+
+    // 2. Decode (one token) and 3. batch (512 tokens), 4 blocks, vs dense f32.
+    let mut decode = Vec::new();
+    let mut batch = Vec::new();
+    for (r, c, w, stack) in &stacks {
+        let (r, c) = (*r, *c);
+        note(&format!("decode and batch {r}x{c}"));
+        let x: Vec<f32> = (0..c).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+        let mut y = vec![0.0f32; r];
+        let dense = best_of(10, || matvec(w, r, c, &x, &mut y));
+        let ours = best_of(10, || stack.matvec(0, &x, &mut y));
+        // The dense product is memory-bound: its bytes over its time is the bandwidth a
+        // streaming kernel gets here; the floor is the packed bytes at that bandwidth.
+        let bandwidth = (r * c * 4) as f64 / dense;
+        let packed: u64 = stack.resident_bytes();
+        let floor = packed as f64 / bandwidth;
+        keys.insert(
+            format!("memory_bandwidth_gb_s_{r}x{c}"),
+            json!(bandwidth / 1e9),
+        );
+        decode.push(ours / dense);
+        rows.push(Row {
+            what: format!(
+                "decode matvec {r}x{c}, {blocks} blocks (floor {:.2} ms)",
+                floor * 1e3
+            ),
+            ours,
+            baseline: dense,
+            unit: "s",
+        });
+        keys.insert(
+            format!("decode_vs_bandwidth_floor_{r}x{c}"),
+            json!(ours / floor),
+        );
+        let tokens = if quick { 128 } else { 512 };
+        let xb: Vec<f32> = (0..tokens * c)
+            .map(|i| ((i % 23) as f32 - 11.0) / 11.0)
+            .collect();
+        let mut yb = vec![0.0f32; tokens * r];
+        let dense_b = best_of(3, || dense_forward(w, r, c, &xb, tokens, &mut yb));
+        let ours_b = best_of(3, || stack.matmul(0, &xb, tokens, &mut yb));
+        batch.push(ours_b / dense_b);
+        rows.push(Row {
+            what: format!("batch {tokens} tokens {r}x{c}, {blocks} blocks"),
+            ours: ours_b,
+            baseline: dense_b,
+            unit: "s",
+        });
+    }
+    keys.insert("decode_vs_dense_f32".into(), json!(decode[0]));
+    keys.insert("decode_vs_dense_f32_large".into(), json!(decode[1]));
+    keys.insert("batch_vs_dense_f32".into(), json!(batch[0]));
+    drop(stacks);
+
+    // 4. End to end: the model at 4 blocks per matrix vs the dense f32 model.
+    let model_dir = match args.model {
+        Some(d) => d,
+        None if quick => PathBuf::from("fixtures/tiny-qwen2"),
+        None => PathBuf::from("../shared/models/small-llama"),
+    };
+    if !model_dir.join("config.json").exists() {
+        bail!(
+            "{}: no model directory for the end-to-end rows (pass --model DIR)",
+            model_dir.display()
+        );
+    }
+    note(&format!("end to end on {}", model_dir.display()));
+    let (decode_ratio, eval_ratio, e2e_rows) = end_to_end(&model_dir, quick)?;
+    rows.extend(e2e_rows);
+    keys.insert("e2e_decode_speedup".into(), json!(decode_ratio));
+    keys.insert("e2e_eval_ratio".into(), json!(eval_ratio));
+    keys.insert("quick".into(), json!(quick));
+
+    if args.json {
+        out!("{}", serde_json::to_string_pretty(&Value::Object(keys))?);
+        return Ok(());
+    }
+    out!(
+        "{:<58} {:>12} {:>12} {:>8}",
+        "comparison",
+        "bitstack",
+        "baseline",
+        "ratio"
+    );
+    for r in &rows {
+        let fmt = |v: f64| match r.unit {
+            "s" if v < 1e-2 => format!("{:.3} ms", v * 1e3),
+            "s" => format!("{v:.3} s"),
+            u => format!("{v:.1} {u}"),
+        };
+        out!(
+            "{:<58} {:>12} {:>12} {:>8.3}",
+            r.what,
+            fmt(r.ours),
+            fmt(r.baseline),
+            r.ours / r.baseline
+        );
+    }
+    out!();
+    for (key, value) in &keys {
+        out!("{key:<40} {value}");
+    }
+    Ok(())
+}
+
+/// (decode tokens/s ratio, eval tokens/s ratio, table rows) of the stack at about 4 blocks
+/// per matrix against the dense f32 model.
+fn end_to_end(dir: &Path, quick: bool) -> Result<(f64, f64, Vec<Row>)> {
+    let tmp = std::env::temp_dir().join(format!("bitstack-bench-{}.bitstack", std::process::id()));
+    let mut options = CompressOptions::default();
+    options.avd.k = 16;
+    options.avd.niter = 4;
+    let result = (|| -> Result<(f64, f64, Vec<Row>)> {
+        run_compress(dir, &tmp, &options, &|_| {}).context("compressing for the benchmark")?;
+        let file = Arc::new(StackFile::open(&tmp)?);
+        let stack = Arc::new(LoadedStack::load(file, u64::MAX)?);
+        let ours = model_of(&stack)?;
+        let dense = CausalLm::load(dir)?;
+        let prompt: Vec<u32> = (1..9).collect();
+        let new_tokens = if quick { 16 } else { 64 };
+        let gen = |m: &CausalLm| -> Result<f64> {
+            let mut sampler = Sampler::new(0.0, 1.0, 0);
+            let t = Instant::now();
+            let out = m.generate(&prompt, new_tokens, &mut sampler, &[], &mut |_| true)?;
+            Ok(out.len() as f64 / t.elapsed().as_secs_f64())
+        };
+        let (tps_ours, tps_dense) = (gen(&ours)?, gen(&dense)?);
+        let seq = if quick { 128 } else { 512 };
+        let window: Vec<u32> = (0..seq as u32).map(|i| (i * 7 + 3) % 1000).collect();
+        let windows = [window.as_slice(), window.as_slice()];
+        let timed = |m: &CausalLm| -> Result<f64> {
+            let t = Instant::now();
+            m.perplexity(&windows)?;
+            Ok((2 * seq) as f64 / t.elapsed().as_secs_f64())
+        };
+        let (eval_ours, eval_dense) = (timed(&ours)?, timed(&dense)?);
+        let rows = vec![
+            Row {
+                what: "e2e decode, 4 blocks/matrix vs dense f32 (tokens/s)".into(),
+                ours: tps_ours,
+                baseline: tps_dense,
+                unit: "tok/s",
+            },
+            Row {
+                what: "e2e perplexity eval (tokens/s)".into(),
+                ours: eval_ours,
+                baseline: eval_dense,
+                unit: "tok/s",
+            },
+        ];
+        Ok((tps_ours / tps_dense, eval_ours / eval_dense, rows))
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
+}

@@ -1,0 +1,36 @@
+//! `bitstack bench --quick --json` runs end to end and reports every key issue 4 names
+//! (the values are timings: only their presence and sanity are checked, never their size).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[test]
+fn quick_bench_reports_every_key() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(env!("CARGO_BIN_EXE_bitstack"))
+        .args(["bench", "--quick", "--json", "--model"])
+        .arg(root.join("fixtures/tiny-qwen2"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "avd_iteration_speedup",
+        "avd_full_seconds_3584x1024",
+        "avd_error_ratio_fast_vs_exact_512",
+        "decode_vs_dense_f32",
+        "batch_vs_dense_f32",
+        "e2e_decode_speedup",
+        "e2e_eval_ratio",
+    ] {
+        let x = v[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {v}"));
+        assert!(x.is_finite() && x > 0.0, "{key} = {x}");
+    }
+    // Quality is not a timing: the fast SVD stays within 2% of the exact one here.
+    assert!(v["avd_error_ratio_fast_vs_exact_512"].as_f64().unwrap() < 1.02);
+}
