@@ -27,7 +27,7 @@ const MATVEC_ROW_BLOCK: usize = 256;
 /// Bytes of matmul tables built at once.
 const MATMUL_RANGE_BYTES: usize = 512 << 10;
 /// Bytes of matmul tables per row sweep.
-const MATMUL_TILE_BYTES: usize = 64 << 10;
+const MATMUL_TILE_BYTES: usize = 256 << 10;
 /// Rows per block in the matmul.
 const MATMUL_ROW_BLOCK: usize = 64;
 /// Below this many multiply-adds (`m·n·k`) the kernels stay on the calling thread.
@@ -122,6 +122,25 @@ fn lookup_sum(tables: &[[f32; 256]], bytes: &[u8]) -> f32 {
         acc[0] += t[usize::from(b)];
     }
     (acc[0] + acc[1]) + (acc[2] + acc[3])
+}
+
+/// `y_row += Σ_g tables[g][bytes[g]]` for `K`-vector entries, accumulated in registers
+/// (a fixed `K` lets the compiler keep the accumulator in SIMD registers and drop the bounds
+/// checks).
+#[inline]
+fn lookup_rows<const K: usize>(tile: &[f32], bytes: &[u8], y_row: &mut [f32]) {
+    let mut acc = [0.0f32; K];
+    for (table, &b) in tile.chunks_exact(256 * K).zip(bytes) {
+        let at = usize::from(b) * K;
+        if let Some(entry) = table.get(at..at + K) {
+            for (a, &e) in acc.iter_mut().zip(entry) {
+                *a += e;
+            }
+        }
+    }
+    for (y, a) in y_row.iter_mut().zip(acc) {
+        *y += a;
+    }
 }
 
 /// `y = S z` with lookup tables.
@@ -237,10 +256,18 @@ pub(crate) fn sign_matmul(
                 let tile = &range_tables[(t0 - g0) * table_len..(t1 - g0) * table_len];
                 for (i, y_row) in y_block.chunks_exact_mut(k).enumerate() {
                     let bytes = s.row_group_bytes(first_row + i, t0, t1, &mut scratch);
-                    for (table, &b) in tile.chunks_exact(table_len).zip(bytes) {
-                        let at = usize::from(b) * k;
-                        let entry = &table[at..at + k];
-                        y_row.iter_mut().zip(entry).for_each(|(a, &e)| *a += e);
+                    match k {
+                        4 => lookup_rows::<4>(tile, bytes, y_row),
+                        8 => lookup_rows::<8>(tile, bytes, y_row),
+                        16 => lookup_rows::<16>(tile, bytes, y_row),
+                        32 => lookup_rows::<32>(tile, bytes, y_row),
+                        _ => {
+                            for (table, &b) in tile.chunks_exact(table_len).zip(bytes) {
+                                let at = usize::from(b) * k;
+                                let entry = &table[at..at + k];
+                                y_row.iter_mut().zip(entry).for_each(|(a, &e)| *a += e);
+                            }
+                        }
                     }
                 }
                 t0 = t1;

@@ -209,25 +209,19 @@ impl AvdBlock {
             y.len()
         );
         // Z[j, r] = v[r, j] · x[j]   (n×k row-major)
+        let v = widen(&self.v);
         let mut z = vec![0.0f32; n * k];
         for r in 0..k {
-            let v_row = &self.v[r * n..(r + 1) * n];
+            let v_row = &v[r * n..(r + 1) * n];
             for (j, (&vj, &xj)) in v_row.iter().zip(x).enumerate() {
-                z[j * k + r] = vj.to_f32() * xj;
+                z[j * k + r] = vj * xj;
             }
         }
         let mut sz = vec![0.0f32; m * k];
         self.signs.as_view().sign_matmul_lut(&z, k, &mut sz);
-        for ((yi, u_row), sz_row) in y
-            .iter_mut()
-            .zip(self.u.chunks_exact(k))
-            .zip(sz.chunks_exact(k))
-        {
-            let acc: f32 = u_row
-                .iter()
-                .zip(sz_row)
-                .map(|(&a, &b)| a.to_f32() * b)
-                .sum();
+        let u = widen(&self.u);
+        for ((yi, u_row), sz_row) in y.iter_mut().zip(u.chunks_exact(k)).zip(sz.chunks_exact(k)) {
+            let acc: f32 = u_row.iter().zip(sz_row).map(|(&a, &b)| a * b).sum();
             *yi += acc;
         }
     }
