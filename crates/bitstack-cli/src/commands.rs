@@ -100,6 +100,7 @@ pub fn compress(args: CompressArgs) -> Result<()> {
         Checkpointing::Fresh
     };
     let partial = bitstack::resume::progress_dir(&args.output);
+    let started = std::time::SystemTime::now();
     let bars = Bars::new();
     let progress = |e: bitstack::compress::Progress<'_>| bars.handle(e);
     let summary = if args.no_calibration {
@@ -132,7 +133,7 @@ pub fn compress(args: CompressArgs) -> Result<()> {
         )
     }
     .with_context(|| {
-        if partial.join("run.json").exists() {
+        if saved_work_since(&partial, started) {
             format!(
                 "compressing {} (finished work is kept in {}: run the same command with \
                  --resume to continue)",
@@ -176,8 +177,26 @@ pub fn compress(args: CompressArgs) -> Result<()> {
     Ok(())
 }
 
+/// True when `partial` holds finished work (a decomposition, a level, the scales) written by
+/// this run (not a stale directory from an earlier one).
+fn saved_work_since(partial: &Path, started: std::time::SystemTime) -> bool {
+    let Ok(entries) = std::fs::read_dir(partial) else {
+        return false;
+    };
+    entries.filter_map(|e| e.ok()).any(|e| {
+        let name = e.file_name().to_string_lossy().to_string();
+        let record = name.ends_with(".bin") && !name.starts_with('.');
+        let fresh = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t >= started);
+        record && fresh
+    })
+}
+
 fn open(path: &Path) -> Result<Arc<StackFile>> {
-    let file = StackFile::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // The library's error names the file.
+    let file = StackFile::open(path).context("cannot open the stack file")?;
     Ok(Arc::new(file))
 }
 

@@ -28,7 +28,9 @@ fn quick_bench_reports_every_key() {
         "e2e_decode_speedup",
         "e2e_eval_ratio",
     ] {
-        let x = v[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {v}"));
+        let x = v[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing: {v}"));
         assert!(x.is_finite() && x > 0.0, "{key} = {x}");
     }
     // Quality is not a timing: the fast SVD stays within 2% of the exact one here.

@@ -21,7 +21,7 @@ pub enum FormatError {
     },
     /// Fewer than 8 bytes: not even the header length is there.
     #[error(
-        "{file}: only {present} bytes are present, but a container starts with an 8-byte header length"
+        "{file}: only {present} bytes are present, but a container starts with an 8-byte header length (the file is empty or cut short: download or copy it again)"
     )]
     MissingHeaderLength {
         /// The file involved.
@@ -30,7 +30,9 @@ pub enum FormatError {
         present: u64,
     },
     /// The declared header length exceeds [`MAX_HEADER_BYTES`](crate::MAX_HEADER_BYTES).
-    #[error("{file}: header declares {declared} bytes, more than the limit of {limit}")]
+    #[error(
+        "{file}: header declares {declared} bytes, more than the limit of {limit} (not a .bitstack file, or a damaged one)"
+    )]
     HeaderTooLarge {
         /// The file involved.
         file: String,
@@ -41,7 +43,7 @@ pub enum FormatError {
     },
     /// The file ends inside the header.
     #[error(
-        "{file}: header declares {declared} bytes but only {present} are present (truncated inside the header)"
+        "{file}: header declares {declared} bytes but only {present} are present (truncated inside the header: download or copy the file again)"
     )]
     TruncatedHeader {
         /// The file involved.
@@ -52,7 +54,7 @@ pub enum FormatError {
         present: u64,
     },
     /// The JSON header is malformed or is not a bitstack header.
-    #[error("{file}: invalid header: {reason}")]
+    #[error("{file}: invalid header: {reason} (not a .bitstack file, or a damaged one)")]
     InvalidHeader {
         /// The file involved.
         file: String,
@@ -60,7 +62,7 @@ pub enum FormatError {
         reason: String,
     },
     /// The manifest breaks a rule of docs/FORMAT.md.
-    #[error("{file}: invalid manifest: {reason}")]
+    #[error("{file}: invalid manifest: {reason} (a damaged file: download or copy it again, or compress the model again)")]
     InvalidManifest {
         /// The file involved.
         file: String,
@@ -82,7 +84,7 @@ pub enum FormatError {
     },
     /// The file ends inside the fixed part (aux files and fixed tensors).
     #[error(
-        "{file}: truncated inside the fixed part: {present} of its {needed} bytes are present"
+        "{file}: truncated inside the fixed part: {present} of its {needed} bytes are present (download or copy the file again: the fixed part and the base blocks are needed to load it)"
     )]
     TruncatedFixed {
         /// The file involved.
@@ -103,7 +105,9 @@ pub enum FormatError {
         extra: u64,
     },
     /// A CRC-32 does not match.
-    #[error("{file}: {what} checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    #[error(
+        "{file}: {what} checksum mismatch: stored {stored:#010x}, computed {computed:#010x} (the file is damaged: download or copy it again, or compress the model again)"
+    )]
     ChecksumMismatch {
         /// The file involved.
         file: String,

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::ModelError;
+use crate::{LinearSlot, ModelError};
 
 /// The architectures this crate implements, as listed in error messages.
 pub const SUPPORTED_ARCHITECTURES: &str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
@@ -126,10 +126,23 @@ impl ModelConfig {
         Self::parse(text, Path::new("<memory>"))
     }
 
+    /// Parses and validates the bytes of a `config.json` (e.g. one carried inside a
+    /// container); `origin` names where they came from in error messages.
+    pub fn from_json_bytes(bytes: &[u8], origin: impl AsRef<Path>) -> Result<Self, ModelError> {
+        let path = origin.as_ref();
+        let v: Value = serde_json::from_slice(bytes)
+            .map_err(|e| ModelError::config(path, format!("not valid JSON: {e}")))?;
+        Self::from_value(&v, path)
+    }
+
     fn parse(text: &str, path: &Path) -> Result<Self, ModelError> {
         let v: Value = serde_json::from_str(text)
             .map_err(|e| ModelError::config(path, format!("not valid JSON: {e}")))?;
-        let p = Parser { v: &v, path };
+        Self::from_value(&v, path)
+    }
+
+    fn from_value(v: &Value, path: &Path) -> Result<Self, ModelError> {
+        let p = Parser { v, path };
         let arch_name = match v.get("architectures") {
             Some(Value::Array(a)) => match a.first() {
                 Some(Value::String(s)) => s.clone(),
@@ -243,7 +256,90 @@ impl ModelConfig {
                 self.vocab_size
             ));
         }
+        // Every size the model multiplies must fit (no wrap-around in shapes or tables).
+        let products = [
+            (
+                "num_attention_heads × head_dim",
+                self.num_heads,
+                self.head_dim,
+            ),
+            (
+                "num_key_value_heads × head_dim",
+                self.num_kv_heads,
+                self.head_dim,
+            ),
+            (
+                "vocab_size × hidden_size",
+                self.vocab_size,
+                self.hidden_size,
+            ),
+            (
+                "intermediate_size × hidden_size",
+                self.intermediate_size,
+                self.hidden_size,
+            ),
+            (
+                "max_position_embeddings × head_dim",
+                self.max_position_embeddings,
+                self.head_dim,
+            ),
+        ];
+        for (what, a, b) in products {
+            if a.checked_mul(b).and_then(|n| n.checked_mul(8)).is_none() {
+                return Err(format!("{what} = {a} × {b} is too large"));
+            }
+        }
+        if self
+            .q_dim()
+            .checked_mul(self.hidden_size)
+            .and_then(|n| n.checked_mul(8))
+            .is_none()
+        {
+            return Err(format!(
+                "q_proj of [{}, {}] is too large",
+                self.q_dim(),
+                self.hidden_size
+            ));
+        }
         Ok(())
+    }
+
+    /// Every tensor a model of this config reads from a checkpoint, with the shape the config
+    /// implies, in module order: the embedding; per layer the two norms, the seven
+    /// projections and their biases (when the config has them); the final norm; and
+    /// `lm_head.weight` unless it is tied to the embedding.
+    ///
+    /// Call on a validated config (from [`from_file`](Self::from_file) and friends, or after
+    /// [`validate`](Self::validate)): the shapes are computed without overflow checks. Lazy,
+    /// so that a config claiming absurdly many layers costs nothing until a tensor is missing.
+    pub fn expected_tensors(&self) -> impl Iterator<Item = (String, Vec<usize>)> + '_ {
+        let h = self.hidden_size;
+        let head = [(
+            "model.embed_tokens.weight".to_owned(),
+            vec![self.vocab_size, h],
+        )];
+        let layers = (0..self.num_layers).flat_map(move |l| {
+            let norms = [
+                (format!("model.layers.{l}.input_layernorm.weight"), vec![h]),
+                (
+                    format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    vec![h],
+                ),
+            ];
+            let linears = LinearSlot::ALL.into_iter().flat_map(move |slot| {
+                let shape = slot.shape(self);
+                let bias = slot
+                    .has_bias(self)
+                    .then(|| (slot.bias_name(l), vec![shape[0]]));
+                std::iter::once((slot.weight_name(l), shape.to_vec())).chain(bias)
+            });
+            norms.into_iter().chain(linears)
+        });
+        let tail = std::iter::once(("model.norm.weight".to_owned(), vec![h])).chain(
+            (!self.tie_word_embeddings)
+                .then(|| ("lm_head.weight".to_owned(), vec![self.vocab_size, h])),
+        );
+        head.into_iter().chain(layers).chain(tail)
     }
 
     /// `num_heads * head_dim`: the output width of `q_proj`.
@@ -420,6 +516,55 @@ mod tests {
         let e = ModelConfig::from_json_str(&text).unwrap_err().to_string();
         assert!(e.contains("GPT2LMHeadModel"), "{e}");
         assert!(e.contains("Qwen2ForCausalLM"), "{e}");
+    }
+
+    #[test]
+    fn expected_tensors_follow_the_config() {
+        let c = ModelConfig::from_json_str(OLD_STYLE).unwrap();
+        let t: Vec<_> = c.expected_tensors().collect();
+        // embed + 2 layers × (2 norms + 7 linears) + final norm; tied lm_head, no biases.
+        assert_eq!(t.len(), 1 + 2 * 9 + 1);
+        assert_eq!(t[0], ("model.embed_tokens.weight".into(), vec![100, 64]));
+        let q = t
+            .iter()
+            .find(|(n, _)| n == "model.layers.1.self_attn.q_proj.weight");
+        assert_eq!(q.unwrap().1, vec![64, 64]);
+        let k = t
+            .iter()
+            .find(|(n, _)| n == "model.layers.1.self_attn.k_proj.weight");
+        assert_eq!(k.unwrap().1, vec![32, 64]);
+        let untied = OLD_STYLE.replace("\"tie_word_embeddings\": true", "\"attention_bias\": true");
+        let c = ModelConfig::from_json_str(&untied).unwrap();
+        let names: Vec<String> = c.expected_tensors().map(|(n, _)| n).collect();
+        assert!(names.contains(&"lm_head.weight".to_string()));
+        assert!(names.contains(&"model.layers.0.self_attn.o_proj.bias".to_string()));
+        // A huge layer count is not materialised.
+        let mut c = c;
+        c.num_layers = usize::MAX;
+        assert_eq!(c.expected_tensors().take(5).count(), 5);
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_refused() {
+        let text = OLD_STYLE.replace(
+            "\"num_key_value_heads\": 2,",
+            "\"num_key_value_heads\": 2, \"head_dim\": 4611686018427387904,",
+        );
+        let e = ModelConfig::from_json_str(&text).unwrap_err().to_string();
+        assert!(e.contains("too large"), "{e}");
+    }
+
+    #[test]
+    fn from_json_bytes_names_the_origin() {
+        let e = ModelConfig::from_json_bytes(b"{", "x.bitstack#config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("x.bitstack#config.json") && e.contains("not valid JSON"),
+            "{e}"
+        );
+        let c = ModelConfig::from_json_bytes(OLD_STYLE.as_bytes(), "mem").unwrap();
+        assert_eq!(c, ModelConfig::from_json_str(OLD_STYLE).unwrap());
     }
 
     #[test]

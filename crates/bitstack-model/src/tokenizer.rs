@@ -25,7 +25,7 @@ impl TextTokenizer {
         if !path.is_file() {
             return Err(ModelError::Tokenizer {
                 path: path.to_owned(),
-                message: "file not found".into(),
+                message: "file not found: copy the model's original tokenizer.json there".into(),
             });
         }
         let bytes = std::fs::read(path).map_err(|e| ModelError::Tokenizer {
@@ -37,13 +37,15 @@ impl TextTokenizer {
 
     /// Parses the bytes of a `tokenizer.json` (e.g. one carried inside a container);
     /// `origin` names where they came from in error messages.
+    ///
+    /// Never panics: see [`parse_tokenizer`] for the malformed files on which the
+    /// `tokenizers` crate itself panics.
     pub fn from_bytes(bytes: &[u8], origin: impl AsRef<Path>) -> Result<Self, ModelError> {
         let path = origin.as_ref();
-        let inner =
-            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| ModelError::Tokenizer {
-                path: path.to_owned(),
-                message: format!("cannot parse: {e}"),
-            })?;
+        let inner = parse_tokenizer(bytes).map_err(|message| ModelError::Tokenizer {
+            path: path.to_owned(),
+            message: format!("cannot parse: {message}"),
+        })?;
         Ok(Self {
             inner,
             path: path.to_owned(),
@@ -91,6 +93,56 @@ impl TextTokenizer {
     }
 }
 
+/// Parses a `tokenizer.json` with the `tokenizers` crate, turning its panics into errors.
+///
+/// `tokenizers` 0.22 panics instead of returning an error on some malformed files (found by
+/// `fuzz/fuzz_targets/load_tokenizer.rs`; regression inputs in
+/// `tests/fuzz_inputs/tokenizer-*`): a JSON syntax error inside `"decoder"`
+/// (`expect("Helper")` in its `decoders/mod.rs`), a bad `precompiled_charsmap`
+/// (`expect("Precompiled")` in `normalizers/mod.rs`). A file that is not JSON is refused
+/// before the crate sees it (also the clearer message); any remaining panic is caught with
+/// [`std::panic::catch_unwind`] and returned as an error, without the panic message being
+/// printed (see [`quietly`]).
+fn parse_tokenizer(bytes: &[u8]) -> Result<tokenizers::Tokenizer, String> {
+    serde_json::from_slice::<serde_json::Value>(bytes).map_err(|e| e.to_string())?;
+    quietly(|| tokenizers::Tokenizer::from_bytes(bytes))
+        .map_err(|panic| format!("the tokenizers crate failed on it: {panic}"))?
+        .map_err(|e| e.to_string())
+}
+
+thread_local! {
+    /// Set while [`quietly`] runs on this thread: its panics are not printed.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, returning a panic as its message instead of unwinding.
+///
+/// The panic hook is wrapped once (chaining to the hook installed before) so that a panic
+/// caught here does not print `thread '…' panicked at …` to stderr: for a CLI user a
+/// malformed file is an error, not a crash. Panics of other threads, or outside `f`, are
+/// reported by the previous hook as before.
+fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
+    let result = std::panic::catch_unwind(f);
+    QUIET.with(|q| q.set(was));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic without a message".to_owned())
+    })
+}
+
 /// Consecutive non-overlapping windows of `seq` tokens from the start; the remainder is
 /// dropped; at most `max_windows` when given. `seq == 0` gives no windows.
 pub fn windows(tokens: &[u32], seq: usize, max_windows: Option<usize>) -> Vec<&[u32]> {
@@ -114,6 +166,29 @@ mod tests {
         assert_eq!(windows(&t, 3, Some(2)).len(), 2);
         assert!(windows(&t, 0, None).is_empty());
         assert!(windows(&t, 11, None).is_empty());
+    }
+
+    #[test]
+    fn panics_of_the_tokenizers_crate_become_errors() {
+        // Valid JSON on which tokenizers 0.22 panics (`expect("Precompiled")`).
+        let json = br#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":{"type":"Precompiled","precompiled_charsmap":"!!"},
+            "pre_tokenizer":null,"post_processor":null,"decoder":null,
+            "model":{"type":"WordLevel","vocab":{"a":0},"unk_token":"a"}}"#;
+        let e = TextTokenizer::from_bytes(json, "t.json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.json") && e.contains("cannot parse"), "{e}");
+        assert!(
+            e.contains("the tokenizers crate failed on it: Precompiled"),
+            "{e}"
+        );
+        assert_eq!(quietly(|| 7), Ok(7));
+        assert_eq!(
+            quietly(|| -> u8 { panic!("boom {}", 1) }),
+            Err("boom 1".to_owned())
+        );
+        assert!(!QUIET.with(std::cell::Cell::get));
     }
 
     #[test]

@@ -391,6 +391,21 @@ pub fn compress_calibrated(
     let config = ModelConfig::from_file(model_dir.join("config.json"))?;
     let tokenizer = bitstack_model::TextTokenizer::from_model_dir(model_dir)?;
     let mut stages = Vec::new();
+    // The texts are read (and their errors reported) before any progress is saved.
+    let calib = read_windows(
+        &tokenizer,
+        &calibration.calib_text,
+        calibration.seq,
+        calibration.calib_windows,
+        "calibration",
+    )?;
+    let score = read_windows(
+        &tokenizer,
+        &calibration.score_text,
+        calibration.seq,
+        calibration.score_windows,
+        "scoring",
+    )?;
     let run = crate::compress::run_description(
         &checkpoint,
         &names,
@@ -406,20 +421,6 @@ pub fn compress_calibrated(
     let resume = Checkpointer::open(out, options.checkpointing, &run)?;
 
     let t = Instant::now();
-    let calib = read_windows(
-        &tokenizer,
-        &calibration.calib_text,
-        calibration.seq,
-        calibration.calib_windows,
-        "calibration",
-    )?;
-    let score = read_windows(
-        &tokenizer,
-        &calibration.score_text,
-        calibration.seq,
-        calibration.score_windows,
-        "scoring",
-    )?;
     let saved = resume
         .as_ref()
         .and_then(|r| r.load_vectors("scales"))

@@ -102,16 +102,46 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens every `*.safetensors` file of `dir` (sorted by name). Every tensor must be F16,
+    /// Opens the weights of `dir`: the shards named by `model.safetensors.index.json` when
+    /// there is one (each must be present, and hold the tensors the index assigns to it),
+    /// else every `*.safetensors` file of `dir` (sorted by name). Every tensor must be F16,
     /// BF16 or F32; a tensor name present in two files is an error.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, Error> {
         let dir = dir.as_ref().to_path_buf();
-        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
+        let index_path = dir.join(INDEX);
+        let index = if index_path.is_file() {
+            Some(read_index(&index_path)?)
+        } else {
+            None
+        };
+        let files: Vec<PathBuf> = match &index {
+            Some(shards) => {
+                let missing: Vec<&str> = shards
+                    .keys()
+                    .filter(|f| !dir.join(f).is_file())
+                    .map(String::as_str)
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(Error::Checkpoint(format!(
+                        "{}: {INDEX} names {} shard file(s) that are missing: {}; the checkpoint \
+                         is incomplete: download the missing shard(s) again",
+                        dir.display(),
+                        missing.len(),
+                        missing.join(", ")
+                    )));
+                }
+                shards.keys().map(|f| dir.join(f)).collect()
+            }
+            None => {
+                let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+                let mut files: Vec<PathBuf> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                    .collect();
+                files.sort();
+                files
+            }
+        };
         if files.is_empty() {
             return Err(Error::Checkpoint(format!(
                 "{}: no *.safetensors file in this directory",
@@ -125,25 +155,22 @@ impl Checkpoint {
             // SAFETY: the checkpoint is opened read-only; bitstack assumes nobody truncates or
             // rewrites it while it is mapped (as every mmap-based safetensors reader does).
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+            let invalid = |e: safetensors::SafeTensorError| {
                 Error::Checkpoint(format!(
-                    "{}: not a valid safetensors file: {e}",
+                    "{}: not a valid safetensors file: {e}; the file is damaged or incomplete: \
+                     download or copy it again",
                     path.display()
                 ))
-            })?;
+            };
+            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(invalid)?;
             let data_start = 8 + header_len;
-            let parsed = SafeTensors::deserialize(&map).map_err(|e| {
-                Error::Checkpoint(format!(
-                    "{}: not a valid safetensors file: {e}",
-                    path.display()
-                ))
-            })?;
-            drop(parsed);
+            drop(SafeTensors::deserialize(&map).map_err(invalid)?);
             for (name, info) in metadata.tensors() {
                 let dtype_name = format!("{:?}", info.dtype);
                 let dtype = SourceDtype::from_name(&dtype_name).ok_or_else(|| {
                     Error::Checkpoint(format!(
-                        "{}: tensor {name} has dtype {dtype_name}; bitstack reads F16, BF16 and F32",
+                        "{}: tensor {name} has dtype {dtype_name}; bitstack reads F16, BF16 and \
+                         F32: convert the checkpoint to one of them (e.g. save it in float16)",
                         path.display()
                     ))
                 })?;
@@ -163,6 +190,19 @@ impl Checkpoint {
                 }
             }
             maps.push((path, map));
+        }
+        if let Some(shards) = &index {
+            for (file_index, (shard, names)) in shards.iter().enumerate() {
+                for name in names {
+                    if tensors.get(name).map(|t| t.file) != Some(file_index) {
+                        return Err(Error::Checkpoint(format!(
+                            "{}: {INDEX} puts tensor {name} in {shard}, which does not hold it; \
+                             the shard does not match the index: download the checkpoint again",
+                            dir.display()
+                        )));
+                    }
+                }
+            }
         }
         Ok(Self { dir, maps, tensors })
     }
@@ -196,7 +236,8 @@ impl Checkpoint {
         let values = to_f32(info.dtype, self.raw(name)?);
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::Checkpoint(format!(
-                "{}: tensor {name} {:?} holds a non-finite value ({}) at flat index {i}",
+                "{}: tensor {name} {:?} holds a non-finite value ({}) at flat index {i}; \
+                 bitstack cannot compress NaN/Inf weights: use an intact checkpoint",
                 self.dir.display(),
                 info.shape,
                 values[i]
@@ -214,4 +255,98 @@ impl Checkpoint {
             Err(e) => Err(Error::io(&path, e)),
         }
     }
+
+    /// Checks that `config.json` describes these weights: it parses as the configuration of a
+    /// supported architecture, and every tensor such a model reads is present with the shape
+    /// the config implies. Catches at compression time what would otherwise only fail when
+    /// the compressed file is evaluated.
+    #[cfg(feature = "model")]
+    pub fn check_config(&self) -> Result<bitstack_model::ModelConfig, Error> {
+        let path = self.dir.join("config.json");
+        let config = bitstack_model::ModelConfig::from_file(&path).map_err(|e| {
+            Error::Checkpoint(format!(
+                "{e}; config.json must be the Hugging Face config of these weights (or choose \
+                 the tensors to stack with --include GLOB and --no-calibration)"
+            ))
+        })?;
+        for (name, shape) in config.expected_tensors() {
+            match self.tensors.get(&name) {
+                None => {
+                    return Err(Error::Checkpoint(format!(
+                        "{}: tensor {name} is missing, but config.json ({}, {} layers) needs \
+                         it: the weights are incomplete or do not belong to this config.json",
+                        self.dir.display(),
+                        config.architecture.hf_name(),
+                        config.num_layers
+                    )))
+                }
+                Some(info) if info.shape != shape => {
+                    return Err(Error::Checkpoint(format!(
+                        "{}: tensor {name} has shape {:?}, but config.json implies {shape:?}: \
+                         the weights do not match config.json (use the config.json that came \
+                         with them)",
+                        self.dir.display(),
+                        info.shape
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(config)
+    }
+
+    /// Checks that `tokenizer.json`, when present, parses (it is carried into the container
+    /// and used by evaluation and generation).
+    #[cfg(feature = "model")]
+    pub fn check_tokenizer(&self) -> Result<(), Error> {
+        let Some(bytes) = self.read_file("tokenizer.json")? else {
+            return Ok(());
+        };
+        bitstack_model::TextTokenizer::from_bytes(&bytes, self.dir.join("tokenizer.json"))
+            .map_err(|e| {
+                Error::Checkpoint(format!(
+                    "{e}; replace it with the model's original tokenizer.json"
+                ))
+            })?;
+        Ok(())
+    }
+}
+
+/// The index of a sharded checkpoint.
+const INDEX: &str = "model.safetensors.index.json";
+
+/// Reads `model.safetensors.index.json`: shard file name → the tensors it holds.
+fn read_index(path: &Path) -> Result<BTreeMap<String, Vec<String>>, Error> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |m: String| {
+        Error::Checkpoint(format!(
+            "{}: {m}; restore the checkpoint's original index file",
+            path.display()
+        ))
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(serde_json::Value::as_object)
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut shards: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map entry of {tensor} is not a file name")))?;
+        if file.is_empty() || file.contains(['/', '\\']) || file == "." || file == ".." {
+            return Err(bad(format!(
+                "shard name {file:?} of {tensor} must be a plain file name"
+            )));
+        }
+        shards
+            .entry(file.to_owned())
+            .or_default()
+            .push(tensor.clone());
+    }
+    if shards.is_empty() {
+        return Err(bad("empty `weight_map`".into()));
+    }
+    Ok(shards)
 }

@@ -214,7 +214,7 @@ pub fn read_architecture(checkpoint: &Checkpoint) -> Result<Option<String>, Erro
     };
     let config: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
         Error::Checkpoint(format!(
-            "{}: config.json is not valid JSON: {e}",
+            "{}: config.json is not valid JSON: {e}; restore the model's original config.json",
             checkpoint.dir().display()
         ))
     })?;

@@ -97,7 +97,9 @@ impl Checkpointer {
                 }));
             }
         }
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        // Not create_dir_all: an output path in a directory that does not exist (a typo in
+        // -o) must fail, not create directories (docs/BAD_INPUT.md).
+        std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
         let text = serde_json::to_vec_pretty(run)
             .map_err(|e| Error::Usage(format!("cannot describe the run: {e}")))?;
         let me = Self {

@@ -70,6 +70,10 @@ pub fn sort_module_order(names: &mut [String]) {
 /// Without `include` globs: the decoder linears of a supported architecture (config.json's
 /// `architectures[0]`); an unsupported or unknown architecture is an error that suggests
 /// `--include`. With globs: every 2-D tensor whose name matches one of them.
+///
+/// With the `model` feature, the files a compressed model needs later are checked first:
+/// without globs, config.json must describe the weights ([`Checkpoint::check_config`]); a
+/// tokenizer.json, when present, must parse ([`Checkpoint::check_tokenizer`]).
 pub fn select_matrices(
     checkpoint: &Checkpoint,
     architecture: Option<&str>,
@@ -93,6 +97,10 @@ pub fn select_matrices(
                 ))
             }
         }
+        // The model config must describe these weights (else the compressed file could not
+        // be evaluated): checked now rather than after hours of compression.
+        #[cfg(feature = "model")]
+        checkpoint.check_config()?;
         checkpoint
             .tensors()
             .keys()
@@ -116,6 +124,8 @@ pub fn select_matrices(
             .map(|(n, _)| n.clone())
             .collect()
     };
+    #[cfg(feature = "model")]
+    checkpoint.check_tokenizer()?;
     if names.is_empty() {
         return Err(Error::Usage(format!(
             "{}: no 2-D tensor to stack{}",
