@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Run only these groups (repeatable): `avd`, `kernels` (decode and batch), `e2e`.
+    #[arg(long, value_name = "GROUP")]
+    pub only: Vec<String>,
     /// Model directory for the end-to-end rows (default: ../shared/models/small-llama, or
     /// fixtures/tiny-qwen2 with --quick).
     #[arg(long, value_name = "DIR")]
@@ -120,6 +123,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut keys = Map::new();
     let note = |s: &str| eprintln!("bench: {s}");
+    for g in &args.only {
+        if !["avd", "kernels", "e2e"].contains(&g.as_str()) {
+            bail!("--only {g}: the groups are avd, kernels, e2e");
+        }
+    }
+    let run = |group: &str| args.only.is_empty() || args.only.iter().any(|g| g == group);
 
     // 1. AVD: one iteration fast vs exact, and the fast full decomposition.
     let mut speedups = Vec::new();
@@ -141,25 +150,47 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             svd: SvdMethod::Exact,
             ..fast
         };
-        let t = Instant::now();
-        decompose(&w, r, c, &exact, None)?;
-        let exact_iter = t.elapsed().as_secs_f64();
-        speedups.push(exact_iter / fast_iter);
-        rows.push(Row {
-            what: format!("AVD iteration {r}x{c} k={k}: fast vs exact SVD"),
-            ours: fast_iter,
-            baseline: exact_iter,
-            unit: "s",
-        });
+        if run("avd") {
+            let t = Instant::now();
+            decompose(&w, r, c, &exact, None)?;
+            let exact_iter = t.elapsed().as_secs_f64();
+            speedups.push(exact_iter / fast_iter);
+            rows.push(Row {
+                what: format!("AVD iteration {r}x{c} k={k}: fast vs exact SVD"),
+                ours: fast_iter,
+                baseline: exact_iter,
+                unit: "s",
+            });
+        }
         stacks.push((r, c, w, stack_of(&d.blocks, r, c)?));
     }
-    keys.insert(
-        "avd_iteration_speedup".into(),
-        json!(speedups.iter().copied().fold(f64::INFINITY, f64::min)),
-    );
-    let (fr, fc) = shapes[1];
+    if run("avd") {
+        keys.insert(
+            "avd_iteration_speedup".into(),
+            json!(speedups.iter().copied().fold(f64::INFINITY, f64::min)),
+        );
+        avd_full_and_quality(&stacks[1].2, shapes[1], k, &mut keys, &note)?;
+    }
+    if run("kernels") {
+        kernels(&stacks, blocks, quick, &mut rows, &mut keys, &note);
+    }
+    drop(stacks);
+    if run("e2e") {
+        e2e_group(args.model, quick, &mut rows, &mut keys, &note)?;
+    }
+    keys.insert("quick".into(), json!(quick));
+    print_results(args.json, &rows, &keys)
+}
+
+/// The full fast AVD of the large shape, and fast-vs-exact quality on a 512² matrix.
+fn avd_full_and_quality(
+    w: &[f32],
+    (fr, fc): (usize, usize),
+    k: usize,
+    keys: &mut Map<String, Value>,
+    note: &dyn Fn(&str),
+) -> Result<()> {
     note(&format!("full fast AVD {fr}x{fc}, k = {k}, niter = 16"));
-    let w = &stacks[1].2;
     let params = AvdParams {
         k,
         niter: 16,
@@ -190,11 +221,23 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         json!(e_fast / e_exact),
     );
     drop(full);
+    Ok(())
+}
 
-    // 2. Decode (one token) and 3. batch (512 tokens), 4 blocks, vs dense f32.
+type BenchStack = (usize, usize, Vec<f32>, LoadedStack);
+
+/// Decode (one token) and batch (512 tokens), 4 blocks, against dense f32.
+fn kernels(
+    stacks: &[BenchStack],
+    blocks: usize,
+    quick: bool,
+    rows: &mut Vec<Row>,
+    keys: &mut Map<String, Value>,
+    note: &dyn Fn(&str),
+) {
     let mut decode = Vec::new();
     let mut batch = Vec::new();
-    for (r, c, w, stack) in &stacks {
+    for (r, c, w, stack) in stacks {
         let (r, c) = (*r, *c);
         note(&format!("decode and batch {r}x{c}"));
         let x: Vec<f32> = (0..c).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
@@ -242,10 +285,17 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     keys.insert("decode_vs_dense_f32".into(), json!(decode[0]));
     keys.insert("decode_vs_dense_f32_large".into(), json!(decode[1]));
     keys.insert("batch_vs_dense_f32".into(), json!(batch[0]));
-    drop(stacks);
+}
 
-    // 4. End to end: the model at 4 blocks per matrix vs the dense f32 model.
-    let model_dir = match args.model {
+/// End to end: the model at 4 blocks per matrix against the dense f32 model.
+fn e2e_group(
+    model: Option<PathBuf>,
+    quick: bool,
+    rows: &mut Vec<Row>,
+    keys: &mut Map<String, Value>,
+    note: &dyn Fn(&str),
+) -> Result<()> {
+    let model_dir = match model {
         Some(d) => d,
         None if quick => PathBuf::from("fixtures/tiny-qwen2"),
         None => PathBuf::from("../shared/models/small-llama"),
@@ -261,10 +311,15 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     rows.extend(e2e_rows);
     keys.insert("e2e_decode_speedup".into(), json!(decode_ratio));
     keys.insert("e2e_eval_ratio".into(), json!(eval_ratio));
-    keys.insert("quick".into(), json!(quick));
+    Ok(())
+}
 
-    if args.json {
-        out!("{}", serde_json::to_string_pretty(&Value::Object(keys))?);
+fn print_results(as_json: bool, rows: &[Row], keys: &Map<String, Value>) -> Result<()> {
+    if as_json {
+        out!(
+            "{}",
+            serde_json::to_string_pretty(&Value::Object(keys.clone()))?
+        );
         return Ok(());
     }
     out!(
@@ -274,7 +329,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "baseline",
         "ratio"
     );
-    for r in &rows {
+    for r in rows {
         let fmt = |v: f64| match r.unit {
             "s" if v < 1e-2 => format!("{:.3} ms", v * 1e3),
             "s" => format!("{v:.3} s"),
@@ -289,7 +344,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         );
     }
     out!();
-    for (key, value) in &keys {
+    for (key, value) in keys {
         out!("{key:<40} {value}");
     }
     Ok(())
