@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use bitstack::compress::{compress as run_compress, CompressOptions};
 use bitstack::decompose::{decompose, AvdParams, SvdMethod};
 use bitstack::engine::model_of;
-use bitstack::format::{ContainerWriter, Dtype, PartData};
+use bitstack::format::ContainerWriter;
 use bitstack::model::{dense_forward, matvec, CausalLm, Sampler};
 use bitstack::runtime::{LoadedStack, StackFile};
 use clap::Args;
@@ -80,24 +80,7 @@ fn stack_of(
     let mut writer = ContainerWriter::new(Default::default());
     writer.add_matrix("w", rows, cols, "F32")?;
     for (b, block) in blocks.iter().enumerate() {
-        let k = block.k();
-        let halves = |h: &[half::f16]| h.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        writer.push_block(
-            0,
-            b,
-            "avd",
-            [("k".to_string(), k as i64)].into(),
-            vec![
-                PartData::new(
-                    "signs",
-                    Dtype::U8,
-                    vec![block.signs().as_bytes().len()],
-                    block.signs().as_bytes().to_vec(),
-                ),
-                PartData::new("u", Dtype::F16, vec![rows, k], halves(block.u())),
-                PartData::new("v", Dtype::F16, vec![k, cols], halves(block.v())),
-            ],
-        )?;
+        bitstack::compress::push_avd_block(&mut writer, 0, b, block.clone())?;
     }
     writer.set_mandatory_blocks(1);
     let container = bitstack::format::Container::from_bytes(writer.to_bytes()?)?;

@@ -482,7 +482,7 @@ pub fn compress_calibrated(
             "seq": calibration.seq,
         }),
     );
-    let summary = crate::compress::finish(
+    crate::compress::finish(
         &checkpoint,
         architecture,
         decomposed,
@@ -491,13 +491,8 @@ pub fn compress_calibrated(
         "perplexity",
         out,
         stages,
-    )?;
-    let mut summary = summary;
-    if let Some(r) = resume {
-        summary.reused = r.reused();
-        r.finish()?;
-    }
-    Ok(summary)
+        resume,
+    )
 }
 
 /// A text file as it enters the run description: its path and length.

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bitstack_decompose::{decompose, AvdParams, Decomposition};
+use bitstack_decompose::{decompose, AvdBlock, AvdParams, Decomposition};
 use bitstack_format::{ContainerWriter, Dtype, PartData};
 use bitstack_order::{
     build_level_synchronous, BlockScorer, ErrorReductionScorer, StackEntry, StackLayout,
@@ -454,24 +454,11 @@ pub fn write_container(
         let block = blocks[entry.matrix as usize][entry.block as usize]
             .take()
             .ok_or_else(|| Error::Usage("a block appears twice in the stack".into()))?;
-        let (rows, cols, k) = (block.rows(), block.cols(), block.k());
-        let (signs, u, v, _) = block.into_parts();
-        let halves = |h: Vec<half::f16>| h.iter().flat_map(|x| x.to_le_bytes()).collect();
-        writer.push_block(
+        push_avd_block(
+            &mut writer,
             entry.matrix as usize,
             entry.block as usize,
-            "avd",
-            BTreeMap::from([("k".to_string(), k as i64)]),
-            vec![
-                PartData::new(
-                    "signs",
-                    Dtype::U8,
-                    vec![signs.as_bytes().len()],
-                    signs.into_bytes(),
-                ),
-                PartData::new("u", Dtype::F16, vec![rows, k], halves(u)),
-                PartData::new("v", Dtype::F16, vec![k, cols], halves(v)),
-            ],
+            block,
         )?;
     }
     writer.set_mandatory_blocks(mandatory);
@@ -479,6 +466,36 @@ pub fn write_container(
     let layout = StackLayout::new(fixed_bytes, block_bytes, order.to_vec(), mandatory)?;
     writer.write_atomic(out)?;
     Ok(layout)
+}
+
+/// Appends an AVD block (block `index` of matrix `matrix`) to the stack being written, in
+/// the container's `avd` kind: packed signs, f16 `u` (`rows × k`) and `v` (`k × cols`).
+pub fn push_avd_block(
+    writer: &mut ContainerWriter,
+    matrix: usize,
+    index: usize,
+    block: AvdBlock,
+) -> Result<(), bitstack_format::FormatError> {
+    let (rows, cols, k) = (block.rows(), block.cols(), block.k());
+    let (signs, u, v, _) = block.into_parts();
+    let halves = |h: Vec<half::f16>| h.iter().flat_map(|x| x.to_le_bytes()).collect();
+    writer.push_block(
+        matrix,
+        index,
+        "avd",
+        BTreeMap::from([("k".to_string(), k as i64)]),
+        vec![
+            PartData::new(
+                "signs",
+                Dtype::U8,
+                vec![signs.as_bytes().len()],
+                signs.into_bytes(),
+            ),
+            PartData::new("u", Dtype::F16, vec![rows, k], halves(u)),
+            PartData::new("v", Dtype::F16, vec![k, cols], halves(v)),
+        ],
+    )?;
+    Ok(())
 }
 
 /// Compresses the checkpoint in `model_dir` into `out` without calibration: raw weights (or
@@ -502,7 +519,7 @@ pub fn compress(
     let mut scorer = decomposed.error_reduction_scorer()?;
     let order = order_blocks(&decomposed, &mut scorer, progress)?;
     stages.push(("order".to_string(), t.elapsed()));
-    let summary = finish(
+    finish(
         &checkpoint,
         architecture,
         decomposed,
@@ -511,13 +528,8 @@ pub fn compress(
         "error-reduction-per-byte",
         out,
         stages,
-    )?;
-    let mut summary = summary;
-    if let Some(r) = resume {
-        summary.reused = r.reused();
-        r.finish()?;
-    }
-    Ok(summary)
+        resume,
+    )
 }
 
 /// Writes the container and builds the summary (shared by every ordering).
@@ -531,6 +543,7 @@ pub fn finish(
     scorer_name: &str,
     out: &Path,
     mut stages: Vec<(String, Duration)>,
+    resume: Option<Checkpointer>,
 ) -> Result<CompressSummary, Error> {
     let t = Instant::now();
     let niter = options.avd.niter;
@@ -572,6 +585,13 @@ pub fn finish(
             .map(|(n, d)| (n, d.as_secs_f64()))
             .collect(),
         mean_rel_err,
-        reused: 0,
+        reused: match resume {
+            Some(r) => {
+                let reused = r.reused();
+                r.finish()?;
+                reused
+            }
+            None => 0,
+        },
     })
 }
