@@ -4,8 +4,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use bitstack::best::{compress_best, BestOptions};
 use bitstack::calibrate::{compress_calibrated, CalibrationOptions};
 use bitstack::compress::{compress as run_compress, CompressOptions};
+use bitstack::decompose::PlaneParams;
 use bitstack::decompose::SvdMethod;
 use bitstack::order::{format_size, parse_size};
 use bitstack::resume::Checkpointing;
@@ -24,6 +26,16 @@ pub enum SvdChoice {
     Exact,
 }
 
+/// What kind of stack `compress` builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeChoice {
+    /// The paper's BitStack: AVD blocks of the decoder linears, 16-bit embeddings.
+    Paper,
+    /// Nested bit planes for every matrix incl. embeddings and lm_head, ordered across
+    /// levels by measured sensitivity (docs/BEST.md): better quality per byte.
+    Best,
+}
+
 /// Options of `bitstack compress`.
 #[derive(Debug, Args)]
 pub struct CompressArgs {
@@ -32,6 +44,22 @@ pub struct CompressArgs {
     /// Output .bitstack file (written atomically).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Stack kind: `paper` (AVD, the reference method) or `best` (bit planes, docs/BEST.md).
+    #[arg(long, value_enum, default_value_t = ModeChoice::Paper)]
+    pub mode: ModeChoice,
+    /// Best mode: bit planes per matrix (the largest budget is about planes + 0.25 bits
+    /// per weight).
+    #[arg(long, default_value_t = 8)]
+    pub planes: usize,
+    /// Best mode: columns per grid group.
+    #[arg(long, default_value_t = 128)]
+    pub group: usize,
+    /// Best mode: exponent of the activation scales folded into the columns (0..1).
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f32,
+    /// Best mode: planes at which each matrix's sensitivity is probed.
+    #[arg(long, default_value_t = 3)]
+    pub probe_planes: usize,
     /// Rank of each residual block's factors.
     #[arg(long, default_value_t = 16)]
     pub k: usize,
@@ -103,6 +131,12 @@ pub fn compress(args: CompressArgs) -> Result<()> {
     let started = std::time::SystemTime::now();
     let bars = Bars::new();
     let progress = |e: bitstack::compress::Progress<'_>| bars.handle(e);
+    if args.mode == ModeChoice::Best && (args.no_calibration || args.reference) {
+        bail!("--mode best needs calibration text and is not the reference method: drop --no-calibration / --reference");
+    }
+    if args.mode == ModeChoice::Best && args.resume {
+        bail!("--resume is not supported with --mode best yet (the run takes about a minute per 100 M parameters; start it again)");
+    }
     let summary = if args.no_calibration {
         run_compress(&args.model_dir, &args.output, &options, &progress)
     } else {
@@ -124,13 +158,33 @@ pub fn compress(args: CompressArgs) -> Result<()> {
             score_windows,
             seq: args.seq,
         };
-        compress_calibrated(
-            &args.model_dir,
-            &args.output,
-            &options,
-            &calibration,
-            &progress,
-        )
+        if args.mode == ModeChoice::Best {
+            let best = BestOptions {
+                planes: PlaneParams {
+                    group: args.group,
+                    planes: args.planes,
+                },
+                alpha: args.alpha,
+                probe_planes: args.probe_planes,
+                ..BestOptions::default()
+            };
+            compress_best(
+                &args.model_dir,
+                &args.output,
+                &options,
+                &best,
+                &calibration,
+                &progress,
+            )
+        } else {
+            compress_calibrated(
+                &args.model_dir,
+                &args.output,
+                &options,
+                &calibration,
+                &progress,
+            )
+        }
     }
     .with_context(|| {
         if saved_work_since(&partial, started) {

@@ -94,6 +94,67 @@ pub enum DecomposeError {
         /// 0-based index of the block being computed.
         block: usize,
     },
+    /// A plane group size that is not a positive multiple of 8.
+    #[error("plane group size {group} is invalid (need a multiple of 8, at least 8)")]
+    InvalidGroup {
+        /// The requested group size.
+        group: usize,
+    },
+    /// More planes than [`MAX_PLANES`](crate::MAX_PLANES).
+    #[error(
+        "{planes} planes requested; at most {} are supported",
+        crate::MAX_PLANES
+    )]
+    TooManyPlanes {
+        /// The requested number of planes.
+        planes: usize,
+    },
+    /// A plane grid part (`mid` or `half`) has the wrong length.
+    #[error("plane grid {part}: expected {expected} values for a {rows}×{cols} matrix in groups of {group}, got {got}")]
+    GridLength {
+        /// `"mid"` or `"half"`.
+        part: &'static str,
+        /// Rows of the matrix.
+        rows: usize,
+        /// Columns of the matrix.
+        cols: usize,
+        /// Group size.
+        group: usize,
+        /// Expected length.
+        expected: usize,
+        /// Given length.
+        got: usize,
+    },
+    /// A plane grid value is not finite, or a half-width is negative.
+    #[error("plane grid holds an invalid value ({value}): values must be finite, half-widths ≥ 0")]
+    InvalidGrid {
+        /// The offending value.
+        value: f32,
+    },
+    /// A group's range does not fit f16.
+    #[error("row {row}, group {group}: the range [{lo}, {hi}] does not fit the f16 plane grid")]
+    GridOverflow {
+        /// Row.
+        row: usize,
+        /// Group index within the row.
+        group: usize,
+        /// Smallest value of the group.
+        lo: f32,
+        /// Largest value of the group.
+        hi: f32,
+    },
+    /// A plane's sign matrix does not have its grid's shape.
+    #[error("plane signs are {rows}×{cols} but the grid is {grid_rows}×{grid_cols}")]
+    PlaneShape {
+        /// Rows of the signs.
+        rows: usize,
+        /// Columns of the signs.
+        cols: usize,
+        /// Rows of the grid.
+        grid_rows: usize,
+        /// Columns of the grid.
+        grid_cols: usize,
+    },
     /// Building the packed sign matrix failed.
     #[error(transparent)]
     Bits(#[from] BitsError),

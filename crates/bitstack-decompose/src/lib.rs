@@ -43,6 +43,7 @@ mod avd;
 mod block;
 mod error;
 mod params;
+mod planes;
 mod significance;
 mod svd;
 
@@ -50,4 +51,8 @@ pub use avd::{decompose, decompose_with_significance, Decomposition};
 pub use block::AvdBlock;
 pub use error::{DecomposeError, ExpectedLen};
 pub use params::{AvdParams, SvdMethod};
+pub use planes::{
+    decompose_planes, PlaneBlock, PlaneDecomposition, PlaneGrid, PlaneParams, PlaneTable,
+    MAX_PLANES,
+};
 pub use significance::{ChannelWeightMap, NoSignificance, Significance};

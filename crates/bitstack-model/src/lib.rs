@@ -59,7 +59,7 @@ pub use half16::{HalfKind, HalfLinear, HalfMatrix};
 pub use linear::{dense_forward, matvec, DenseLinear, Linear};
 pub use model::{CausalLm, KvCache, LinearChooser, LinearSlot, Observer, Perplexity, Site};
 pub use sampler::{argmax, Sampler, SplitMix64};
-pub use source::{SafetensorsDir, TensorSource};
+pub use source::{RowLookup, SafetensorsDir, TensorSource};
 pub use tokenizer::{windows, TextTokenizer};
 
 /// The README's examples, compiled as doctests.

@@ -275,10 +275,22 @@ impl std::fmt::Debug for CausalLm {
 enum Embedding {
     F32(Vec<f32>),
     Half(HalfMatrix),
+    /// Rows rebuilt on demand (a stacked embedding table).
+    Rows(Arc<dyn crate::RowLookup>),
 }
 
 impl Embedding {
     fn load(source: &dyn TensorSource, name: &str, shape: [usize; 2]) -> Result<Self, ModelError> {
+        if let Some(rows) = source.tensor_rows(name) {
+            if [rows.rows(), rows.cols()] != shape {
+                return Err(ModelError::TensorShape {
+                    name: name.into(),
+                    expected: shape.to_vec(),
+                    found: vec![rows.rows(), rows.cols()],
+                });
+            }
+            return Ok(Self::Rows(rows));
+        }
         match source.tensor_half(name) {
             Some(m) if [m.rows(), m.cols()] == shape => Ok(Self::Half(m)),
             _ => Ok(Self::F32(load_vec(source, name, &shape)?)),
@@ -290,6 +302,12 @@ impl Embedding {
         Ok(match self {
             Self::F32(w) => Arc::new(DenseLinear::new(w.clone(), rows, cols)?),
             Self::Half(m) => Arc::new(HalfLinear::new(m.clone())),
+            Self::Rows(_) => {
+                return Err(ModelError::InvalidArgument(
+                    "the tied lm_head of a stacked embedding table must be given as a linear"
+                        .into(),
+                ))
+            }
         })
     }
 }
@@ -517,6 +535,11 @@ impl CausalLm {
                     out.resize(at + h, 0.0);
                     m.rows_into(i, &mut out[at..]);
                 }
+                Embedding::Rows(rows) => {
+                    let at = out.len();
+                    out.resize(at + h, 0.0);
+                    rows.row_into(i, &mut out[at..]);
+                }
             }
         }
         Ok(())
@@ -548,6 +571,14 @@ impl CausalLm {
         let mut obs = observer;
         self.layer_step(layer, l, hidden, tokens, 0, None, &mut obs, &mut scratch);
         Ok(())
+    }
+
+    /// The final norm of hidden states `tokens × hidden` (the input of `lm_head`).
+    pub fn final_normed(&self, hidden: &[f32], tokens: usize) -> Result<Vec<f32>, ModelError> {
+        self.check_hidden(hidden, tokens)?;
+        let mut xn = vec![0.0; hidden.len()];
+        rms_norm(hidden, &self.final_norm, self.config.rms_norm_eps, &mut xn);
+        Ok(xn)
     }
 
     /// Final norm + `lm_head`: logits `tokens × vocab_size` for hidden states `tokens × hidden`.

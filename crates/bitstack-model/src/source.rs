@@ -29,6 +29,24 @@ pub trait TensorSource {
         let _ = name;
         None
     }
+    /// The 2-D tensor `name` as rows reconstructed on demand (e.g. a stacked embedding
+    /// table: a token lookup rebuilds only its row). `None` (the default): not available.
+    fn tensor_rows(&self, name: &str) -> Option<std::sync::Arc<dyn RowLookup>> {
+        let _ = name;
+        None
+    }
+}
+
+/// A matrix whose rows are produced on demand (an embedding table that is not held dense).
+pub trait RowLookup: Send + Sync {
+    /// Number of rows.
+    fn rows(&self) -> usize;
+    /// Number of columns.
+    fn cols(&self) -> usize;
+    /// Writes row `row` into `out` (`cols` values).
+    ///
+    /// Callers guarantee `row < rows()` and `out.len() == cols()`.
+    fn row_into(&self, row: usize, out: &mut [f32]);
 }
 
 #[derive(Debug, Clone)]

@@ -1,7 +1,9 @@
 //! Block kinds: how one additive refinement of a matrix is decoded and applied.
 
+use std::sync::Arc;
+
 use bitstack_bits::SignMatrix;
-use bitstack_decompose::AvdBlock;
+use bitstack_decompose::{AvdBlock, PlaneBlock, PlaneGrid, PlaneTable};
 use half::f16;
 
 /// One loaded block (owned memory). Every kind applies the same way: it adds its `Δ` to the
@@ -11,6 +13,9 @@ use half::f16;
 pub enum Block {
     /// A residual block of the absolute-value decomposition: `Δ = S ⊙ (u v)`.
     Avd(AvdBlock),
+    /// A nested bit plane: `Δ = half·2^{−(p+1)} ⊙ S` (plus the group centres for plane 0),
+    /// sharing its matrix's grid.
+    Plane(PlaneBlock),
 }
 
 /// A named part of a block as stored: dtype name, shape, bytes.
@@ -22,15 +27,75 @@ pub(crate) struct Part<'a> {
 }
 
 impl Block {
-    /// Decodes a block of `kind` for a `rows × cols` matrix from its parts.
+    /// Decodes a block of `kind` for a `rows × cols` matrix from its parts; `earlier` are the
+    /// matrix's blocks before it (a plane after the first shares the first plane's grid).
     pub(crate) fn decode(
         kind: &str,
         params: &std::collections::BTreeMap<String, i64>,
         rows: usize,
         cols: usize,
         parts: &[Part<'_>],
+        earlier: &[Arc<Block>],
     ) -> Result<Self, String> {
+        let halves = |b: &[u8]| -> Vec<f16> {
+            b.chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect()
+        };
+        let find = |name: &str, dtype: &str, kind: &str| {
+            parts
+                .iter()
+                .find(|p| p.name == name)
+                .filter(|p| p.dtype == dtype)
+                .ok_or(format!("{kind} block without a {dtype} part {name:?}"))
+        };
         match kind {
+            "planes" => {
+                let param = |name: &str| {
+                    params
+                        .get(name)
+                        .copied()
+                        .filter(|&v| v >= 0)
+                        .ok_or(format!("planes block without a parameter {name} ≥ 0"))
+                };
+                let group = param("group")? as usize;
+                let plane = param("plane")? as usize;
+                let signs = find("signs", "U8", kind)?;
+                let signs = SignMatrix::from_packed(signs.bytes.to_vec(), rows, cols)
+                    .map_err(|e| e.to_string())?;
+                let grid = if plane == 0 {
+                    let mid = find("mid", "F16", kind)?;
+                    let half = find("half", "F16", kind)?;
+                    let groups = cols.div_ceil(group.max(1));
+                    if mid.shape != [rows, groups] || half.shape != [rows, groups] {
+                        return Err(format!(
+                            "planes grid has shapes {:?} and {:?}, expected [{rows}, {groups}]",
+                            mid.shape, half.shape
+                        ));
+                    }
+                    Arc::new(
+                        PlaneGrid::new(rows, cols, group, halves(mid.bytes), halves(half.bytes))
+                            .map_err(|e| e.to_string())?,
+                    )
+                } else {
+                    match earlier.last().map(|b| b.as_ref()) {
+                        Some(Block::Plane(prev))
+                            if prev.plane() + 1 == plane && prev.grid().group() == group =>
+                        {
+                            prev.grid().clone()
+                        }
+                        _ => {
+                            return Err(format!(
+                                "plane {plane} does not follow plane {} of the same grid",
+                                plane - 1
+                            ))
+                        }
+                    }
+                };
+                PlaneBlock::new(grid, plane, signs)
+                    .map(Block::Plane)
+                    .map_err(|e| e.to_string())
+            }
             "avd" => {
                 let k = params
                     .get("k")
@@ -38,16 +103,9 @@ impl Block {
                     .filter(|&k| k > 0)
                     .ok_or("avd block without a positive parameter k")?
                     as usize;
-                let find = |name: &str, dtype: &str| {
-                    parts
-                        .iter()
-                        .find(|p| p.name == name)
-                        .filter(|p| p.dtype == dtype)
-                        .ok_or(format!("avd block without a {dtype} part {name:?}"))
-                };
-                let signs = find("signs", "U8")?;
-                let u = find("u", "F16")?;
-                let v = find("v", "F16")?;
+                let signs = find("signs", "U8", kind)?;
+                let u = find("u", "F16", kind)?;
+                let v = find("v", "F16", kind)?;
                 if u.shape != [rows, k] || v.shape != [k, cols] {
                     return Err(format!(
                         "avd factors have shapes {:?} and {:?}, expected [{rows}, {k}] and [{k}, {cols}]",
@@ -56,17 +114,12 @@ impl Block {
                 }
                 let signs = SignMatrix::from_packed(signs.bytes.to_vec(), rows, cols)
                     .map_err(|e| e.to_string())?;
-                let halves = |b: &[u8]| -> Vec<f16> {
-                    b.chunks_exact(2)
-                        .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                        .collect()
-                };
                 AvdBlock::from_parts(signs, halves(u.bytes), halves(v.bytes), k)
                     .map(Block::Avd)
                     .map_err(|e| e.to_string())
             }
             other => Err(format!(
-                "unknown block kind {other:?} (this runtime knows \"avd\"; upgrade bitstack)"
+                "unknown block kind {other:?} (this runtime knows \"avd\" and \"planes\"; upgrade bitstack)"
             )),
         }
     }
@@ -75,6 +128,7 @@ impl Block {
     pub fn byte_size(&self) -> u64 {
         match self {
             Block::Avd(b) => AvdBlock::byte_size(b.rows(), b.cols(), b.k()),
+            Block::Plane(b) => b.stored_bytes(),
         }
     }
 
@@ -82,6 +136,7 @@ impl Block {
     pub fn add_to_dense(&self, w: &mut [f32]) {
         match self {
             Block::Avd(b) => b.add_to_dense(w),
+            Block::Plane(b) => b.add_to_dense(w),
         }
     }
 
@@ -89,6 +144,7 @@ impl Block {
     pub fn add_rows_to_dense(&self, row0: usize, tile: &mut [f32]) {
         match self {
             Block::Avd(b) => b.add_rows_to_dense(row0, tile),
+            Block::Plane(b) => b.add_rows_to_dense(row0, tile),
         }
     }
 
@@ -96,6 +152,19 @@ impl Block {
     pub fn matvec_add(&self, x: &[f32], y: &mut [f32]) {
         match self {
             Block::Avd(b) => b.matvec_add(x, y),
+            Block::Plane(b) => b.matvec_add(x, y),
+        }
+    }
+
+    /// [`Block::matvec_add`] that shares one plane lookup table of `x` between the planes of
+    /// a matrix (built on first use).
+    pub fn matvec_add_shared(&self, x: &[f32], y: &mut [f32], table: &mut Option<PlaneTable>) {
+        match self {
+            Block::Avd(b) => b.matvec_add(x, y),
+            Block::Plane(b) => {
+                let t = table.get_or_insert_with(|| PlaneTable::new(x, b.grid().group()));
+                b.matvec_add_with(t, y);
+            }
         }
     }
 }

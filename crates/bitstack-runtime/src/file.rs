@@ -107,8 +107,13 @@ impl StackFile {
             .position(|m| m.name == name)
     }
 
-    /// Reads, verifies (CRC) and decodes the block at a stack position.
-    pub fn read_block(&self, position: usize) -> Result<(Block, u64), RuntimeError> {
+    /// Reads, verifies (CRC) and decodes the block at a stack position; `earlier` are the
+    /// blocks of the same matrix before it, in chain order (some kinds build on them).
+    pub fn read_block(
+        &self,
+        position: usize,
+        earlier: &[std::sync::Arc<Block>],
+    ) -> Result<(Block, u64), RuntimeError> {
         let block = self.container.block(position)?;
         let entry = block.entry();
         let m = entry.matrix;
@@ -122,14 +127,12 @@ impl StackFile {
                 bytes: tensor.bytes,
             })
             .collect();
-        let decoded =
-            Block::decode(&entry.kind, &entry.params, rows, cols, &parts).map_err(|reason| {
-                RuntimeError::BadBlock {
-                    position,
-                    matrix: self.matrix_name(m).to_string(),
-                    index: entry.index as u32,
-                    reason,
-                }
+        let decoded = Block::decode(&entry.kind, &entry.params, rows, cols, &parts, earlier)
+            .map_err(|reason| RuntimeError::BadBlock {
+                position,
+                matrix: self.matrix_name(m).to_string(),
+                index: entry.index as u32,
+                reason,
             })?;
         Ok((decoded, entry.length))
     }

@@ -222,13 +222,14 @@ impl LoadedStack {
             let want = target.per_matrix[m] as usize;
             if want > have {
                 // Read outside the matrix lock: readers keep using the old blocks meanwhile.
-                let mut fresh = Vec::with_capacity(want - have);
+                let mut chain: Vec<Arc<Block>> = self.read_blocks(m).clone();
                 for &position in &self.positions[m][have..want] {
-                    let (block, length) = self.file.read_block(position)?;
+                    let (block, length) = self.file.read_block(position, &chain)?;
                     report.bytes_read += length;
                     report.blocks_read += 1;
-                    fresh.push(Arc::new(block));
+                    chain.push(Arc::new(block));
                 }
+                let fresh = chain.split_off(have);
                 // The blocks are owned copies now: give back the map's pages at once, so that
                 // loading never holds a block twice.
                 self.file.container().release_pages();
@@ -310,8 +311,25 @@ impl LoadedStack {
         let (rows, cols) = self.file.shape(m);
         assert!(x.len() == cols && y.len() == rows, "matvec: wrong lengths");
         y.fill(0.0);
+        let mut table = None;
         for block in self.read_blocks(m).iter() {
-            block.matvec_add(x, y);
+            block.matvec_add_shared(x, y, &mut table);
+        }
+    }
+
+    /// Writes row `row` of `Ŵ` of matrix `m` into `out` (e.g. one token's embedding).
+    ///
+    /// # Panics
+    /// If `out.len() != cols` or `row` is out of range.
+    pub fn row_into(&self, m: usize, row: usize, out: &mut [f32]) {
+        let (rows, cols) = self.file.shape(m);
+        assert!(
+            row < rows && out.len() == cols,
+            "row_into: bad row or length"
+        );
+        out.fill(0.0);
+        for block in self.read_blocks(m).iter() {
+            block.add_rows_to_dense(row, out);
         }
     }
 

@@ -349,7 +349,7 @@ pub struct CalibrationOptions {
     pub seq: usize,
 }
 
-fn read_windows(
+pub(crate) fn read_windows(
     tokenizer: &bitstack_model::TextTokenizer,
     path: &std::path::Path,
     seq: usize,
@@ -496,7 +496,7 @@ pub fn compress_calibrated(
 }
 
 /// A text file as it enters the run description: its path and length.
-fn text_identity(path: &std::path::Path) -> serde_json::Value {
+pub(crate) fn text_identity(path: &std::path::Path) -> serde_json::Value {
     let len = std::fs::metadata(path).map(|m| m.len()).ok();
     serde_json::json!([
         std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),

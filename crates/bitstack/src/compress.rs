@@ -391,27 +391,22 @@ fn stored_dtype(source: SourceDtype, values: &[f32]) -> (Dtype, Vec<u8>) {
     }
 }
 
-/// Writes the container: aux files, fixed tensors (every tensor that is not stacked), then
-/// the blocks in `order`. Atomic (temporary file + rename).
-pub fn write_container(
+/// Adds the aux files and every tensor that is not in `stacked` (as a fixed tensor, with
+/// the re-parametrisation applied) to `writer`; returns the fixed tensors' bytes.
+pub(crate) fn add_aux_and_fixed(
+    writer: &mut ContainerWriter,
     checkpoint: &Checkpoint,
-    decomposed: Decomposed,
-    order: &[StackEntry],
+    stacked: &[String],
     options: &CompressOptions,
-    metadata: BTreeMap<String, serde_json::Value>,
-    out: &Path,
-) -> Result<StackLayout, Error> {
-    let block_bytes = decomposed.block_bytes();
-    let mandatory = decomposed.names.len();
+) -> Result<u64, Error> {
     let mut fixed_bytes = 0u64;
-    let mut writer = ContainerWriter::new(metadata);
     for file in AUX_FILES {
         if let Some(bytes) = checkpoint.read_file(file)? {
             writer.add_aux_file(file, bytes)?;
         }
     }
     for (name, info) in checkpoint.tensors() {
-        if decomposed.names.contains(name) {
+        if stacked.contains(name) {
             continue;
         }
         let (dtype, bytes) = if name.ends_with(".bias") {
@@ -441,6 +436,23 @@ pub fn write_container(
         fixed_bytes += bytes.len() as u64;
         writer.add_fixed(name, dtype, info.shape.clone(), bytes, info.dtype.name())?;
     }
+    Ok(fixed_bytes)
+}
+
+/// Writes the container: aux files, fixed tensors (every tensor that is not stacked), then
+/// the blocks in `order`. Atomic (temporary file + rename).
+pub fn write_container(
+    checkpoint: &Checkpoint,
+    decomposed: Decomposed,
+    order: &[StackEntry],
+    options: &CompressOptions,
+    metadata: BTreeMap<String, serde_json::Value>,
+    out: &Path,
+) -> Result<StackLayout, Error> {
+    let block_bytes = decomposed.block_bytes();
+    let mandatory = decomposed.names.len();
+    let mut writer = ContainerWriter::new(metadata);
+    let fixed_bytes = add_aux_and_fixed(&mut writer, checkpoint, &decomposed.names, options)?;
     for (i, name) in decomposed.names.iter().enumerate() {
         let (rows, cols) = decomposed.shapes[i];
         writer.add_matrix(name, rows, cols, decomposed.dtypes[i].name())?;

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use bitstack_model::{
-    CausalLm, HalfKind, HalfMatrix, Linear, ModelConfig, ModelError, TensorSource, TextTokenizer,
+    CausalLm, HalfKind, HalfMatrix, Linear, ModelConfig, ModelError, RowLookup, TensorSource,
+    TextTokenizer,
 };
 use bitstack_runtime::LoadedStack;
 
@@ -46,10 +47,41 @@ impl Linear for StackLinear {
     }
 }
 
+/// One stacked matrix of a [`LoadedStack`] as rows rebuilt on demand (a stacked embedding
+/// table: a token lookup reconstructs only its row).
+#[derive(Debug, Clone)]
+pub struct StackRows {
+    stack: Arc<LoadedStack>,
+    matrix: usize,
+}
+
+impl RowLookup for StackRows {
+    fn rows(&self) -> usize {
+        self.stack.file().shape(self.matrix).0
+    }
+
+    fn cols(&self) -> usize {
+        self.stack.file().shape(self.matrix).1
+    }
+
+    fn row_into(&self, row: usize, out: &mut [f32]) {
+        self.stack.row_into(self.matrix, row, out);
+    }
+}
+
 /// The fixed tensors of a loaded stack as a model [`TensorSource`].
-pub struct StackTensors<'a>(pub &'a LoadedStack);
+pub struct StackTensors<'a>(pub &'a Arc<LoadedStack>);
 
 impl TensorSource for StackTensors<'_> {
+    /// Stacked matrices (e.g. the embedding table in `--mode best`) are rebuilt per row.
+    fn tensor_rows(&self, name: &str) -> Option<Arc<dyn RowLookup>> {
+        let matrix = self.0.file().matrix_index(name)?;
+        Some(Arc::new(StackRows {
+            stack: self.0.clone(),
+            matrix,
+        }))
+    }
+
     fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
         let tensor = self
             .0
@@ -130,11 +162,16 @@ pub fn model_of(stack: &Arc<LoadedStack>) -> Result<CausalLm, Error> {
     let config = config_of(stack)?;
     let file = stack.file().clone();
     let source = StackTensors(stack);
+    let tied = config.tie_word_embeddings;
     let mut choose =
         |name: &str, _shape: [usize; 2]| -> Result<Option<Arc<dyn Linear>>, ModelError> {
-            Ok(file
-                .matrix_index(name)
-                .map(|m| Arc::new(StackLinear::new(stack.clone(), m)) as Arc<dyn Linear>))
+            // A tied lm_head is the stacked embedding table when that is stacked.
+            let matrix = file.matrix_index(name).or_else(|| {
+                (tied && name == "lm_head.weight")
+                    .then(|| file.matrix_index("model.embed_tokens.weight"))
+                    .flatten()
+            });
+            Ok(matrix.map(|m| Arc::new(StackLinear::new(stack.clone(), m)) as Arc<dyn Linear>))
         };
     Ok(CausalLm::from_source(config, &source, &mut choose)?)
 }

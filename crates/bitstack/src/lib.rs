@@ -50,6 +50,7 @@ pub use bitstack_order as order;
 pub use bitstack_runtime as runtime;
 
 #[cfg(feature = "model")]
+pub mod best;
 pub mod calibrate;
 pub mod checkpoint;
 pub mod compress;

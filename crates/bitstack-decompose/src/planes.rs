@@ -1,0 +1,644 @@
+//! Nested bit-plane blocks: a per-group uniform grid refined one sign bit per weight at a time.
+//!
+//! Each row of a `rows × cols` matrix is cut into groups of `group` consecutive columns. A
+//! group's values lie in `[lo, hi]`; the grid stores its centre `mid = (lo + hi) / 2` and
+//! half-width `half = (hi − lo) / 2` (f16). Plane `p` (0-based) is a ±1 matrix `S_p` chosen by
+//! successive approximation, `S_p = sign(w − ŵ_p)`, and refines the reconstruction by
+//! `half · 2^{−(p+1)} · S_p`:
+//!
+//! ```text
+//! ŵ_0 = mid,   ŵ_{p+1} = ŵ_p + half · 2^{−(p+1)} · S_p
+//! ```
+//!
+//! After `P` planes every weight is within `half · 2^{−P}` of `ŵ_P`: the reconstruction is the
+//! centre of the interval of width `2·half·2^{−P}` that the first `P` bits of the weight's
+//! position in `[lo, hi]` select — uniform `P`-bit quantization with a midrise grid, where any
+//! number of planes is a valid (prefix-consistent) reconstruction. As blocks, plane 0 carries
+//! the grid (`mid` adds to the matrix with it) and every plane is `Δ_p = half·2^{−(p+1)} ⊙ S_p`,
+//! a sign matrix with per-group scales: the sign-matrix kernels apply.
+
+use std::sync::Arc;
+
+use bitstack_bits::{SignMatrix, SignMatrixRef};
+use half::f16;
+use rayon::prelude::*;
+
+use crate::DecomposeError;
+
+/// Largest number of planes (beyond ~24 planes the steps fall below f32 resolution).
+pub const MAX_PLANES: usize = 24;
+
+/// Parameters of [`decompose_planes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlaneParams {
+    /// Columns per group (a multiple of 8, ≥ 8); each group has its own `mid` and `half`.
+    pub group: usize,
+    /// Number of planes (blocks) to compute, `1..=MAX_PLANES`.
+    pub planes: usize,
+}
+
+impl Default for PlaneParams {
+    /// `group = 128`, `planes = 8`.
+    fn default() -> Self {
+        Self {
+            group: 128,
+            planes: 8,
+        }
+    }
+}
+
+/// The per-group grid of a matrix: `mid` and `half`, row-major `rows × groups`, f16.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlaneGrid {
+    rows: usize,
+    cols: usize,
+    group: usize,
+    mid: Vec<f16>,
+    half: Vec<f16>,
+}
+
+impl PlaneGrid {
+    /// Assembles a grid, checking the lengths (`rows · ceil(cols / group)` each), that the
+    /// group is a multiple of 8 and that every value is finite with `half ≥ 0`.
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        group: usize,
+        mid: Vec<f16>,
+        half: Vec<f16>,
+    ) -> Result<Self, DecomposeError> {
+        check_group(group)?;
+        let expected = rows.checked_mul(cols.div_ceil(group));
+        for (part, got) in [("mid", mid.len()), ("half", half.len())] {
+            if expected != Some(got) {
+                return Err(DecomposeError::GridLength {
+                    part,
+                    rows,
+                    cols,
+                    group,
+                    expected: expected.unwrap_or(usize::MAX),
+                    got,
+                });
+            }
+        }
+        let bad = mid
+            .iter()
+            .map(|m| m.to_f32())
+            .chain(half.iter().map(|h| h.to_f32()))
+            .find(|v| !v.is_finite())
+            .or_else(|| half.iter().map(|h| h.to_f32()).find(|&h| h < 0.0));
+        if let Some(value) = bad {
+            return Err(DecomposeError::InvalidGrid { value });
+        }
+        Ok(Self {
+            rows,
+            cols,
+            group,
+            mid,
+            half,
+        })
+    }
+
+    /// Rows of the matrix.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of the matrix.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Columns per group.
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    /// Groups per row, `ceil(cols / group)`.
+    pub fn groups(&self) -> usize {
+        self.cols.div_ceil(self.group)
+    }
+
+    /// Group centres, row-major `rows × groups`.
+    pub fn mid(&self) -> &[f16] {
+        &self.mid
+    }
+
+    /// Group half-widths, row-major `rows × groups`.
+    pub fn half(&self) -> &[f16] {
+        &self.half
+    }
+
+    /// Stored bytes of a grid: two f16 per group.
+    pub fn byte_size(rows: usize, cols: usize, group: usize) -> u64 {
+        (rows as u64) * (cols.div_ceil(group.max(1)) as u64) * 4
+    }
+}
+
+fn check_group(group: usize) -> Result<(), DecomposeError> {
+    if group < 8 || group % 8 != 0 {
+        return Err(DecomposeError::InvalidGroup { group });
+    }
+    Ok(())
+}
+
+/// One plane: `Δ = half·2^{−(plane+1)} ⊙ S` (plus `mid` for plane 0), sharing the matrix's
+/// [`PlaneGrid`] with the other planes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlaneBlock {
+    grid: Arc<PlaneGrid>,
+    plane: usize,
+    signs: SignMatrix,
+}
+
+impl PlaneBlock {
+    /// Assembles a plane; `signs` must have the grid's shape and `plane < MAX_PLANES`.
+    pub fn new(
+        grid: Arc<PlaneGrid>,
+        plane: usize,
+        signs: SignMatrix,
+    ) -> Result<Self, DecomposeError> {
+        if plane >= MAX_PLANES {
+            return Err(DecomposeError::TooManyPlanes { planes: plane + 1 });
+        }
+        if signs.rows() != grid.rows || signs.cols() != grid.cols {
+            return Err(DecomposeError::PlaneShape {
+                rows: signs.rows(),
+                cols: signs.cols(),
+                grid_rows: grid.rows,
+                grid_cols: grid.cols,
+            });
+        }
+        Ok(Self { grid, plane, signs })
+    }
+
+    /// The shared grid.
+    pub fn grid(&self) -> &Arc<PlaneGrid> {
+        &self.grid
+    }
+
+    /// The plane number (0 carries the grid).
+    pub fn plane(&self) -> usize {
+        self.plane
+    }
+
+    /// The packed signs.
+    pub fn signs(&self) -> SignMatrixRef<'_> {
+        self.signs.as_view()
+    }
+
+    /// Splits the block into its grid, plane number and signs.
+    pub fn into_parts(self) -> (Arc<PlaneGrid>, usize, SignMatrix) {
+        (self.grid, self.plane, self.signs)
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.grid.rows
+    }
+
+    /// Columns.
+    pub fn cols(&self) -> usize {
+        self.grid.cols
+    }
+
+    /// Stored bytes of plane `plane` of a `rows × cols` matrix: the packed signs, plus the
+    /// grid for plane 0.
+    pub fn byte_size(rows: usize, cols: usize, group: usize, plane: usize) -> u64 {
+        let signs = bitstack_bits::checked_packed_len(rows, cols).unwrap_or(usize::MAX) as u64;
+        if plane == 0 {
+            signs + PlaneGrid::byte_size(rows, cols, group)
+        } else {
+            signs
+        }
+    }
+
+    /// Stored bytes of this plane.
+    pub fn stored_bytes(&self) -> u64 {
+        Self::byte_size(self.rows(), self.cols(), self.grid.group, self.plane)
+    }
+
+    /// The scale of this plane's signs: `2^{−(plane+1)}`.
+    fn factor(&self) -> f32 {
+        plane_factor(self.plane)
+    }
+
+    /// `w += Δ` for a dense row-major `rows × cols` matrix.
+    ///
+    /// # Panics
+    /// If `w.len() != rows · cols`.
+    pub fn add_to_dense(&self, w: &mut [f32]) {
+        assert_eq!(
+            w.len(),
+            self.rows() * self.cols(),
+            "add_to_dense: wrong size"
+        );
+        self.add_rows_to_dense(0, w);
+    }
+
+    /// `tile += rows row0.. of Δ` for a row-major tile of whole rows.
+    ///
+    /// # Panics
+    /// If the tile is not a whole number of rows or reaches past the last row.
+    pub fn add_rows_to_dense(&self, row0: usize, tile: &mut [f32]) {
+        let (m, n, g) = (self.rows(), self.cols(), self.grid.group);
+        assert!(n > 0 && tile.len() % n == 0, "tile is not whole rows");
+        let rows = tile.len() / n;
+        assert!(row0 + rows <= m, "tile reaches past the last row");
+        let groups = self.grid.groups();
+        let factor = self.factor();
+        let bits = self.signs.as_bytes();
+        for (i, out) in tile.chunks_exact_mut(n).enumerate() {
+            let r = row0 + i;
+            for (gi, chunk) in out.chunks_mut(g).enumerate() {
+                let at = r * groups + gi;
+                let step = self.grid.half[at].to_f32() * factor;
+                let base = if self.plane == 0 {
+                    self.grid.mid[at].to_f32()
+                } else {
+                    0.0
+                };
+                let c0 = gi * g;
+                for (j, o) in chunk.iter_mut().enumerate() {
+                    let plus = crate::block::sign_bit(bits, r * n + c0 + j);
+                    *o += base + if plus { step } else { -step };
+                }
+            }
+        }
+    }
+
+    /// `y += Δ x` straight from the packed signs (one lookup table per call; use
+    /// [`PlaneTable`] and [`PlaneBlock::matvec_add_with`] to share it between planes).
+    ///
+    /// # Panics
+    /// If `x.len() != cols` or `y.len() != rows`.
+    pub fn matvec_add(&self, x: &[f32], y: &mut [f32]) {
+        let table = PlaneTable::new(x, self.grid.group);
+        self.matvec_add_with(&table, y);
+    }
+
+    /// `y += Δ x` with a table built for `x` and this grid's group size.
+    ///
+    /// # Panics
+    /// If the table was built for another width or group, or `y.len() != rows`.
+    pub fn matvec_add_with(&self, table: &PlaneTable, y: &mut [f32]) {
+        let (m, n, g) = (self.rows(), self.cols(), self.grid.group);
+        assert_eq!(table.cols, n, "matvec_add_with: table for another width");
+        assert_eq!(table.group, g, "matvec_add_with: table for another group");
+        assert_eq!(y.len(), m, "matvec_add_with: y has the wrong length");
+        let groups = self.grid.groups();
+        let factor = self.factor();
+        let bits = self.signs.as_bytes();
+        let first = self.plane == 0;
+        let row = |r: usize| -> f32 {
+            let mut acc = 0.0f32;
+            let halves = &self.grid.half[r * groups..(r + 1) * groups];
+            let mids = &self.grid.mid[r * groups..(r + 1) * groups];
+            if n % 8 == 0 {
+                let row_bytes = &bits[r * n / 8..(r + 1) * n / 8];
+                for (gi, chunk) in row_bytes.chunks(g / 8).enumerate() {
+                    let j0 = gi * g / 8;
+                    let mut dot = 0.0f32;
+                    for (j, &byte) in chunk.iter().enumerate() {
+                        dot += table.lut[(j0 + j) * 256 + usize::from(byte)];
+                    }
+                    acc += halves[gi].to_f32() * factor * dot;
+                    if first {
+                        acc += mids[gi].to_f32() * table.group_sums[gi];
+                    }
+                }
+            } else {
+                for gi in 0..groups {
+                    let c0 = gi * g;
+                    let c1 = (c0 + g).min(n);
+                    let mut dot = 0.0f32;
+                    for c in c0..c1 {
+                        let x = table.x[c];
+                        dot += if crate::block::sign_bit(bits, r * n + c) {
+                            x
+                        } else {
+                            -x
+                        };
+                    }
+                    acc += halves[gi].to_f32() * factor * dot;
+                    if first {
+                        acc += mids[gi].to_f32() * table.group_sums[gi];
+                    }
+                }
+            }
+            acc
+        };
+        if m * n >= crate::svd::PAR_THRESHOLD * 4 && rayon::current_num_threads() > 1 {
+            y.par_iter_mut()
+                .enumerate()
+                .for_each(|(r, yr)| *yr += row(r));
+        } else {
+            for (r, yr) in y.iter_mut().enumerate() {
+                *yr += row(r);
+            }
+        }
+    }
+}
+
+/// `2^{−(plane+1)}`.
+fn plane_factor(plane: usize) -> f32 {
+    (0.5f32).powi(plane as i32 + 1)
+}
+
+/// The lookup table of one input vector for [`PlaneBlock::matvec_add_with`]: for every 8
+/// columns, the signed sums `Σ ±x` of all 256 sign patterns, and the sum of `x` per group.
+#[derive(Debug, Clone)]
+pub struct PlaneTable {
+    cols: usize,
+    group: usize,
+    lut: Vec<f32>,
+    group_sums: Vec<f32>,
+    x: Vec<f32>,
+}
+
+impl PlaneTable {
+    /// Builds the table of `x` for groups of `group` columns.
+    pub fn new(x: &[f32], group: usize) -> Self {
+        let n = x.len();
+        let mut lut = Vec::new();
+        if n % 8 == 0 {
+            lut = vec![0.0f32; n / 8 * 256];
+            for (chunk, table) in x.chunks_exact(8).zip(lut.chunks_exact_mut(256)) {
+                // Pattern bits MSB first: bit 7 − t is column t of the chunk.
+                let total: f32 = chunk.iter().sum();
+                table[0] = -total;
+                // Patterns in increasing order of their highest set bit `1 << b` (column
+                // `7 − b`): each is `(1 << b) + q` for a pattern `q < 1 << b` already filled.
+                for b in 0..8 {
+                    let bit = 1usize << b;
+                    let add = 2.0 * chunk[7 - b];
+                    for q in 0..bit {
+                        table[bit + q] = table[q] + add;
+                    }
+                }
+            }
+        }
+        let group_sums = x.chunks(group.max(1)).map(|c| c.iter().sum()).collect();
+        Self {
+            cols: n,
+            group,
+            lut,
+            group_sums,
+            x: x.to_vec(),
+        }
+    }
+}
+
+/// The planes of one matrix and their errors.
+#[derive(Debug, Clone)]
+pub struct PlaneDecomposition {
+    /// The shared grid.
+    pub grid: Arc<PlaneGrid>,
+    /// The planes, in order.
+    pub blocks: Vec<PlaneBlock>,
+    /// Weighted squared error `Σ r_i c_j (w − ŵ)²` after `b + 1` planes, `b = 0..planes`.
+    pub sq_err: Vec<f64>,
+    /// Weighted squared norm of the matrix (the error with no block loaded).
+    pub sq_norm: f64,
+    /// Relative (unweighted) Frobenius error after `b + 1` planes.
+    pub rel_err: Vec<f64>,
+}
+
+/// Decomposes `w` (`rows × cols`, row-major) into `params.planes` nested bit planes.
+///
+/// `row_weights` and `col_weights` (positive, one per row / column, default 1) weight the
+/// squared errors reported in [`PlaneDecomposition::sq_err`]; the planes themselves do not
+/// depend on them (successive approximation is optimal for every weighting).
+///
+/// # Errors
+/// A shape mismatch, a non-finite weight, a bad group or plane count, weights of the wrong
+/// length or not positive, or group bounds that do not fit f16.
+pub fn decompose_planes(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    params: &PlaneParams,
+    row_weights: Option<&[f32]>,
+    col_weights: Option<&[f32]>,
+) -> Result<PlaneDecomposition, DecomposeError> {
+    let expected = rows.checked_mul(cols);
+    if expected != Some(w.len()) || rows == 0 || cols == 0 {
+        return Err(DecomposeError::ShapeMismatch {
+            rows,
+            cols,
+            expected: crate::ExpectedLen(expected),
+            len: w.len(),
+        });
+    }
+    check_group(params.group)?;
+    if params.planes == 0 {
+        return Err(DecomposeError::ZeroIterations);
+    }
+    if params.planes > MAX_PLANES {
+        return Err(DecomposeError::TooManyPlanes {
+            planes: params.planes,
+        });
+    }
+    if let Some(index) = w.iter().position(|v| !v.is_finite()) {
+        return Err(DecomposeError::NonFinite {
+            index,
+            row: index / cols,
+            col: index % cols,
+            value: w[index],
+        });
+    }
+    let check_weights = |ws: Option<&[f32]>, len: usize| -> Result<Vec<f64>, DecomposeError> {
+        match ws {
+            None => Ok(vec![1.0; len]),
+            Some(ws) => {
+                if ws.len() != len {
+                    return Err(DecomposeError::ChannelWeightsLength {
+                        expected: len,
+                        got: ws.len(),
+                    });
+                }
+                if let Some(index) = ws.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
+                    return Err(DecomposeError::InvalidChannelWeight {
+                        index,
+                        value: ws[index],
+                    });
+                }
+                Ok(ws.iter().map(|&v| f64::from(v)).collect())
+            }
+        }
+    };
+    let rw = check_weights(row_weights, rows)?;
+    let cw = check_weights(col_weights, cols)?;
+    let g = params.group;
+    let groups = cols.div_ceil(g);
+
+    // Grid.
+    let mut mid = vec![f16::ZERO; rows * groups];
+    let mut half = vec![f16::ZERO; rows * groups];
+    for r in 0..rows {
+        let row = &w[r * cols..(r + 1) * cols];
+        for (gi, chunk) in row.chunks(g).enumerate() {
+            let lo = chunk.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let m = f16::from_f32(0.5 * lo + 0.5 * hi);
+            // Round the half-width up so that the grid still covers the group after rounding.
+            let mf = m.to_f32();
+            let need = (hi - mf).max(mf - lo).max(0.0);
+            let mut h = f16::from_f32(need);
+            if h.to_f32() < need {
+                h = f16::from_bits(h.to_bits() + 1);
+            }
+            if !m.is_finite() || !h.is_finite() {
+                return Err(DecomposeError::GridOverflow {
+                    row: r,
+                    group: gi,
+                    lo,
+                    hi,
+                });
+            }
+            mid[r * groups + gi] = m;
+            half[r * groups + gi] = h;
+        }
+    }
+    let grid = Arc::new(PlaneGrid::new(rows, cols, g, mid, half)?);
+
+    // ŵ_0 = mid.
+    let mut recon = vec![0.0f32; rows * cols];
+    for (r, out) in recon.chunks_exact_mut(cols).enumerate() {
+        for (gi, chunk) in out.chunks_mut(g).enumerate() {
+            chunk.fill(grid.mid[r * groups + gi].to_f32());
+        }
+    }
+    let weighted = |recon: &[f32]| -> f64 {
+        w.par_chunks(cols)
+            .zip(recon.par_chunks(cols))
+            .enumerate()
+            .map(|(r, (wr, qr))| {
+                let s: f64 = wr
+                    .iter()
+                    .zip(qr)
+                    .zip(&cw)
+                    .map(|((&a, &b), &c)| c * f64::from(a - b).powi(2))
+                    .sum();
+                s * rw[r]
+            })
+            .sum()
+    };
+    let sq_norm: f64 = weighted(&vec![0.0f32; rows * cols]);
+    let norm: f64 = w.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+    let mut blocks = Vec::with_capacity(params.planes);
+    let mut sq_err = Vec::with_capacity(params.planes);
+    let mut rel_err = Vec::with_capacity(params.planes);
+    let mut signs = vec![0.0f32; rows * cols];
+    for p in 0..params.planes {
+        let factor = plane_factor(p);
+        signs
+            .par_chunks_mut(cols)
+            .zip(recon.par_chunks_mut(cols))
+            .zip(w.par_chunks(cols))
+            .enumerate()
+            .for_each(|(r, ((sr, qr), wr))| {
+                for (gi, ((sc, qc), wc)) in sr
+                    .chunks_mut(g)
+                    .zip(qr.chunks_mut(g))
+                    .zip(wr.chunks(g))
+                    .enumerate()
+                {
+                    let step = grid.half[r * groups + gi].to_f32() * factor;
+                    for ((s, q), &x) in sc.iter_mut().zip(qc.iter_mut()).zip(wc) {
+                        if x >= *q {
+                            *s = 1.0;
+                            *q += step;
+                        } else {
+                            *s = -1.0;
+                            *q -= step;
+                        }
+                    }
+                }
+            });
+        let packed = SignMatrix::from_signs_of(&signs, rows, cols)?;
+        blocks.push(PlaneBlock::new(grid.clone(), p, packed)?);
+        sq_err.push(weighted(&recon));
+        let diff: f64 = w
+            .iter()
+            .zip(&recon)
+            .map(|(&a, &b)| f64::from(a - b).powi(2))
+            .sum();
+        rel_err.push(if norm > 0.0 { diff.sqrt() / norm } else { 0.0 });
+    }
+    Ok(PlaneDecomposition {
+        grid,
+        blocks,
+        sq_err,
+        sq_norm,
+        rel_err,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn error_halves_and_is_bounded() {
+        let (m, n) = (7, 40);
+        let w = pseudo(m * n, 3);
+        let params = PlaneParams {
+            group: 16,
+            planes: 6,
+        };
+        let d = decompose_planes(&w, m, n, &params, None, None).unwrap();
+        let mut dense = vec![0.0f32; m * n];
+        for (p, b) in d.blocks.iter().enumerate() {
+            b.add_to_dense(&mut dense);
+            let groups = n.div_ceil(16);
+            for r in 0..m {
+                for c in 0..n {
+                    let h = d.grid.half()[r * groups + c / 16].to_f32();
+                    let bound = h * 0.5f32.powi(p as i32 + 1) * 1.0001 + 1e-6;
+                    let e = (w[r * n + c] - dense[r * n + c]).abs();
+                    assert!(e <= bound, "plane {p} [{r},{c}]: {e} > {bound}");
+                }
+            }
+        }
+        for pair in d.rel_err.windows(2) {
+            assert!(pair[1] < pair[0] * 0.7, "{:?}", d.rel_err);
+        }
+    }
+
+    #[test]
+    fn table_matches_signed_sums() {
+        let x = pseudo(24, 9);
+        let t = PlaneTable::new(&x, 8);
+        for j in 0..3 {
+            for pattern in [0usize, 1, 37, 128, 200, 255] {
+                let want: f32 = (0..8)
+                    .map(|b| {
+                        let v = x[j * 8 + b];
+                        if (pattern >> (7 - b)) & 1 == 1 {
+                            v
+                        } else {
+                            -v
+                        }
+                    })
+                    .sum();
+                let got = t.lut[j * 256 + pattern];
+                assert!((want - got).abs() < 1e-5, "{want} vs {got}");
+            }
+        }
+    }
+}

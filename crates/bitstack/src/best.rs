@@ -1,0 +1,590 @@
+//! `compress --mode best` (docs/BEST.md): one file, any budget, resizable — with the quality
+//! per byte of a good scalar quantizer.
+//!
+//! Differences from the paper's pipeline ([`crate::calibrate`]):
+//! - the embedding table and `lm_head` are stacked matrices too (a tied table once), so the
+//!   fixed part shrinks to norms and biases;
+//! - every matrix is a chain of nested bit planes ([`bitstack_decompose::decompose_planes`]):
+//!   a per-group uniform grid refined one bit per weight per block, prefix-consistent;
+//! - columns are scaled by `s^alpha` (activation scales, folded exactly into the preceding
+//!   norms as in ALGORITHM.md §1) so that the grid spends its resolution where activations
+//!   are large;
+//! - blocks are ordered across levels by estimated loss reduction per byte: each matrix's
+//!   sensitivity `λ` is measured once (the KL divergence of the model's next-token
+//!   distribution when that matrix alone is cut to a few planes, divided by the matrix's
+//!   activation-weighted squared error there), a block's gain is `λ ×` the weighted error it
+//!   removes, and the chains are merged by gain per byte on their upper convex hulls.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bitstack_decompose::{decompose_planes, PlaneBlock, PlaneDecomposition, PlaneParams};
+use bitstack_format::{ContainerWriter, Dtype, PartData};
+use bitstack_model::{CausalLm, DenseLinear, Linear, LinearSlot, ModelConfig, Site, TextTokenizer};
+use bitstack_order::{StackEntry, StackLayout};
+use rayon::prelude::*;
+use serde_json::json;
+
+use crate::calibrate::{
+    activation_scales, read_windows, scaling_reparametrisation, text_identity, CalibrationOptions,
+    ReparametrisedSource,
+};
+use crate::checkpoint::Checkpoint;
+use crate::compress::{
+    add_aux_and_fixed, read_architecture, CompressOptions, CompressSummary, Progress,
+    Reparametrisation,
+};
+use crate::select::select_matrices;
+use crate::Error;
+
+/// Name of the token embedding table.
+pub const EMBED: &str = "model.embed_tokens.weight";
+/// Name of the output projection.
+pub const HEAD: &str = "lm_head.weight";
+
+/// Options of [`compress_best`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BestOptions {
+    /// Group size and number of planes per matrix.
+    pub planes: PlaneParams,
+    /// Exponent of the activation scales folded into the columns (0 = none, 1 = the paper's).
+    pub alpha: f32,
+    /// Number of planes at which each matrix's sensitivity is measured.
+    pub probe_planes: usize,
+    /// Calibration windows used for the `lm_head` input statistics (a subset suffices).
+    pub head_windows: usize,
+}
+
+impl Default for BestOptions {
+    /// Groups of 128, 8 planes, `alpha = 0.5`, sensitivity probed at 3 planes.
+    fn default() -> Self {
+        Self {
+            planes: PlaneParams {
+                group: 128,
+                planes: 8,
+            },
+            alpha: 0.5,
+            probe_planes: 3,
+            head_windows: 16,
+        }
+    }
+}
+
+/// Per-matrix result of the sensitivity probe.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sensitivity {
+    /// Mean KL divergence (nats per token) with this matrix alone at the probe planes.
+    pub kl: f64,
+    /// `kl` divided by the matrix's weighted squared error at the probe planes.
+    pub lambda: f64,
+}
+
+/// Compresses `model_dir` into `out` in best mode (see the module documentation).
+pub fn compress_best(
+    model_dir: &Path,
+    out: &Path,
+    options: &CompressOptions,
+    best: &BestOptions,
+    calibration: &CalibrationOptions,
+    progress: &(dyn Fn(Progress<'_>) + Sync),
+) -> Result<CompressSummary, Error> {
+    if !(best.alpha.is_finite() && (0.0..=1.0).contains(&best.alpha)) {
+        return Err(Error::Usage(format!(
+            "alpha must be between 0 and 1, got {}",
+            best.alpha
+        )));
+    }
+    if best.probe_planes == 0 || best.probe_planes > best.planes.planes {
+        return Err(Error::Usage(format!(
+            "the sensitivity probe needs 1 ..= {} planes (the planes per matrix), got {}",
+            best.planes.planes, best.probe_planes
+        )));
+    }
+    let checkpoint = Checkpoint::open(model_dir)?;
+    let architecture = read_architecture(&checkpoint)?;
+    let mut names = select_matrices(&checkpoint, architecture.as_deref(), &options.include)?;
+    for table in [EMBED, HEAD] {
+        if checkpoint.tensors().contains_key(table) && !names.iter().any(|n| n == table) {
+            names.push(table.to_string());
+        }
+    }
+    let config = ModelConfig::from_file(model_dir.join("config.json"))?;
+    let tokenizer = TextTokenizer::from_model_dir(model_dir)?;
+    let calib = read_windows(
+        &tokenizer,
+        &calibration.calib_text,
+        calibration.seq,
+        calibration.calib_windows,
+        "calibration",
+    )?;
+    let score = read_windows(
+        &tokenizer,
+        &calibration.score_text,
+        calibration.seq,
+        calibration.score_windows,
+        "scoring",
+    )?;
+    let mut stages = Vec::new();
+
+    // 1. Activation statistics of the original model.
+    let t = Instant::now();
+    let original = CausalLm::load(model_dir)?;
+    let refs: Vec<&[u32]> = calib.iter().map(Vec::as_slice).collect();
+    let scales = activation_scales(&original, &refs, progress)?;
+    let (head_sq, token_counts) = head_statistics(&original, &calib, best.head_windows)?;
+    drop(original);
+    let mut options = options.clone();
+    options.reparametrisation = if best.alpha > 0.0 {
+        let powered: Vec<[Vec<f32>; 4]> = scales
+            .iter()
+            .map(|per_site| {
+                per_site
+                    .clone()
+                    .map(|s| s.iter().map(|v| v.powf(best.alpha)).collect())
+            })
+            .collect();
+        scaling_reparametrisation(&checkpoint, &powered)?
+    } else {
+        Reparametrisation::default()
+    };
+    stages.push(("calibrate".to_string(), t.elapsed()));
+
+    // 2. Planes of every matrix.
+    let t = Instant::now();
+    progress(Progress::Stage {
+        name: "planes",
+        total: names.len() as u64,
+    });
+    let mut decompositions = Vec::with_capacity(names.len());
+    let mut shapes = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let info = checkpoint.info(name)?;
+        let [rows, cols] = info.shape[..] else {
+            return Err(Error::Checkpoint(format!(
+                "{name} has shape {:?}; only 2-D tensors can be stacked",
+                info.shape
+            )));
+        };
+        let w = options.reparametrisation.load(&checkpoint, name)?;
+        let cw = column_weights(name, &scales, &options.reparametrisation, &head_sq, &config);
+        let rw = (name == EMBED).then(|| token_counts.clone());
+        let d = decompose_planes(&w, rows, cols, &best.planes, rw.as_deref(), cw.as_deref())
+            .map_err(|e| Error::Checkpoint(format!("{name}: {e}")))?;
+        decompositions.push(d);
+        shapes.push((rows, cols));
+        progress(Progress::Step {
+            done: i as u64 + 1,
+            what: name.as_str(),
+        });
+    }
+    stages.push(("planes".to_string(), t.elapsed()));
+
+    // 3. Sensitivity of every matrix (KL probe).
+    let t = Instant::now();
+    let source = ReparametrisedSource {
+        checkpoint: &checkpoint,
+        reparametrisation: &options.reparametrisation,
+    };
+    let model = CausalLm::from_source(config.clone(), &source, &mut |_, _| Ok(None))?;
+    let sensitivities = probe_sensitivities(
+        model,
+        &names,
+        &shapes,
+        &decompositions,
+        &score,
+        best.probe_planes,
+        progress,
+    )?;
+    stages.push(("probe".to_string(), t.elapsed()));
+
+    // 4. Order: the first plane of every matrix is the base model; the rest by gain per byte.
+    let t = Instant::now();
+    let order = order_by_gain(&decompositions, &sensitivities);
+    let block_bytes: Vec<Vec<u64>> = decompositions
+        .iter()
+        .map(|d| d.blocks.iter().map(PlaneBlock::stored_bytes).collect())
+        .collect();
+    stages.push(("order".to_string(), t.elapsed()));
+
+    // 5. Write.
+    let t = Instant::now();
+    let planes = best.planes.planes;
+    let mut mean_rel_err = vec![0.0; planes];
+    let mut rel_err = serde_json::Map::new();
+    let mut sens = serde_json::Map::new();
+    for ((name, d), s) in names.iter().zip(&decompositions).zip(&sensitivities) {
+        for (b, e) in d.rel_err.iter().enumerate() {
+            mean_rel_err[b] += e / names.len() as f64;
+        }
+        rel_err.insert(name.clone(), json!(d.rel_err));
+        sens.insert(name.clone(), json!({"kl": s.kl, "lambda": s.lambda}));
+    }
+    let mut metadata = options.extra_metadata.clone();
+    metadata.insert("architecture".into(), json!(architecture));
+    metadata.insert(
+        "compress".into(),
+        json!({
+            "mode": "best",
+            "kind": "planes",
+            "group": best.planes.group,
+            "planes": planes,
+            "alpha": best.alpha,
+            "probe_planes": best.probe_planes,
+            "scorer": "kl-probe-gain-per-byte",
+            "reparametrised": !options.reparametrisation.is_identity(),
+            "tool": concat!("bitstack ", env!("CARGO_PKG_VERSION")),
+        }),
+    );
+    metadata.insert(
+        "calibration".into(),
+        json!({
+            "calib_text": text_identity(&calibration.calib_text),
+            "calib_windows": calibration.calib_windows,
+            "score_text": text_identity(&calibration.score_text),
+            "score_windows": calibration.score_windows,
+            "seq": calibration.seq,
+        }),
+    );
+    metadata.insert("rel_err".into(), serde_json::Value::Object(rel_err));
+    metadata.insert("sensitivity".into(), serde_json::Value::Object(sens));
+    let mut writer = ContainerWriter::new(metadata);
+    let fixed_bytes = add_aux_and_fixed(&mut writer, &checkpoint, &names, &options)?;
+    for (name, &(rows, cols)) in names.iter().zip(&shapes) {
+        writer.add_matrix(name, rows, cols, checkpoint.info(name)?.dtype.name())?;
+    }
+    for entry in &order {
+        let block = &decompositions[entry.matrix as usize].blocks[entry.block as usize];
+        push_plane_block(&mut writer, entry.matrix as usize, block)?;
+    }
+    writer.set_mandatory_blocks(names.len());
+    let layout = StackLayout::new(fixed_bytes, block_bytes, order.clone(), names.len())?;
+    writer.write_atomic(out)?;
+    stages.push(("write".to_string(), t.elapsed()));
+    let file_bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    Ok(CompressSummary {
+        matrices: names.len(),
+        blocks: order.len(),
+        min_memory_bytes: layout.min_memory(),
+        max_memory_bytes: layout.max_memory(),
+        file_bytes,
+        stage_seconds: stages
+            .into_iter()
+            .map(|(n, d)| (n, d.as_secs_f64()))
+            .collect(),
+        mean_rel_err,
+        reused: 0,
+    })
+}
+
+/// Mean squares of the `lm_head` inputs (final-normed hidden states) over the first
+/// `windows` calibration windows, and token counts (+1) over all calibration windows.
+fn head_statistics(
+    model: &CausalLm,
+    calib: &[Vec<u32>],
+    windows: usize,
+) -> Result<(Vec<f32>, Vec<f32>), Error> {
+    let cfg = model.config();
+    let h = cfg.hidden_size;
+    let mut counts = vec![1.0f32; cfg.vocab_size];
+    for w in calib {
+        for &t in w {
+            if let Some(c) = counts.get_mut(t as usize) {
+                *c += 1.0;
+            }
+        }
+    }
+    let parts: Vec<(Vec<f64>, usize)> = calib
+        .par_iter()
+        .take(windows.max(1))
+        .map(|w| {
+            let hidden = model.forward_hidden(w, None)?;
+            let xn = model.final_normed(&hidden, w.len())?;
+            let mut sq = vec![0.0f64; h];
+            for row in xn.chunks_exact(h) {
+                for (a, &v) in sq.iter_mut().zip(row) {
+                    *a += f64::from(v) * f64::from(v);
+                }
+            }
+            Ok((sq, w.len()))
+        })
+        .collect::<Result<_, Error>>()?;
+    let mut sq = vec![0.0f64; h];
+    let mut n = 0usize;
+    for (s, len) in parts {
+        sq.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+        n += len;
+    }
+    let head = sq
+        .iter()
+        .map(|s| ((s / n.max(1) as f64) as f32).max(1e-12))
+        .collect();
+    Ok((head, counts))
+}
+
+/// Per-column error weights of a matrix: the mean square of its (re-parametrised) input.
+fn column_weights(
+    name: &str,
+    scales: &[[Vec<f32>; 4]],
+    reparametrisation: &Reparametrisation,
+    head_sq: &[f32],
+    config: &ModelConfig,
+) -> Option<Vec<f32>> {
+    if let Some((layer, slot)) = LinearSlot::parse_weight_name(name) {
+        let site = Site::ALL.iter().position(|s| *s == slot.site())?;
+        let s = scales.get(layer)?.get(site)?;
+        let folded = reparametrisation.column_scales.get(name);
+        return Some(
+            s.iter()
+                .enumerate()
+                .map(|(j, &sj)| {
+                    let a = sj / folded.and_then(|f| f.get(j)).copied().unwrap_or(1.0);
+                    (a * a).max(1e-12)
+                })
+                .collect(),
+        );
+    }
+    // The lm_head (and a tied embedding table, which is the lm_head too) sees the final norm.
+    let is_head = name == HEAD || (name == EMBED && config.tie_word_embeddings);
+    is_head.then(|| head_sq.to_vec())
+}
+
+/// The reference hidden states of one scoring window.
+struct Reference {
+    /// Hidden state entering each layer.
+    inputs: Vec<Vec<f32>>,
+    /// Hidden state after the last layer.
+    last: Vec<f32>,
+    /// Log-probabilities `tokens × vocab`.
+    logp: Vec<f32>,
+}
+
+fn log_softmax_rows(logits: &mut [f32], vocab: usize) {
+    for row in logits.chunks_exact_mut(vocab) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+        let lse = max + sum.ln() as f32;
+        row.iter_mut().for_each(|v| *v -= lse);
+    }
+}
+
+/// Mean KL(reference ‖ model) per token for the final hidden states of one window.
+fn window_kl(
+    model: &CausalLm,
+    hidden: &[f32],
+    reference: &Reference,
+) -> Result<(f64, usize), Error> {
+    let vocab = model.config().vocab_size;
+    let tokens = hidden.len() / model.config().hidden_size;
+    let mut logq = model.final_logits(hidden, tokens)?;
+    log_softmax_rows(&mut logq, vocab);
+    let mut kl = 0.0f64;
+    for (p_row, q_row) in reference
+        .logp
+        .chunks_exact(vocab)
+        .zip(logq.chunks_exact(vocab))
+    {
+        for (&lp, &lq) in p_row.iter().zip(q_row) {
+            kl += f64::from(lp).exp() * f64::from(lp - lq);
+        }
+    }
+    Ok((kl, tokens))
+}
+
+/// Measures every matrix's sensitivity: the KL divergence when it alone holds `probe` planes.
+fn probe_sensitivities(
+    mut model: CausalLm,
+    names: &[String],
+    shapes: &[(usize, usize)],
+    decompositions: &[PlaneDecomposition],
+    windows: &[Vec<u32>],
+    probe: usize,
+    progress: &(dyn Fn(Progress<'_>) + Sync),
+) -> Result<Vec<Sensitivity>, Error> {
+    if windows.is_empty() {
+        return Err(Error::Usage(
+            "no scoring window: the scoring text is shorter than one window".into(),
+        ));
+    }
+    let layers = model.num_layers();
+    let vocab = model.config().vocab_size;
+    let references: Vec<Reference> = windows
+        .par_iter()
+        .map(|w| {
+            let mut hidden = model.embed(w)?;
+            let mut inputs = Vec::with_capacity(layers);
+            for l in 0..layers {
+                inputs.push(hidden.clone());
+                model.forward_layer(l, &mut hidden, w.len(), None)?;
+            }
+            let mut logp = model.final_logits(&hidden, w.len())?;
+            log_softmax_rows(&mut logp, vocab);
+            Ok(Reference {
+                inputs,
+                last: hidden,
+                logp,
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+    progress(Progress::Stage {
+        name: "probe",
+        total: names.len() as u64,
+    });
+    let tied = model.config().tie_word_embeddings;
+    let h = model.config().hidden_size;
+    let mut out = Vec::with_capacity(names.len());
+    for (m, name) in names.iter().enumerate() {
+        let (rows, cols) = shapes[m];
+        let d = &decompositions[m];
+        let mut rec = vec![0.0f32; rows * cols];
+        for block in &d.blocks[..probe] {
+            block.add_to_dense(&mut rec);
+        }
+        let linear = || -> Result<Arc<dyn Linear>, Error> {
+            Ok(Arc::new(DenseLinear::new(rec.clone(), rows, cols)?))
+        };
+        let kl_sum = |model: &CausalLm, from: Option<usize>| -> Result<f64, Error> {
+            let parts: Vec<(f64, usize)> = windows
+                .par_iter()
+                .zip(&references)
+                .map(|(w, r)| {
+                    let mut hidden = match from {
+                        Some(l) if l < layers => r.inputs[l].clone(),
+                        Some(_) => r.last.clone(),
+                        // The embedding table itself is probed: rows of the reconstruction.
+                        None => {
+                            let mut x = Vec::with_capacity(w.len() * h);
+                            for &t in w {
+                                let t = t as usize;
+                                x.extend_from_slice(&rec[t * h..(t + 1) * h]);
+                            }
+                            x
+                        }
+                    };
+                    for l in from.unwrap_or(0)..layers {
+                        model.forward_layer(l, &mut hidden, w.len(), None)?;
+                    }
+                    window_kl(model, &hidden, r)
+                })
+                .collect::<Result<_, Error>>()?;
+            let kl: f64 = parts.iter().map(|p| p.0).sum();
+            let n: usize = parts.iter().map(|p| p.1).sum();
+            Ok(kl / n.max(1) as f64)
+        };
+        let kl = if let Some((layer, slot)) = LinearSlot::parse_weight_name(name) {
+            let previous = model.set_linear(layer, slot, linear()?)?;
+            let kl = kl_sum(&model, Some(layer));
+            model.set_linear(layer, slot, previous)?;
+            kl?
+        } else if name == HEAD {
+            let previous = model.set_lm_head(linear()?)?;
+            let kl = kl_sum(&model, Some(layers));
+            model.set_lm_head(previous)?;
+            kl?
+        } else if name == EMBED {
+            if tied {
+                let previous = model.set_lm_head(linear()?)?;
+                let kl = kl_sum(&model, None);
+                model.set_lm_head(previous)?;
+                kl?
+            } else {
+                kl_sum(&model, None)?
+            }
+        } else {
+            return Err(Error::Unsupported(format!(
+                "{name}: best mode stacks decoder linears, the embedding table and lm_head only"
+            )));
+        };
+        let err = d.sq_err[probe - 1];
+        out.push(Sensitivity {
+            kl,
+            lambda: if err > 0.0 { kl.max(0.0) / err } else { 0.0 },
+        });
+        progress(Progress::Step {
+            done: m as u64 + 1,
+            what: name.as_str(),
+        });
+    }
+    Ok(out)
+}
+
+/// The stack: plane 0 of every matrix (in matrix order), then every other plane by
+/// `λ × weighted error removed / bytes`, each matrix's chain replaced by its upper convex
+/// hull (runs of planes whose gain per byte would increase are merged), so that merging the
+/// chains by gain per byte keeps every chain in order.
+pub fn order_by_gain(
+    decompositions: &[PlaneDecomposition],
+    sensitivities: &[Sensitivity],
+) -> Vec<StackEntry> {
+    let mut order: Vec<StackEntry> = (0..decompositions.len())
+        .map(|m| StackEntry::new(m as u32, 0))
+        .collect();
+    let mut rest: Vec<(f64, u32, u32)> = Vec::new();
+    for (m, (d, s)) in decompositions.iter().zip(sensitivities).enumerate() {
+        // Segments (gain, bytes, first, last) with non-increasing gain per byte.
+        let mut segments: Vec<(f64, f64, usize, usize)> = Vec::new();
+        for b in 1..d.blocks.len() {
+            let gain = s.lambda * (d.sq_err[b - 1] - d.sq_err[b]).max(0.0);
+            let bytes = d.blocks[b].stored_bytes().max(1) as f64;
+            segments.push((gain, bytes, b, b));
+            while segments.len() >= 2 {
+                let (g1, b1, f1, _) = segments[segments.len() - 2];
+                let (g2, b2, _, l2) = segments[segments.len() - 1];
+                if g1 / b1 < g2 / b2 {
+                    segments.truncate(segments.len() - 2);
+                    segments.push((g1 + g2, b1 + b2, f1, l2));
+                } else {
+                    break;
+                }
+            }
+        }
+        for (gain, bytes, first, last) in segments {
+            for b in first..=last {
+                rest.push((gain / bytes, m as u32, b as u32));
+            }
+        }
+    }
+    rest.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    order.extend(rest.into_iter().map(|(_, m, b)| StackEntry::new(m, b)));
+    order
+}
+
+/// Appends plane `block` of matrix `matrix` to the stack being written, as the container's
+/// `planes` kind: packed signs, plus the grid (`mid`, `half`, f16 `rows × groups`) on plane 0.
+pub fn push_plane_block(
+    writer: &mut ContainerWriter,
+    matrix: usize,
+    block: &PlaneBlock,
+) -> Result<(), bitstack_format::FormatError> {
+    let grid = block.grid();
+    let (rows, groups) = (grid.rows(), grid.groups());
+    let halves = |h: &[half::f16]| h.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let signs = block.signs().as_bytes().to_vec();
+    let mut parts = vec![PartData::new("signs", Dtype::U8, vec![signs.len()], signs)];
+    if block.plane() == 0 {
+        parts.push(PartData::new(
+            "mid",
+            Dtype::F16,
+            vec![rows, groups],
+            halves(grid.mid()),
+        ));
+        parts.push(PartData::new(
+            "half",
+            Dtype::F16,
+            vec![rows, groups],
+            halves(grid.half()),
+        ));
+    }
+    writer.push_block(
+        matrix,
+        block.plane(),
+        "planes",
+        BTreeMap::from([
+            ("group".to_string(), grid.group() as i64),
+            ("plane".to_string(), block.plane() as i64),
+        ]),
+        parts,
+    )?;
+    Ok(())
+}
