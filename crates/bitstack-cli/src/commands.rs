@@ -276,8 +276,11 @@ pub fn inspect(path: &Path, as_json: bool, with_order: bool) -> Result<()> {
     let report = json!({
         "file": path.display().to_string(),
         "architecture": meta.get("architecture"),
+        "mode": compress.get("mode").cloned().unwrap_or(json!("paper")),
         "k": compress.get("k"),
         "niter": compress.get("niter"),
+        "group": compress.get("group"),
+        "planes": compress.get("planes"),
         "scorer": compress.get("scorer"),
         "matrices": file.matrix_count(),
         "blocks": layout.order().len(),
@@ -311,15 +314,24 @@ pub fn inspect(path: &Path, as_json: bool, with_order: bool) -> Result<()> {
             .and_then(|a| a.as_str())
             .unwrap_or("(unknown)")
     );
-    out!(
-        "compression   k = {}, niter = {}, ordering: {}",
-        compress.get("k").unwrap_or(&json!("?")),
-        compress.get("niter").unwrap_or(&json!("?")),
-        compress
-            .get("scorer")
-            .and_then(|s| s.as_str())
-            .unwrap_or("?")
-    );
+    let scorer = compress
+        .get("scorer")
+        .and_then(|s| s.as_str())
+        .unwrap_or("?");
+    if compress.get("mode").and_then(|m| m.as_str()) == Some("best") {
+        out!(
+            "compression   best mode: bit planes, group = {}, planes = {}, alpha = {}, ordering: {scorer}",
+            compress.get("group").unwrap_or(&json!("?")),
+            compress.get("planes").unwrap_or(&json!("?")),
+            compress.get("alpha").unwrap_or(&json!("?")),
+        );
+    } else {
+        out!(
+            "compression   k = {}, niter = {}, ordering: {scorer}",
+            compress.get("k").unwrap_or(&json!("?")),
+            compress.get("niter").unwrap_or(&json!("?")),
+        );
+    }
     out!("matrices      {}", file.matrix_count());
     out!(
         "blocks        {} ({} base blocks){}",

@@ -356,3 +356,69 @@ fn non_finite_weights_are_refused() {
     assert!(e.contains(target) && e.contains("non-finite"), "{e}");
     assert!(!out.exists());
 }
+
+#[test]
+fn best_mode_compresses_below_the_paper_minimum_and_refuses_bad_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny-best.bitstack");
+    let data = root().join("fixtures/data");
+    let calib = data.join("calib.txt");
+    let model = tiny();
+    let base = [
+        "compress",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--mode",
+        "best",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--calib-windows",
+        "2",
+        "--score-windows",
+        "1",
+        "--seq",
+        "128",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--planes", "4"]);
+    ok(&args);
+    let report = json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert_eq!(report["mode"], "best");
+    assert_eq!(report["planes"], 4);
+    assert_eq!(report["matrices"], 29);
+    // The paper's minimum keeps the 16-bit embedding table (4.19 MB) alone; best mode's
+    // minimum is one plane of everything.
+    let min = report["min_memory_bytes"].as_u64().unwrap();
+    assert!(min < 1_500_000, "minimum {min}");
+    let test = data.join("test.txt");
+    let eval = json(&[
+        "eval",
+        out.to_str().unwrap(),
+        "--text",
+        test.to_str().unwrap(),
+        "--windows",
+        "1",
+        "--budget",
+        "3MB",
+        "--json",
+    ]);
+    assert!(eval["memory_bytes"].as_u64().unwrap() <= 3_000_000);
+    assert!(eval["ppl"].as_f64().unwrap().is_finite());
+
+    for (extra, message) in [
+        (vec!["--alpha", "1.5"], "alpha must be between 0 and 1"),
+        (vec!["--planes", "30"], "at most 24"),
+        (vec!["--group", "12"], "group size 12"),
+        (vec!["--probe-planes", "9"], "sensitivity probe needs"),
+        (vec!["--no-calibration"], "--mode best needs calibration"),
+    ] {
+        let bad = dir.path().join("bad.bitstack");
+        let mut args = base.to_vec();
+        args[3] = bad.to_str().unwrap();
+        args.extend(extra.iter().copied());
+        let stderr = fails(&args);
+        assert!(stderr.contains(message), "{extra:?}: {stderr}");
+        assert!(!bad.exists());
+    }
+}

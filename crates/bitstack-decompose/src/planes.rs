@@ -136,7 +136,7 @@ impl PlaneGrid {
 }
 
 fn check_group(group: usize) -> Result<(), DecomposeError> {
-    if group < 8 || group % 8 != 0 {
+    if group < 8 || !group.is_multiple_of(8) {
         return Err(DecomposeError::InvalidGroup { group });
     }
     Ok(())
@@ -242,7 +242,10 @@ impl PlaneBlock {
     /// If the tile is not a whole number of rows or reaches past the last row.
     pub fn add_rows_to_dense(&self, row0: usize, tile: &mut [f32]) {
         let (m, n, g) = (self.rows(), self.cols(), self.grid.group);
-        assert!(n > 0 && tile.len() % n == 0, "tile is not whole rows");
+        assert!(
+            n > 0 && tile.len().is_multiple_of(n),
+            "tile is not whole rows"
+        );
         let rows = tile.len() / n;
         assert!(row0 + rows <= m, "tile reaches past the last row");
         let groups = self.grid.groups();
@@ -259,9 +262,20 @@ impl PlaneBlock {
                     0.0
                 };
                 let c0 = gi * g;
-                for (j, o) in chunk.iter_mut().enumerate() {
-                    let plus = crate::block::sign_bit(bits, r * n + c0 + j);
-                    *o += base + if plus { step } else { -step };
+                if n.is_multiple_of(8) {
+                    // Whole bytes: 8 weights per byte through a ±1 table (vectorizes).
+                    let bytes = &bits[(r * n + c0) / 8..(r * n + c0 + chunk.len()) / 8];
+                    for (o8, &byte) in chunk.chunks_exact_mut(8).zip(bytes) {
+                        let signs = &SIGNS[usize::from(byte)];
+                        for (o, &sg) in o8.iter_mut().zip(signs) {
+                            *o += base + step * sg;
+                        }
+                    }
+                } else {
+                    for (j, o) in chunk.iter_mut().enumerate() {
+                        let plus = crate::block::sign_bit(bits, r * n + c0 + j);
+                        *o += base + if plus { step } else { -step };
+                    }
                 }
             }
         }
@@ -294,7 +308,7 @@ impl PlaneBlock {
             let mut acc = 0.0f32;
             let halves = &self.grid.half[r * groups..(r + 1) * groups];
             let mids = &self.grid.mid[r * groups..(r + 1) * groups];
-            if n % 8 == 0 {
+            if n.is_multiple_of(8) {
                 let row_bytes = &bits[r * n / 8..(r + 1) * n / 8];
                 for (gi, chunk) in row_bytes.chunks(g / 8).enumerate() {
                     let j0 = gi * g / 8;
@@ -340,6 +354,21 @@ impl PlaneBlock {
     }
 }
 
+/// For each packed byte (MSB first = first weight), its eight signs as ±1.0.
+static SIGNS: [[f32; 8]; 256] = {
+    let mut t = [[0.0f32; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut j = 0;
+        while j < 8 {
+            t[b][j] = if (b >> (7 - j)) & 1 == 1 { 1.0 } else { -1.0 };
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
 /// `2^{−(plane+1)}`.
 fn plane_factor(plane: usize) -> f32 {
     (0.5f32).powi(plane as i32 + 1)
@@ -361,7 +390,7 @@ impl PlaneTable {
     pub fn new(x: &[f32], group: usize) -> Self {
         let n = x.len();
         let mut lut = Vec::new();
-        if n % 8 == 0 {
+        if n.is_multiple_of(8) {
             lut = vec![0.0f32; n / 8 * 256];
             for (chunk, table) in x.chunks_exact(8).zip(lut.chunks_exact_mut(256)) {
                 // Pattern bits MSB first: bit 7 − t is column t of the chunk.

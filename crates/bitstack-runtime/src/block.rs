@@ -168,3 +168,82 @@ impl Block {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn params(group: i64, plane: i64) -> BTreeMap<String, i64> {
+        BTreeMap::from([("group".into(), group), ("plane".into(), plane)])
+    }
+
+    #[test]
+    fn plane_decoding_needs_its_grid_and_chain() {
+        let (rows, cols) = (2usize, 16usize);
+        let signs = [0b1010_1010u8; 4];
+        let halves: Vec<u8> = [1.0f32, 0.5, 2.0, 0.25]
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let part = |name, dtype, shape: &'static [usize], bytes| Part {
+            name,
+            dtype,
+            shape,
+            bytes,
+        };
+        let first = [
+            part("signs", "U8", &[4], &signs[..]),
+            part("mid", "F16", &[2, 2], &halves[..]),
+            part("half", "F16", &[2, 2], &halves[..]),
+        ];
+        let b0 = Block::decode("planes", &params(8, 0), rows, cols, &first, &[]).unwrap();
+        let only_signs = [part("signs", "U8", &[4], &signs[..])];
+        // Plane 1 without plane 0 before it, or after a plane of another group: refused.
+        let e = Block::decode("planes", &params(8, 1), rows, cols, &only_signs, &[]).unwrap_err();
+        assert!(e.contains("does not follow plane 0"), "{e}");
+        let b0 = Arc::new(b0);
+        let e = Block::decode(
+            "planes",
+            &params(16, 1),
+            rows,
+            cols,
+            &only_signs,
+            std::slice::from_ref(&b0),
+        )
+        .unwrap_err();
+        assert!(e.contains("does not follow"), "{e}");
+        let b1 = Block::decode(
+            "planes",
+            &params(8, 1),
+            rows,
+            cols,
+            &only_signs,
+            std::slice::from_ref(&b0),
+        )
+        .unwrap();
+        // Plane 0 adds mid + half/2·S, plane 1 adds half/4·S (mid and half share the
+        // values here: 1.0 and 0.5 for row 0's two groups).
+        let mut w = vec![0.0f32; rows * cols];
+        b0.add_to_dense(&mut w);
+        b1.add_to_dense(&mut w);
+        assert_eq!(w[0], 1.0 + 1.0 * 0.5 + 1.0 * 0.25); // bit 1: +
+        assert_eq!(w[1], 1.0 - 1.0 * 0.5 - 1.0 * 0.25); // bit 0: −
+        assert_eq!(w[8], 0.5 + 0.5 * 0.5 + 0.5 * 0.25); // second group of row 0
+                                                        // A plane 0 without its grid, or with a wrong grid shape.
+        let e = Block::decode("planes", &params(8, 0), rows, cols, &only_signs, &[]).unwrap_err();
+        assert!(e.contains("mid"), "{e}");
+        let wrong = [
+            part("signs", "U8", &[4], &signs[..]),
+            part("mid", "F16", &[4], &halves[..]),
+            part("half", "F16", &[4], &halves[..]),
+        ];
+        let e = Block::decode("planes", &params(8, 0), rows, cols, &wrong, &[]).unwrap_err();
+        assert!(e.contains("expected [2, 2]"), "{e}");
+        let e = Block::decode("planes", &params(12, 0), rows, cols, &first, &[]).unwrap_err();
+        assert!(
+            e.contains("expected [2, 2]") || e.contains("group size"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! Best mode (`compress --mode best`) on the bundled tiny model: the embedding table is
+//! stacked, plane blocks load, resize and compute like AVD blocks, and the fast runtime path
+//! (packed matvec, tiled batch product, per-row embedding lookup) gives the same perplexity
+//! as a model built from the dense reconstructions (the naive path).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bitstack::best::{compress_best, BestOptions, EMBED};
+use bitstack::calibrate::CalibrationOptions;
+use bitstack::engine::{model_of, tokenizer_of, StackTensors};
+use bitstack::model::{windows, CausalLm, DenseLinear, Linear, ModelError};
+use bitstack::runtime::Block;
+use bitstack::{CompressOptions, LoadedStack, StackFile};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn compress_tiny(dir: &std::path::Path) -> PathBuf {
+    let out = dir.join("tiny-best.bitstack");
+    let data = root().join("fixtures/data");
+    let calibration = CalibrationOptions {
+        calib_text: data.join("calib.txt"),
+        calib_windows: 4,
+        score_text: data.join("score.txt"),
+        score_windows: 1,
+        seq: 256,
+    };
+    let best = BestOptions {
+        planes: bitstack::decompose::PlaneParams {
+            group: 64,
+            planes: 5,
+        },
+        ..BestOptions::default()
+    };
+    let summary = compress_best(
+        &root().join("fixtures/tiny-qwen2"),
+        &out,
+        &CompressOptions::default(),
+        &best,
+        &calibration,
+        &|_| {},
+    )
+    .unwrap();
+    // 28 decoder linears + the tied embedding table (once).
+    assert_eq!(summary.matrices, 29);
+    assert_eq!(summary.blocks, 29 * 5);
+    out
+}
+
+/// A model whose every stacked matrix is a dense f32 reconstruction (the naive path).
+fn dense_model(stack: &Arc<LoadedStack>) -> CausalLm {
+    let file = stack.file().clone();
+    let config = bitstack::engine::config_of(stack).unwrap();
+    let tied = config.tie_word_embeddings;
+    let dense = |m: usize| -> Arc<dyn Linear> {
+        let (r, c) = file.shape(m);
+        Arc::new(DenseLinear::new(stack.reconstruct_f32(m), r, c).unwrap())
+    };
+    struct DenseEmbedding<'a> {
+        inner: StackTensors<'a>,
+        embed: Option<(Vec<usize>, Vec<f32>)>,
+    }
+    impl bitstack::model::TensorSource for DenseEmbedding<'_> {
+        fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
+            match (&self.embed, name == EMBED) {
+                (Some(e), true) => Ok(e.clone()),
+                _ => self.inner.tensor_f32(name),
+            }
+        }
+        fn contains(&self, name: &str) -> bool {
+            name == EMBED || self.inner.contains(name)
+        }
+        fn names(&self) -> Vec<String> {
+            self.inner.names()
+        }
+    }
+    let embed = file.matrix_index(EMBED).map(|m| {
+        let (r, c) = file.shape(m);
+        (vec![r, c], stack.reconstruct_f32(m))
+    });
+    let source = DenseEmbedding {
+        inner: StackTensors(stack),
+        embed,
+    };
+    CausalLm::from_source(config, &source, &mut |name, _| {
+        let m = file.matrix_index(name).or_else(|| {
+            (tied && name == "lm_head.weight")
+                .then(|| file.matrix_index(EMBED))
+                .flatten()
+        });
+        Ok(m.map(dense))
+    })
+    .unwrap()
+}
+
+#[test]
+fn planes_stack_embeddings_resize_and_match_the_dense_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = compress_tiny(dir.path());
+    let file = Arc::new(StackFile::open(&out).unwrap());
+    let manifest = file.container().manifest();
+    assert_eq!(manifest.metadata["compress"]["mode"], "best");
+    assert!(file.matrix_index(EMBED).is_some(), "embedding not stacked");
+    // Only norms and biases stay fixed.
+    for f in &manifest.fixed {
+        assert!(
+            f.name.ends_with("norm.weight") || f.name.ends_with(".bias"),
+            "{} is fixed",
+            f.name
+        );
+    }
+    assert!(manifest.blocks.iter().all(|b| b.kind == "planes"));
+    let layout = file.layout().clone();
+    // The minimum (one plane per matrix, 16-bit-free) is far below a 16-bit embedding table.
+    let embed_16bit = 8192 * 256 * 2;
+    assert!(layout.min_memory() < embed_16bit / 2);
+
+    let data = root().join("fixtures/data");
+    let stack = Arc::new(LoadedStack::load(file.clone(), layout.min_memory()).unwrap());
+    let fast = model_of(&stack).unwrap();
+    let tokenizer = tokenizer_of(&stack).unwrap();
+    let text = std::fs::read_to_string(data.join("test.txt")).unwrap();
+    let ids = tokenizer.encode(&text).unwrap();
+    let w = windows(&ids, 128, Some(1));
+    let mut best = f64::INFINITY;
+    let mut first = None;
+    let budgets = layout.budget_steps(3);
+    for &budget in budgets.iter().chain(budgets.iter().rev()) {
+        let before = stack.counters();
+        let report = stack.resize(budget).unwrap();
+        let after = stack.counters();
+        assert_eq!(stack.resident_bytes(), stack.plan().memory_bytes);
+        assert_eq!(after.bytes_read - before.bytes_read, report.bytes_read);
+        // Fast path (packed matvec / tiles / per-row embedding) vs naive dense path.
+        let naive = dense_model(&stack);
+        let fast_ppl = fast.perplexity(&w).unwrap().ppl;
+        let naive_ppl = naive.perplexity(&w).unwrap().ppl;
+        assert!(
+            ((fast_ppl - naive_ppl) / naive_ppl).abs() < 1e-4,
+            "budget {budget}: fast {fast_ppl} vs naive {naive_ppl}"
+        );
+        // One token at a time (the packed matvec of every block kind).
+        let mut cache = fast.new_cache();
+        let mut naive_cache = naive.new_cache();
+        for &t in &ids[..4] {
+            let a = fast.forward_next(t, &mut cache).unwrap();
+            let b = naive.forward_next(t, &mut naive_cache).unwrap();
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-3 * scale, "{x} vs {y}");
+            }
+        }
+        first.get_or_insert(fast_ppl);
+        best = best.min(fast_ppl);
+    }
+    assert!(best < first.unwrap(), "more planes never helped");
+}
+
+#[test]
+fn plane_rows_and_products_match_the_reconstruction() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = compress_tiny(dir.path());
+    let file = Arc::new(StackFile::open(&out).unwrap());
+    let layout = file.layout().clone();
+    let budget = (layout.min_memory() + layout.max_memory()) / 2;
+    let stack = LoadedStack::load(file.clone(), budget).unwrap();
+    for m in 0..file.matrix_count() {
+        let (rows, cols) = file.shape(m);
+        let dense = stack.reconstruct_f32(m);
+        let x: Vec<f32> = (0..cols)
+            .map(|j| ((j * 7 % 13) as f32 - 6.0) / 6.0)
+            .collect();
+        let mut y = vec![0.0f32; rows];
+        stack.matvec(m, &x, &mut y);
+        for (r, &yr) in y.iter().enumerate() {
+            let row = &dense[r * cols..(r + 1) * cols];
+            let want: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
+            let mag: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+            assert!((yr - want).abs() <= 1e-4 * mag + 1e-6, "{m} row {r}");
+        }
+        let mut row = vec![0.0f32; cols];
+        for r in [0, rows / 2, rows - 1] {
+            stack.row_into(m, r, &mut row);
+            assert_eq!(&row[..], &dense[r * cols..(r + 1) * cols]);
+        }
+    }
+    // Every block decodes to the plane kind.
+    let (block, _) = file.read_block(0, &[]).unwrap();
+    assert!(matches!(block, Block::Plane(_)));
+}
+
+#[test]
+fn truncated_plane_file_loads_its_complete_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = compress_tiny(dir.path());
+    let bytes = std::fs::read(&out).unwrap();
+    let full = Arc::new(StackFile::open(&out).unwrap());
+    let layout = full.layout().clone();
+    let cut = dir.path().join("cut.bitstack");
+    // Cut inside the blocks, past the base model.
+    let header = bytes.len() as u64 - layout.max_memory() - aux_bytes(&full);
+    let keep = header + aux_bytes(&full) + (layout.min_memory() + layout.max_memory()) / 2;
+    std::fs::write(&cut, &bytes[..keep as usize]).unwrap();
+    let file = Arc::new(StackFile::open(&cut).unwrap());
+    assert!(file.is_truncated());
+    let stack = LoadedStack::load(file.clone(), u64::MAX).unwrap();
+    assert!(stack.plan().memory_bytes <= file.layout().max_memory());
+    let model = model_of(&Arc::new(stack)).unwrap();
+    let logits = model.forward(&[1, 2, 3]).unwrap();
+    assert!(logits.iter().all(|v| v.is_finite()));
+}
+
+/// Bytes of the aux files (config, tokenizer), which precede the fixed tensors.
+fn aux_bytes(file: &StackFile) -> u64 {
+    file.container()
+        .manifest()
+        .aux_files
+        .iter()
+        .map(|a| a.length)
+        .sum()
+}
