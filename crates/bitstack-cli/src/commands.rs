@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use bitstack::best::{compress_best, BestOptions};
+use bitstack::best::{compress_best, BestOptions, BestOrder};
 use bitstack::calibrate::{compress_calibrated, CalibrationOptions};
 use bitstack::compress::{compress as run_compress, CompressOptions};
 use bitstack::decompose::PlaneParams;
@@ -36,6 +36,17 @@ pub enum ModeChoice {
     Best,
 }
 
+/// Block order of best mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OrderChoice {
+    /// Estimated loss reduction per byte, across levels.
+    Gain,
+    /// Activation-weighted output error removed per byte (no sensitivity probe).
+    OutputError,
+    /// Level by level (uniform planes per matrix at each level boundary).
+    Levels,
+}
+
 /// Options of `bitstack compress`.
 #[derive(Debug, Args)]
 pub struct CompressArgs {
@@ -57,6 +68,10 @@ pub struct CompressArgs {
     /// Best mode: exponent of the activation scales folded into the columns (0..1).
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f32,
+    /// Best mode: block order — `gain` (measured loss reduction per byte, across levels) or
+    /// `levels` (the same number of planes for every matrix at each level; a baseline).
+    #[arg(long, value_enum, default_value_t = OrderChoice::Gain)]
+    pub order: OrderChoice,
     /// Best mode: planes at which each matrix's sensitivity is probed.
     #[arg(long, default_value_t = 3)]
     pub probe_planes: usize,
@@ -166,6 +181,11 @@ pub fn compress(args: CompressArgs) -> Result<()> {
                 },
                 alpha: args.alpha,
                 probe_planes: args.probe_planes,
+                order: match args.order {
+                    OrderChoice::Gain => BestOrder::Gain,
+                    OrderChoice::OutputError => BestOrder::OutputError,
+                    OrderChoice::Levels => BestOrder::Levels,
+                },
                 ..BestOptions::default()
             };
             compress_best(

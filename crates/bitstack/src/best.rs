@@ -44,9 +44,26 @@ pub const EMBED: &str = "model.embed_tokens.weight";
 /// Name of the output projection.
 pub const HEAD: &str = "lm_head.weight";
 
+/// How best mode orders the planes after the base model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BestOrder {
+    /// By estimated loss reduction per byte (KL-probe sensitivity × weighted error removed),
+    /// across levels.
+    Gain,
+    /// By layer-output error removed per byte (activation-weighted squared error, the same
+    /// weight `λ = 1` for every matrix): no probe, data only through the activation scales.
+    OutputError,
+    /// Level by level in matrix order (plane 1 of every matrix, then plane 2, ...): the
+    /// same number of planes for every matrix at each level boundary (a baseline).
+    Levels,
+}
+
 /// Options of [`compress_best`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BestOptions {
+    /// Block ordering.
+    pub order: BestOrder,
     /// Group size and number of planes per matrix.
     pub planes: PlaneParams,
     /// Exponent of the activation scales folded into the columns (0 = none, 1 = the paper's).
@@ -61,6 +78,7 @@ impl Default for BestOptions {
     /// Groups of 128, 8 planes, `alpha = 0.5`, sensitivity probed at 3 planes.
     fn default() -> Self {
         Self {
+            order: BestOrder::Gain,
             planes: PlaneParams {
                 group: 128,
                 planes: 8,
@@ -188,20 +206,34 @@ pub fn compress_best(
         reparametrisation: &options.reparametrisation,
     };
     let model = CausalLm::from_source(config.clone(), &source, &mut |_, _| Ok(None))?;
-    let sensitivities = probe_sensitivities(
-        model,
-        &names,
-        &shapes,
-        &decompositions,
-        &score,
-        best.probe_planes,
-        progress,
-    )?;
+    let sensitivities = if best.order == BestOrder::Gain {
+        probe_sensitivities(
+            model,
+            &names,
+            &shapes,
+            &decompositions,
+            &score,
+            best.probe_planes,
+            progress,
+        )?
+    } else {
+        drop(model);
+        vec![
+            Sensitivity {
+                kl: f64::NAN,
+                lambda: 1.0
+            };
+            names.len()
+        ]
+    };
     stages.push(("probe".to_string(), t.elapsed()));
 
     // 4. Order: the first plane of every matrix is the base model; the rest by gain per byte.
     let t = Instant::now();
-    let order = order_by_gain(&decompositions, &sensitivities);
+    let order = match best.order {
+        BestOrder::Gain | BestOrder::OutputError => order_by_gain(&decompositions, &sensitivities),
+        BestOrder::Levels => order_by_levels(&decompositions),
+    };
     let block_bytes: Vec<Vec<u64>> = decompositions
         .iter()
         .map(|d| d.blocks.iter().map(PlaneBlock::stored_bytes).collect())
@@ -232,7 +264,11 @@ pub fn compress_best(
             "planes": planes,
             "alpha": best.alpha,
             "probe_planes": best.probe_planes,
-            "scorer": "kl-probe-gain-per-byte",
+            "scorer": match best.order {
+                BestOrder::Gain => "kl-probe-gain-per-byte",
+                BestOrder::OutputError => "output-error-per-byte",
+                BestOrder::Levels => "levels",
+            },
             "reparametrised": !options.reparametrisation.is_identity(),
             "tool": concat!("bitstack ", env!("CARGO_PKG_VERSION")),
         }),
@@ -548,6 +584,20 @@ pub fn order_by_gain(
     rest.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     order.extend(rest.into_iter().map(|(_, m, b)| StackEntry::new(m, b)));
     order
+}
+
+/// Plane by plane: every matrix's plane 0, then every matrix's plane 1, ...
+pub fn order_by_levels(decompositions: &[PlaneDecomposition]) -> Vec<StackEntry> {
+    let depth = decompositions.iter().map(|d| d.blocks.len()).max().unwrap_or(0);
+    (0..depth)
+        .flat_map(|b| {
+            decompositions
+                .iter()
+                .enumerate()
+                .filter(move |(_, d)| b < d.blocks.len())
+                .map(move |(m, _)| StackEntry::new(m as u32, b as u32))
+        })
+        .collect()
 }
 
 /// Appends plane `block` of matrix `matrix` to the stack being written, as the container's
