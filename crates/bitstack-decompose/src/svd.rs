@@ -1,8 +1,9 @@
 //! Top-k singular triplets of a (nonnegative) row-major matrix: exact and randomized.
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 use crate::SvdMethod;
 
@@ -90,13 +91,13 @@ fn randomized(
     let mut q = orthonormal_basis(y_t.transpose());
     let mut z = Mat::<f32>::zeros(n, l);
     for _ in 0..power_iters {
-        matmul(z.as_mut(), Accum::Replace, at, q.as_ref(), 1.0, par);
+        at_times(z.as_mut(), at, q.as_ref(), par);
         let qz = orthonormal_basis(z.as_ref());
         matmul(y_t.as_mut(), Accum::Replace, qz.transpose(), at, 1.0, par);
         q = orthonormal_basis(y_t.transpose());
     }
     // Bᵀ = Aᵀ Q (n×l);  Bᵀ = P Σ Rᵀ  ⇒  A ≈ Q B = (Q R) Σ Pᵀ.
-    matmul(z.as_mut(), Accum::Replace, at, q.as_ref(), 1.0, par);
+    at_times(z.as_mut(), at, q.as_ref(), par);
     let svd = z.thin_svd().map_err(|_| NoConvergence)?;
     let s: Vec<f32> = (0..k).map(|r| svd.S()[r]).collect();
     let mut u = Mat::<f32>::zeros(m, k);
@@ -110,6 +111,48 @@ fn randomized(
     );
     let v = svd.U().subcols(0, k).to_owned();
     Ok((u, s, v))
+}
+
+/// Rows of `A` per partial product in [`at_times`].
+const AT_CHUNK: usize = 1024;
+
+/// `z = Aᵀ q` for `at = Aᵀ` (`n × m`, column-major) and `q` (`m × w`).
+///
+/// The reduction runs over the long dimension `m`, which faer does not split across threads
+/// (one thread does all the work); so the rows of `A` are cut into fixed chunks of
+/// [`AT_CHUNK`], whose partial products run in parallel and are added in chunk order. The
+/// chunking does not depend on the thread count, so neither does the result.
+fn at_times(mut z: MatMut<'_, f32>, at: MatRef<'_, f32>, q: MatRef<'_, f32>, par: Par) {
+    let (n, m) = at.shape();
+    let w = q.ncols();
+    let chunks = m.div_ceil(AT_CHUNK);
+    if chunks <= 1 {
+        // One chunk: faer splits the n output rows (the reduction order is unchanged).
+        matmul(z, Accum::Replace, at, q, 1.0, par);
+        return;
+    }
+    let partial = |c: usize| {
+        let r0 = c * AT_CHUNK;
+        let len = AT_CHUNK.min(m - r0);
+        let mut p = Mat::<f32>::zeros(n, w);
+        matmul(
+            p.as_mut(),
+            Accum::Replace,
+            at.subcols(r0, len),
+            q.subrows(r0, len),
+            1.0,
+            Par::Seq,
+        );
+        p
+    };
+    let parts: Vec<Mat<f32>> = match par {
+        Par::Seq => (0..chunks).map(partial).collect(),
+        Par::Rayon(_) => (0..chunks).into_par_iter().map(partial).collect(),
+    };
+    z.copy_from(&parts[0]);
+    for p in &parts[1..] {
+        z += p;
+    }
 }
 
 /// Thin Q of a tall matrix (Householder QR), column-major.
@@ -225,6 +268,32 @@ mod tests {
         let r2 = top_k_split(&a, m, n, k, SvdMethod::DEFAULT_RANDOMIZED, 42).unwrap();
         assert_eq!(r1.u, r2.u);
         assert_eq!(r1.v, r2.v);
+    }
+
+    #[test]
+    fn chunked_at_times_matches_matmul() {
+        let (m, n, w) = (2 * AT_CHUNK + 37, 23, 5);
+        let a = gaussian(n, m, 4); // Aᵀ, column-major n×m
+        let q = gaussian(m, w, 5);
+        let mut want = Mat::<f32>::zeros(n, w);
+        matmul(
+            want.as_mut(),
+            Accum::Replace,
+            a.as_ref(),
+            q.as_ref(),
+            1.0,
+            Par::Seq,
+        );
+        for par in [Par::Seq, Par::rayon(2)] {
+            let mut got = Mat::<f32>::zeros(n, w);
+            at_times(got.as_mut(), a.as_ref(), q.as_ref(), par);
+            for i in 0..n {
+                for j in 0..w {
+                    let (x, y) = (got[(i, j)], want[(i, j)]);
+                    assert!((x - y).abs() < 1e-3 * (1.0 + y.abs()), "{x} vs {y}");
+                }
+            }
+        }
     }
 
     #[test]
