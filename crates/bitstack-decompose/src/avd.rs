@@ -84,6 +84,7 @@ pub fn decompose(
 
     let mut blocks = Vec::with_capacity(params.niter);
     let mut rel_err = Vec::with_capacity(params.niter);
+    let mut warm: Option<faer::Mat<f32>> = None;
     // The reference mode keeps faer's products, so that its blocks are exactly those of
     // the unfused implementation it was validated with.
     let products = if params.svd == SvdMethod::Exact {
@@ -95,8 +96,17 @@ pub fn decompose(
         let seed = params
             .seed
             .wrapping_add((it as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let f = top_k_split(&a, m, n, k, params.svd, seed)
-            .map_err(|_| DecomposeError::SvdNoConvergence { block: it })?;
+        let mut f = top_k_split(
+            &a,
+            m,
+            n,
+            k,
+            params.svd,
+            seed,
+            warm.as_ref().map(|b| b.as_ref()),
+        )
+        .map_err(|_| DecomposeError::SvdNoConvergence { block: it })?;
+        warm = f.basis.take();
         let u16v = to_f16(&f.u, it, "u", |_| 1.0)?;
         // Stored v is in the original coordinates: v[r, j] / s_j.
         let v16v = to_f16(&f.v, it, "v", |idx| s[idx % n])?;
