@@ -9,32 +9,49 @@ pub enum SvdMethod {
     /// This is what the reference implementation does; it is slow (`O(m·n·min(m, n))` per
     /// block) and meant for verification.
     Exact,
-    /// A randomized range finder with power iterations (Halko, Martinsson & Tropp 2011):
-    /// `O(m·n·(k + oversample)·(2·power_iters + 2))` per block.
+    /// A randomized range finder with power iterations (Halko, Martinsson & Tropp 2011),
+    /// optionally warm-started and with a block Krylov Rayleigh–Ritz step (Musco & Musco
+    /// 2015): `2·power_iters + 2` products of `|R|` or `|R|ᵀ` with `k + oversample` columns
+    /// per block (the last one `power_iters·(k + oversample)` wide with `block_krylov`).
     ///
     /// The sketch is re-orthonormalised (QR) after every product with `|R|` or `|R|ᵀ`, and the
     /// Gaussian test matrix is drawn deterministically from [`AvdParams::seed`] and the
-    /// block index.
+    /// block index: the result depends only on the inputs, not on the thread count.
     Randomized {
         /// Extra sketch columns beyond `k` (clamped so that `k + oversample ≤ min(m, n)`).
         oversample: usize,
         /// Number of power iterations (each costs two products with `|R|`).
         power_iters: usize,
+        /// Start each block's sketch from the previous block's right Ritz vectors (plus
+        /// `⌈oversample / 2⌉` fresh Gaussian columns) instead of a Gaussian matrix.
+        warm_start: bool,
+        /// Rayleigh–Ritz on the whole block Krylov space `[Y₀, Y₁, …, Y_q]` of the power
+        /// iterations (width `(k + oversample)·(power_iters + 1)`) instead of on the last
+        /// block only: the same products with `|R|`, except a wider last one, and a much more
+        /// accurate top-`k` subspace when the spectrum has no gap after `σ_k`.
+        block_krylov: bool,
     },
 }
 
 impl SvdMethod {
-    /// The default randomized setting: `oversample = 16`, `power_iters = 4`.
+    /// The default randomized setting: `oversample = 16`, `power_iters = 2`, warm start,
+    /// block Krylov (6 products with `|R|` per block, the last one 32·2 = 64 columns wide at
+    /// k = 16).
     ///
-    /// On the test models' real weights (raw, k = 2 and k = 4, 16 blocks) the mean relative
-    /// error after 16 blocks is within 0.2 % of [`SvdMethod::Exact`]'s and every matrix's
-    /// within 1 % (the remaining per-matrix differences, of either sign, are the greedy
-    /// iteration's sensitivity to small perturbations; more power iterations do not remove
-    /// them). `oversample = 8` costs ~25 % less at k = 16 with the mean still within 0.2 %
-    /// but single matrices up to 1.3 % worse.
+    /// Measured (docs/NOTES.md, `examples/avd_quality.rs`, `bitstack bench --only avd`):
+    /// on every small-llama matrix (raw, k = 4, 16 blocks) the error after 16 blocks is at most
+    /// 1.0095× [`SvdMethod::Exact`]'s (mean 1.002×; the per-matrix differences, of either
+    /// sign, are the greedy iteration's sensitivity to small perturbations), and 1.005× on the
+    /// bench's synthetic 512×512 matrix at k = 16. At 14336×4096, k = 16 one block costs
+    /// ~0.6× the previous default's (`oversample = 16`, `power_iters = 4`, cold start, no
+    /// Krylov step: 10 products, max ratio 1.0086, mean 1.0013, synthetic 1.010).
+    /// `oversample = 20` gave max 1.0067 at ~20 % more time per block; cold-started block
+    /// Krylov with the same products, max 1.0108.
     pub const DEFAULT_RANDOMIZED: SvdMethod = SvdMethod::Randomized {
         oversample: 16,
-        power_iters: 4,
+        power_iters: 2,
+        warm_start: true,
+        block_krylov: true,
     };
 }
 
