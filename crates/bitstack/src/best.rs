@@ -588,7 +588,11 @@ pub fn order_by_gain(
 
 /// Plane by plane: every matrix's plane 0, then every matrix's plane 1, ...
 pub fn order_by_levels(decompositions: &[PlaneDecomposition]) -> Vec<StackEntry> {
-    let depth = decompositions.iter().map(|d| d.blocks.len()).max().unwrap_or(0);
+    let depth = decompositions
+        .iter()
+        .map(|d| d.blocks.len())
+        .max()
+        .unwrap_or(0);
     (0..depth)
         .flat_map(|b| {
             decompositions
