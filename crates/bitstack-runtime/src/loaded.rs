@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use bitstack_bits::{Parallelism, Simd};
 use bitstack_order::Plan;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -302,7 +303,9 @@ impl LoadedStack {
         out
     }
 
-    /// `y = Ŵ x` for matrix `m`, from the packed blocks (no dense `Ŵ` is built).
+    /// `y = Ŵ x` for matrix `m`, from the packed blocks (no dense `Ŵ` is built): all the
+    /// matrix's blocks go through one call of the decode kernel
+    /// ([`bitstack_bits::lowrank_matvec_add`]), which splits the work between rayon's threads.
     ///
     /// # Panics
     /// If `x.len() != cols` or `y.len() != rows`.
@@ -310,7 +313,10 @@ impl LoadedStack {
         let (rows, cols) = self.file.shape(m);
         assert!(x.len() == cols && y.len() == rows, "matvec: wrong lengths");
         y.fill(0.0);
-        for block in self.read_blocks(m).iter() {
+        let blocks = self.read_blocks(m);
+        let lowrank: Vec<_> = blocks.iter().filter_map(|b| b.as_lowrank()).collect();
+        bitstack_bits::lowrank_matvec_add(&lowrank, x, y, Parallelism::Auto, Simd::Auto);
+        for block in blocks.iter().filter(|b| b.as_lowrank().is_none()) {
             block.matvec_add(x, y);
         }
     }
