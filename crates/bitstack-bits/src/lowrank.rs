@@ -7,9 +7,10 @@
 //! thus costs two table reads added to `k` accumulators held in registers. The accumulators
 //! of a row (`A[r, j] = Σ_c S[r, c]·z_j[c]`) are dotted with `u[r, :]` at the end.
 //!
-//! Cache blocking: the tables of a chunk of column groups are built at once (about 256 KiB,
-//! kept in L2); the rows are swept in tiles of 64 (their sign bytes and accumulators stay in
-//! L1), each tile sweeping the chunk's tables 16 KiB (an L1's worth) at a time.
+//! Cache blocking: rows go in blocks whose accumulators fit in L2 (256 KiB); for each, the
+//! tables of a chunk of column groups are built at once (about 256 KiB, kept in L2) and the
+//! rows are swept in tiles of 64 (their sign bytes and accumulators stay in L1), each tile
+//! sweeping the chunk's tables 16 KiB (an L1's worth) at a time.
 //!
 //! Threads: with [`Parallelism::Auto`] and a large problem the chunks of every block are split
 //! into one contiguous share per rayon thread; each thread builds only its own tables and
@@ -34,6 +35,8 @@ const CHUNK_TABLE_BYTES: usize = 256 << 10;
 const SUB_TABLE_BYTES: usize = 16 << 10;
 /// Rows per tile: their sign bytes and accumulators stay in L1 while the tile sweeps a chunk.
 const ROW_TILE: usize = 64;
+/// Bytes of accumulators of one block of rows (4096 rows of 16 floats), kept in L2.
+const ROW_BLOCK_ACC_BYTES: usize = 256 << 10;
 /// Table entries per 8-column group: two tables of 16, one per half byte.
 const ENTRIES: usize = 32;
 
@@ -235,29 +238,39 @@ fn run_share(problems: &[Problem<'_>], i: usize, parts: usize, y: &mut [f32]) {
     with_buffers(|buffers| {
         for p in problems {
             let (g0, g1) = p.share(i, parts);
-            if g0 < g1 {
-                let acc = sized(&mut buffers.acc, y.len() * p.stride);
+            if g0 >= g1 {
+                continue;
+            }
+            // Row blocks small enough that their accumulators stay in L2 next to the tables
+            // (the chunk's tables are rebuilt for each: a few per cent of the lookups).
+            let block_rows = (ROW_BLOCK_ACC_BYTES / (4 * p.stride)).max(ROW_TILE);
+            let mut r0 = 0;
+            while r0 < y.len() {
+                let r1 = (r0 + block_rows).min(y.len());
+                let acc = sized(&mut buffers.acc, (r1 - r0) * p.stride);
                 acc.fill(0.0);
-                run_range(p, g0, g1, buffers);
+                run_range(p, (g0, g1), r0, r1 - r0, buffers);
                 apply_u(
                     p,
-                    &buffers.acc[..y.len() * p.stride],
+                    r0,
+                    &buffers.acc[..(r1 - r0) * p.stride],
                     &mut buffers.widened,
-                    y,
+                    &mut y[r0..r1],
                 );
+                r0 = r1;
             }
         }
     });
 }
 
-/// `y[r] += Σ_j u[r, j] · acc[r·stride + j]`.
-fn apply_u(p: &Problem<'_>, acc: &[f32], widened: &mut Vec<f32>, y: &mut [f32]) {
+/// `y[i] += Σ_j u[first_row + i, j] · acc[i·stride + j]`.
+fn apply_u(p: &Problem<'_>, first_row: usize, acc: &[f32], widened: &mut Vec<f32>, y: &mut [f32]) {
     const ROWS: usize = 256;
     let (k, stride) = (p.k, p.stride);
     for ((y_rows, acc_rows), u_half) in y
         .chunks_mut(ROWS)
         .zip(acc.chunks(ROWS * stride))
-        .zip(p.u.chunks(ROWS * k))
+        .zip(p.u[first_row * k..].chunks(ROWS * k))
     {
         let u_rows = sized(widened, u_half.len());
         widen_into(u_half, u_rows);
@@ -271,12 +284,18 @@ fn apply_u(p: &Problem<'_>, acc: &[f32], widened: &mut Vec<f32>, y: &mut [f32]) 
     }
 }
 
-/// Adds the sign products of column groups `g0..g1` to the accumulators `buffers.acc`
-/// (`rows × stride`: `acc[r·stride + j] += Σ_c S[r, c]·z_j[c]`).
-fn run_range(p: &Problem<'_>, g0: usize, g1: usize, buffers: &mut Buffers) {
+/// Adds the sign products of column groups `g0..g1` and rows `first_row..first_row + rows` to
+/// the accumulators `buffers.acc` (`rows × stride`:
+/// `acc[i·stride + j] += Σ_c S[first_row + i, c]·z_j[c]`).
+fn run_range(
+    p: &Problem<'_>,
+    (g0, g1): (usize, usize),
+    first_row: usize,
+    rows: usize,
+    buffers: &mut Buffers,
+) {
     let (stride, cg) = (p.stride, p.chunk_groups);
-    let m = p.s.rows();
-    let acc = &mut buffers.acc[..m * stride];
+    let acc = &mut buffers.acc[..rows * stride];
     let z = sized(&mut buffers.z, 8 * cg * stride);
     let tables = sized(&mut buffers.tables, ENTRIES * cg * stride);
     let scratch = sized(&mut buffers.scratch, ROW_TILE * cg);
@@ -296,10 +315,12 @@ fn run_range(p: &Problem<'_>, g0: usize, g1: usize, buffers: &mut Buffers) {
                 {
                     build_table(table, zg, stride);
                 }
-                sweep_portable(p, tables, c0, c1, acc, scratch);
+                sweep_portable(p, tables, (c0, c1), first_row, acc, scratch);
             }
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 { nz } => avx512::range(nz, p, z, tables, c0, c1, acc, scratch),
+            Kernel::Avx512 { nz } => {
+                avx512::range(nz, p, z, tables, (c0, c1), first_row, acc, scratch);
+            }
         }
         c0 = c1;
     }
@@ -368,14 +389,14 @@ fn build_half(table: &mut [f32], z: &[f32], stride: usize) {
 fn sweep_portable(
     p: &Problem<'_>,
     tables: &[f32],
-    c0: usize,
-    c1: usize,
+    (c0, c1): (usize, usize),
+    first_row: usize,
     acc: &mut [f32],
     scratch: &mut [u8],
 ) {
     let (k, stride) = (p.k, p.stride);
-    for (r, acc_row) in acc.chunks_exact_mut(stride).enumerate() {
-        let bytes = p.s.row_group_bytes(r, c0, c1, scratch);
+    for (i, acc_row) in acc.chunks_exact_mut(stride).enumerate() {
+        let bytes = p.s.row_group_bytes(first_row + i, c0, c1, scratch);
         for (table, &b) in tables.chunks_exact(ENTRIES * stride).zip(bytes) {
             let hi = usize::from(b >> 4) * stride;
             let lo = (16 + usize::from(b & 15)) * stride;
@@ -408,8 +429,8 @@ mod avx512 {
         p: &Problem<'_>,
         z: &[f32],
         tables: &mut [f32],
-        c0: usize,
-        c1: usize,
+        (c0, c1): (usize, usize),
+        first_row: usize,
         acc: &mut [f32],
         scratch: &mut [u8],
     ) {
@@ -420,7 +441,8 @@ mod avx512 {
             && tables.len() == count * ENTRIES * p.stride
             && z.len() >= count * 8 * p.stride
             && scratch.len() >= super::ROW_TILE * count
-            && acc.len() == p.s.rows() * p.stride;
+            && acc.len().is_multiple_of(p.stride)
+            && first_row + acc.len() / p.stride <= p.s.rows();
         if !usable {
             for (table, zg) in tables
                 .chunks_exact_mut(ENTRIES * p.stride)
@@ -428,46 +450,46 @@ mod avx512 {
             {
                 super::build_table(table, zg, p.stride);
             }
-            return super::sweep_portable(p, tables, c0, c1, acc, scratch);
+            return super::sweep_portable(p, tables, (c0, c1), first_row, acc, scratch);
         }
         // SAFETY: AVX-512 F was detected just above, and the buffer lengths the kernels
         // require were checked with it.
         unsafe {
             if nz == 1 {
-                range_nz::<1>(p, z, tables, c0, c1, acc, scratch);
+                range_nz::<1>(p, z, tables, (c0, c1), first_row, acc, scratch);
             } else {
-                range_nz::<2>(p, z, tables, c0, c1, acc, scratch);
+                range_nz::<2>(p, z, tables, (c0, c1), first_row, acc, scratch);
             }
         }
     }
 
-    /// Tables and the row sweep of column groups `c0..c1` with `NZ` zmm per entry.
+    /// Tables and the row sweep of column groups `c0..c1` with `NZ` zmm per entry, for the
+    /// rows `first_row..` that `acc` holds (`16·NZ` accumulators each).
     ///
     /// # Safety
-    /// AVX-512 F must be available; `p.stride == 16·NZ`; `tables.len() == (c1 - c0)·256·16·NZ`;
-    /// `z.len() >= (c1 - c0)·8·16·NZ`; `scratch.len() >= 4·(c1 - c0)`; `y.len()` is the row
-    /// count of `p.s`.
+    /// AVX-512 F must be available (the buffer lengths are asserted).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn range_nz<const NZ: usize>(
         p: &Problem<'_>,
         z: &[f32],
         tables: &mut [f32],
-        c0: usize,
-        c1: usize,
+        (c0, c1): (usize, usize),
+        first_row: usize,
         acc: &mut [f32],
         scratch: &mut [u8],
     ) {
         let stride = 16 * NZ;
         let count = c1 - c0;
         let table_len = ENTRIES * stride;
-        let m = p.s.rows();
+        let m = acc.len() / stride;
         assert!(
             p.stride == stride
                 && tables.len() == count * table_len
                 && z.len() >= count * 8 * stride
                 && scratch.len() >= ROW_TILE * count
-                && acc.len() == m * stride,
+                && acc.len() == m * stride
+                && first_row + m <= p.s.rows(),
             "avx512::range: inconsistent buffers"
         );
         for (table, zg) in tables
@@ -489,7 +511,7 @@ mod avx512 {
                 .zip(rows.iter_mut())
                 .zip(scratch.chunks_exact_mut(count))
             {
-                *row = p.s.row_group_bytes(r, c0, c1, buf);
+                *row = p.s.row_group_bytes(first_row + r, c0, c1, buf);
             }
             let rows = &rows[..r1 - r0];
             let tile_acc = &mut acc[r0 * stride..r1 * stride];

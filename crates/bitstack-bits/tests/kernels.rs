@@ -238,7 +238,15 @@ proptest! {
 #[test]
 fn lowrank_matvec_large_shapes() {
     // Several table chunks per row and both threads: aligned and unaligned columns.
-    for (m, n, k, seed) in [(301, 2048, 16, 7u64), (130, 1539, 5, 8), (67, 3001, 32, 9)] {
+    // Also more rows than one block of accumulators holds (2048 rows at k = 32, 1638 for the
+    // portable k = 40).
+    for (m, n, k, seed) in [
+        (301, 2048, 16, 7u64),
+        (130, 1539, 5, 8),
+        (67, 3001, 32, 9),
+        (2100, 70, 32, 10),
+        (2100, 61, 40, 11),
+    ] {
         let s = SignMatrix::from_signs_of(&lcg_values(m * n, seed), m, n).unwrap();
         let u: Vec<f16> = lcg_values(m * k, seed ^ 1)
             .into_iter()
