@@ -8,8 +8,9 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use bitstack_bits::{Parallelism, SignMatrix};
+use bitstack_bits::{lowrank_matvec_add, LowRankRef, Parallelism, SignMatrix, Simd};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use half::f16;
 
 const M: usize = 4096;
 const N: usize = 4096;
@@ -114,11 +115,50 @@ fn bench_matmul(c: &mut Criterion) {
     group.finish();
 }
 
+/// The decode product of a matrix of 4 residual blocks (`k = 16`): `y += Σ_b (S_b ⊙ u_b v_b) x`.
+fn bench_decode(c: &mut Criterion) {
+    const BLOCKS: usize = 4;
+    let halves = |len: usize, seed: u64| -> Vec<f16> {
+        values(len, seed).into_iter().map(f16::from_f32).collect()
+    };
+    let parts: Vec<(SignMatrix, Vec<f16>, Vec<f16>)> = (0..BLOCKS as u64)
+        .map(|b| {
+            let s = SignMatrix::from_signs_of(&values(M * N, 10 + b), M, N)
+                .unwrap_or_else(|e| panic!("{e}"));
+            (s, halves(M * K, 20 + b), halves(K * N, 30 + b))
+        })
+        .collect();
+    let blocks: Vec<LowRankRef<'_>> = parts
+        .iter()
+        .map(|(s, u, v)| LowRankRef {
+            signs: s.as_view(),
+            u,
+            v,
+            k: K,
+        })
+        .collect();
+    let x = values(N, 6);
+    let mut y = vec![0.0f32; M];
+    let mut group = c.benchmark_group("bits/decode_4096x4096_k16_4blocks");
+    group.throughput(Throughput::Elements((BLOCKS * M * N) as u64));
+    for (name, par, simd) in [
+        ("auto", Parallelism::Auto, Simd::Auto),
+        ("simd_1thread", Parallelism::Sequential, Simd::Auto),
+        ("portable_1thread", Parallelism::Sequential, Simd::Portable),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| lowrank_matvec_add(&blocks, black_box(&x), black_box(&mut y), par, simd))
+        });
+    }
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
     let mut c = configure(c);
     bench_pack(&mut c);
     bench_matvec(&mut c);
     bench_matmul(&mut c);
+    bench_decode(&mut c);
 }
 
 criterion_group!(bits, benches);

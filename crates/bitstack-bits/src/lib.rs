@@ -23,7 +23,13 @@
 //! bits, applied group by group. Tables are built for a cache-sized range of columns at a
 //! time and rows are split across rayon's threads for large problems (see [`Parallelism`]).
 //! Any shape works, including `n % 8 != 0` (rows then start in the middle of a byte) and
-//! empty matrices. Only safe Rust is used.
+//! empty matrices.
+//!
+//! The decode product of a whole residual block, `y += (S ⊙ (u v)) x`
+//! ([`SignMatrixRef::lowrank_matvec_add`]), shares one table per column group between all `k`
+//! sign products; it has an AVX-512 version picked at run time (see [`Simd`]), the only
+//! `unsafe` code of the crate, checked against the portable version and the naive oracle
+//! [`SignMatrixRef::lowrank_matvec_add_naive`].
 //!
 //! # Example
 //!
@@ -47,10 +53,11 @@
 //!
 //! None.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod error;
+mod lowrank;
 mod lut;
 mod matrix;
 mod naive;
@@ -61,6 +68,24 @@ mod naive;
 struct ReadmeDoctests;
 
 pub use error::BitsError;
+pub use lowrank::{LowRankRef, Simd};
+
+/// `y += Σ_b (S_b ⊙ (u_b v_b)) x`: the decode product of a matrix made of several residual
+/// blocks (ALGORITHM.md §6), in one pass that shares the threads' work split and partial
+/// sums between the blocks. See [`SignMatrixRef::lowrank_matvec_add`] for one block.
+///
+/// # Panics
+/// If a block is not `y.len() × x.len()` or its `u`, `v` do not have `rows·k`, `k·cols`
+/// values (a programmer error).
+pub fn lowrank_matvec_add(
+    blocks: &[LowRankRef<'_>],
+    x: &[f32],
+    y: &mut [f32],
+    par: Parallelism,
+    simd: Simd,
+) {
+    lowrank::lowrank_matvec_add(blocks, x, y, par, simd);
+}
 pub use matrix::{checked_packed_len, packed_len, SignMatrix, SignMatrixRef};
 
 /// Whether a lookup-table kernel may use rayon's thread pool.

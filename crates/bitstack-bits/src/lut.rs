@@ -33,7 +33,7 @@ const MATMUL_ROW_BLOCK: usize = 64;
 /// Below this many multiply-adds (`m·n·k`) the kernels stay on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 
-fn use_parallel(par: Parallelism, work: usize) -> bool {
+pub(crate) fn use_parallel(par: Parallelism, work: usize) -> bool {
     match par {
         Parallelism::Sequential => false,
         Parallelism::Auto => work >= PARALLEL_MIN_WORK && rayon::current_num_threads() > 1,

@@ -1,6 +1,8 @@
 //! The owned [`SignMatrix`], the borrowed [`SignMatrixRef`] and the packing / unpacking code.
 
-use crate::{lut, naive, BitsError, Parallelism};
+use half::f16;
+
+use crate::{lowrank, lut, naive, BitsError, LowRankRef, Parallelism, Simd};
 
 /// Number of bytes that hold `rows * cols` packed signs: `ceil(rows * cols / 8)`.
 ///
@@ -362,6 +364,60 @@ impl<'a> SignMatrixRef<'a> {
     /// Panics if `z.len() != cols * k` or `y.len() != rows * k` (a programmer error).
     pub fn sign_matmul_lut_with(&self, z: &[f32], k: usize, y: &mut [f32], par: Parallelism) {
         lut::sign_matmul(*self, z, k, y, par);
+    }
+
+    /// `y += (S ⊙ (u v)) x` for a residual block with factors `u` (`rows × k`) and `v`
+    /// (`k × cols`), both row-major f16: the decode product of ALGORITHM.md §6, computed from
+    /// the packed signs with one lookup table per 8-column group shared by the `k` sign
+    /// products. Equal to [`lowrank_matvec_add_naive`](Self::lowrank_matvec_add_naive) up to
+    /// f32 rounding.
+    ///
+    /// # Panics
+    /// Panics if `u.len() != rows·k`, `v.len() != k·cols`, `x.len() != cols` or
+    /// `y.len() != rows` (a programmer error).
+    pub fn lowrank_matvec_add(&self, u: &[f16], v: &[f16], k: usize, x: &[f32], y: &mut [f32]) {
+        self.lowrank_matvec_add_with(u, v, k, x, y, Parallelism::Auto, Simd::Auto);
+    }
+
+    /// [`lowrank_matvec_add`](Self::lowrank_matvec_add) with explicit threading and SIMD
+    /// choices.
+    ///
+    /// # Panics
+    /// As [`lowrank_matvec_add`](Self::lowrank_matvec_add).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lowrank_matvec_add_with(
+        &self,
+        u: &[f16],
+        v: &[f16],
+        k: usize,
+        x: &[f32],
+        y: &mut [f32],
+        par: Parallelism,
+        simd: Simd,
+    ) {
+        let block = LowRankRef {
+            signs: *self,
+            u,
+            v,
+            k,
+        };
+        lowrank::lowrank_matvec_add(&[block], x, y, par, simd);
+    }
+
+    /// `y += (S ⊙ (u v)) x`, element by element (each weight rebuilt, then multiplied): the
+    /// test oracle of [`lowrank_matvec_add`](Self::lowrank_matvec_add).
+    ///
+    /// # Panics
+    /// As [`lowrank_matvec_add`](Self::lowrank_matvec_add).
+    pub fn lowrank_matvec_add_naive(
+        &self,
+        u: &[f16],
+        v: &[f16],
+        k: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        naive::lowrank_matvec_add(*self, u, v, k, x, y);
     }
 
     /// The packed bytes covering 8-column groups `g0..g1` of row `r`, realigned so that each

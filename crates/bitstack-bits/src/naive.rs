@@ -66,3 +66,36 @@ pub(crate) fn sign_matmul(s: SignMatrixRef<'_>, z: &[f32], k: usize, y: &mut [f3
         }
     }
 }
+
+/// `y += (S ⊙ (u v)) x`, element by element: `W[r, c] = ±Σ_j u[r, j]·v[j, c]`, then
+/// `y[r] += Σ_c W[r, c]·x[c]`.
+pub(crate) fn lowrank_matvec_add(
+    s: SignMatrixRef<'_>,
+    u: &[half::f16],
+    v: &[half::f16],
+    k: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let (m, n) = (s.rows(), s.cols());
+    assert!(
+        Some(u.len()) == m.checked_mul(k)
+            && Some(v.len()) == n.checked_mul(k)
+            && x.len() == n
+            && y.len() == m,
+        "lowrank_matvec_add_naive: wrong lengths"
+    );
+    let bits = s.as_bytes();
+    for (r, out) in y.iter_mut().enumerate() {
+        let mut acc = 0.0f32;
+        for (c, &xc) in x.iter().enumerate() {
+            let w: f32 = (0..k)
+                .map(|j| u[r * k + j].to_f32() * v[j * n + c].to_f32())
+                .sum();
+            let index = r * n + c;
+            let positive = (bits[index / 8] >> (7 - index % 8)) & 1 == 1;
+            acc += if positive { w * xc } else { -w * xc };
+        }
+        *out += acc;
+    }
+}

@@ -5,7 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use bitstack_bits::{Parallelism, SignMatrix, SignMatrixRef};
+use bitstack_bits::{lowrank_matvec_add, LowRankRef, Parallelism, SignMatrix, SignMatrixRef, Simd};
+use half::f16;
 use proptest::prelude::*;
 
 const REL_TOL: f32 = 1e-4;
@@ -152,6 +153,169 @@ fn large_unaligned_shapes_threaded_and_sequential() {
             v.sign_matmul_lut_with(&zz, k, &mut seq, Parallelism::Sequential);
             assert_eq!(auto, seq);
             assert_close(&auto, &naive, k, &abs_col_sums(&zz, k));
+        }
+    }
+}
+
+/// A random block `(S, u, v, x)` with `S` `m×n`, `u` `m×k`, `v` `k×n` (f16) and `x` of `n`.
+fn lowrank_case(
+    max_m: usize,
+    max_n: usize,
+    max_k: usize,
+) -> impl Strategy<Value = (SignMatrix, Vec<f16>, Vec<f16>, usize, Vec<f32>)> {
+    (1..=max_m, 1..=max_n, 1..=max_k, any::<u64>()).prop_map(|(m, n, k, seed)| {
+        let signs = lcg_values(m * n, seed);
+        let s = SignMatrix::from_signs_of(&signs, m, n).unwrap();
+        let u = lcg_values(m * k, seed ^ 1)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let v = lcg_values(k * n, seed ^ 2)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let x = lcg_values(n, seed ^ 3).iter().map(|v| 10.0 * v).collect();
+        (s, u, v, k, x)
+    })
+}
+
+/// Per row, `Σ_c Σ_j |u[r, j]·v[j, c]·x[c]|`: the scale of the tolerance.
+fn lowrank_scale(u: &[f16], v: &[f16], k: usize, x: &[f32]) -> Vec<f32> {
+    let n = x.len();
+    u.chunks_exact(k)
+        .map(|ur| {
+            (0..n)
+                .map(|c| {
+                    (0..k)
+                        .map(|j| (ur[j].to_f32() * v[j * n + c].to_f32() * x[c]).abs())
+                        .sum::<f32>()
+                })
+                .sum()
+        })
+        .collect()
+}
+
+/// Checks every implementation of `lowrank_matvec_add` against the naive oracle:
+/// `|kernel - naive| <= 1e-5 · max(1, Σ_c Σ_j |u_rj v_jc x_c|)` per row (f32 rounding of
+/// sums in a different order; `y` starts non-zero to check that the kernels add).
+fn check_lowrank(s: &SignMatrix, u: &[f16], v: &[f16], k: usize, x: &[f32]) {
+    const LOWRANK_TOL: f32 = 1e-5;
+    let m = s.rows();
+    let start: Vec<f32> = (0..m).map(|r| r as f32 * 0.25 - 1.0).collect();
+    let mut want = start.clone();
+    s.as_view().lowrank_matvec_add_naive(u, v, k, x, &mut want);
+    let scale = lowrank_scale(u, v, k, x);
+    for par in [Parallelism::Sequential, Parallelism::Auto] {
+        for simd in [Simd::Auto, Simd::Portable] {
+            let mut got = start.clone();
+            s.as_view()
+                .lowrank_matvec_add_with(u, v, k, x, &mut got, par, simd);
+            for r in 0..m {
+                let tol = LOWRANK_TOL * scale[r].max(1.0);
+                assert!(
+                    (got[r] - want[r]).abs() <= tol,
+                    "{m}x{} k={k} {par:?} {simd:?} row {r}: {} vs naive {}, tol {tol}",
+                    s.cols(),
+                    got[r],
+                    want[r]
+                );
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Random shapes (`n` rarely a multiple of 8 or 64, rows not a multiple of 4), `k` from
+    /// 1 to 40 (past 32 the SIMD path hands over to the portable one).
+    #[test]
+    fn lowrank_matvec_matches_naive((s, u, v, k, x) in lowrank_case(37, 150, 40)) {
+        check_lowrank(&s, &u, &v, k, &x);
+    }
+}
+
+#[test]
+fn lowrank_matvec_large_shapes() {
+    // Several table chunks per row and both threads: aligned and unaligned columns.
+    // Also more rows than one block of accumulators holds (2048 rows at k = 32, 1638 for the
+    // portable k = 40).
+    for (m, n, k, seed) in [
+        (301, 2048, 16, 7u64),
+        (130, 1539, 5, 8),
+        (67, 3001, 32, 9),
+        (2100, 70, 32, 10),
+        (2100, 61, 40, 11),
+    ] {
+        let s = SignMatrix::from_signs_of(&lcg_values(m * n, seed), m, n).unwrap();
+        let u: Vec<f16> = lcg_values(m * k, seed ^ 1)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let v: Vec<f16> = lcg_values(k * n, seed ^ 2)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let x: Vec<f32> = lcg_values(n, seed ^ 3);
+        check_lowrank(&s, &u, &v, k, &x);
+    }
+}
+
+#[test]
+fn lowrank_many_blocks_threaded_and_sequential() {
+    // Blocks of different ranks applied in one call, large enough to be split across threads.
+    let (m, n) = (203, 3077);
+    let ks = [16usize, 3, 32, 9];
+    let parts: Vec<(SignMatrix, Vec<f16>, Vec<f16>, usize)> = ks
+        .iter()
+        .enumerate()
+        .map(|(b, &k)| {
+            let seed = 40 + b as u64;
+            let s = SignMatrix::from_signs_of(&lcg_values(m * n, seed), m, n).unwrap();
+            let u = lcg_values(m * k, seed ^ 1)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
+            let v = lcg_values(k * n, seed ^ 2)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
+            (s, u, v, k)
+        })
+        .collect();
+    let x = lcg_values(n, 99);
+    let mut want = vec![0.5f32; m];
+    let mut scale = vec![0.0f32; m];
+    for (s, u, v, k) in &parts {
+        s.as_view()
+            .lowrank_matvec_add_naive(u, v, *k, &x, &mut want);
+        scale
+            .iter_mut()
+            .zip(lowrank_scale(u, v, *k, &x))
+            .for_each(|(a, b)| *a += b);
+    }
+    let blocks: Vec<LowRankRef<'_>> = parts
+        .iter()
+        .map(|(s, u, v, k)| LowRankRef {
+            signs: s.as_view(),
+            u,
+            v,
+            k: *k,
+        })
+        .collect();
+    for par in [Parallelism::Sequential, Parallelism::Auto] {
+        for simd in [Simd::Auto, Simd::Portable] {
+            let mut got = vec![0.5f32; m];
+            lowrank_matvec_add(&blocks, &x, &mut got, par, simd);
+            for r in 0..m {
+                let tol = 1e-5 * scale[r].max(1.0);
+                assert!(
+                    (got[r] - want[r]).abs() <= tol,
+                    "{par:?} {simd:?} row {r}: {} vs {}",
+                    got[r],
+                    want[r]
+                );
+            }
         }
     }
 }

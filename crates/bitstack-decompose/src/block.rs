@@ -1,6 +1,6 @@
 //! One AVD residual block: `S ⊙ (u v)` with packed signs and f16 factors.
 
-use bitstack_bits::{SignMatrix, SignMatrixRef};
+use bitstack_bits::{LowRankRef, SignMatrix, SignMatrixRef};
 use half::f16;
 use rayon::prelude::*;
 
@@ -189,8 +189,8 @@ impl AvdBlock {
     }
 
     /// `y += (S ⊙ (u v)) x` without building the dense block:
-    /// `Σ_r u[:, r] ⊙ (S · (v[r, :]ᵀ ⊙ x))`, with the `k` sign products done by
-    /// [`SignMatrixRef::sign_matmul_lut`].
+    /// `Σ_r u[:, r] ⊙ (S · (v[r, :]ᵀ ⊙ x))`, with the `k` sign products sharing one lookup
+    /// table per column group ([`SignMatrixRef::lowrank_matvec_add`]).
     ///
     /// # Panics
     /// If `x.len() != cols` or `y.len() != rows`.
@@ -208,21 +208,19 @@ impl AvdBlock {
             "matvec_add: y has {} values, block has {m} rows",
             y.len()
         );
-        // Z[j, r] = v[r, j] · x[j]   (n×k row-major)
-        let v = widen(&self.v);
-        let mut z = vec![0.0f32; n * k];
-        for r in 0..k {
-            let v_row = &v[r * n..(r + 1) * n];
-            for (j, (&vj, &xj)) in v_row.iter().zip(x).enumerate() {
-                z[j * k + r] = vj * xj;
-            }
-        }
-        let mut sz = vec![0.0f32; m * k];
-        self.signs.as_view().sign_matmul_lut(&z, k, &mut sz);
-        let u = widen(&self.u);
-        for ((yi, u_row), sz_row) in y.iter_mut().zip(u.chunks_exact(k)).zip(sz.chunks_exact(k)) {
-            let acc: f32 = u_row.iter().zip(sz_row).map(|(&a, &b)| a * b).sum();
-            *yi += acc;
+        self.signs
+            .as_view()
+            .lowrank_matvec_add(&self.u, &self.v, k, x, y);
+    }
+
+    /// The block as the decode kernel reads it (for
+    /// [`bitstack_bits::lowrank_matvec_add`] over several blocks at once).
+    pub fn as_lowrank(&self) -> LowRankRef<'_> {
+        LowRankRef {
+            signs: self.signs.as_view(),
+            u: &self.u,
+            v: &self.v,
+            k: self.k,
         }
     }
 }

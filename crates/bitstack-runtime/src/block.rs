@@ -148,6 +148,15 @@ impl Block {
         }
     }
 
+    /// The block as a sign matrix with low-rank factors, if it is one (every kind is, today):
+    /// such blocks are applied together by [`bitstack_bits::lowrank_matvec_add`].
+    pub fn as_lowrank(&self) -> Option<bitstack_bits::LowRankRef<'_>> {
+        match self {
+            Block::Avd(b) => Some(b.as_lowrank()),
+            Block::Plane(_) => None,
+        }
+    }
+
     /// `y += Δ x`, computed from the packed representation.
     pub fn matvec_add(&self, x: &[f32], y: &mut [f32]) {
         match self {

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use bitstack_bits::{Parallelism, Simd};
 use bitstack_order::Plan;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -303,7 +304,9 @@ impl LoadedStack {
         out
     }
 
-    /// `y = Ŵ x` for matrix `m`, from the packed blocks (no dense `Ŵ` is built).
+    /// `y = Ŵ x` for matrix `m`, from the packed blocks (no dense `Ŵ` is built): all the
+    /// matrix's blocks go through one call of the decode kernel
+    /// ([`bitstack_bits::lowrank_matvec_add`]), which splits the work between rayon's threads.
     ///
     /// # Panics
     /// If `x.len() != cols` or `y.len() != rows`.
@@ -311,8 +314,13 @@ impl LoadedStack {
         let (rows, cols) = self.file.shape(m);
         assert!(x.len() == cols && y.len() == rows, "matvec: wrong lengths");
         y.fill(0.0);
+        let blocks = self.read_blocks(m);
+        let lowrank: Vec<_> = blocks.iter().filter_map(|b| b.as_lowrank()).collect();
+        if !lowrank.is_empty() {
+            bitstack_bits::lowrank_matvec_add(&lowrank, x, y, Parallelism::Auto, Simd::Auto);
+        }
         let mut table = None;
-        for block in self.read_blocks(m).iter() {
+        for block in blocks.iter().filter(|b| b.as_lowrank().is_none()) {
             block.matvec_add_shared(x, y, &mut table);
         }
     }

@@ -1,0 +1,648 @@
+//! The decode kernel of residual blocks: `y += Σ_b (S_b ⊙ (u_b v_b)) x` straight from the
+//! packed signs and the f16 factors (ALGORITHM.md §6: `y = Σ_j u[:,j] ⊙ (S (v[j,:] ⊙ x))`).
+//!
+//! All `k` sign products of a block share `S`. For each half byte of a row (4 columns) a table
+//! of 16 entries holds, for every bit pattern, the `k`-vector `Σ_c ±z_c` of those columns'
+//! scaled vectors `z_c = v[:, c] · x[c]` (`+` where the column's bit is set); a byte of signs
+//! thus costs two table reads added to `k` accumulators held in registers. The accumulators
+//! of a row (`A[r, j] = Σ_c S[r, c]·z_j[c]`) are dotted with `u[r, :]` at the end.
+//!
+//! Cache blocking: rows go in blocks whose accumulators fit in L2 (256 KiB); for each, the
+//! tables of a chunk of column groups are built at once (about 256 KiB, kept in L2) and the
+//! rows are swept in tiles of 64 (their sign bytes and accumulators stay in L1), each tile
+//! sweeping the chunk's tables 16 KiB (an L1's worth) at a time.
+//!
+//! Threads: with [`Parallelism::Auto`] and a large problem the chunks of every block are split
+//! into one contiguous share per rayon thread; each thread builds only its own tables and
+//! accumulates into its own partial `y`, and the partials are summed — no table is built twice.
+//!
+//! Entries are `f32` and every sum is an `f32` sum, so the result equals the naive product up
+//! to f32 rounding (a different summation order). On x86-64 with AVX-512 F (checked at run
+//! time) an entry is padded to 16 (or 32) floats and handled as whole `zmm` registers, four
+//! rows at a time; elsewhere, or for `k > 32`, a portable version with the same tables runs.
+
+use std::cell::RefCell;
+
+use half::f16;
+use rayon::prelude::{IntoParallelIterator, ParallelIterator};
+
+use crate::lut::use_parallel;
+use crate::{Parallelism, SignMatrixRef};
+
+/// Bytes of tables built at once per thread (they should stay in the L2 cache).
+const CHUNK_TABLE_BYTES: usize = 256 << 10;
+/// Bytes of tables swept by a tile of rows at a time (they should stay in the L1 cache).
+const SUB_TABLE_BYTES: usize = 16 << 10;
+/// Rows per tile: their sign bytes and accumulators stay in L1 while the tile sweeps a chunk.
+const ROW_TILE: usize = 64;
+/// Bytes of accumulators of one block of rows (4096 rows of 16 floats), kept in L2.
+const ROW_BLOCK_ACC_BYTES: usize = 256 << 10;
+/// Table entries per 8-column group: two tables of 16, one per half byte.
+const ENTRIES: usize = 32;
+
+/// Which implementation of the decode kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Simd {
+    /// The fastest one this CPU supports (checked at run time).
+    #[default]
+    Auto,
+    /// The portable version (no explicit SIMD): the reference for the vectorized one.
+    Portable,
+}
+
+/// One residual block `S ⊙ (u v)` as the decode kernel reads it: packed signs `S`
+/// (`rows × cols`), `u` (`rows × k`) and `v` (`k × cols`), both row-major f16.
+#[derive(Debug, Clone, Copy)]
+pub struct LowRankRef<'a> {
+    /// The signs.
+    pub signs: SignMatrixRef<'a>,
+    /// `rows × k`, row-major.
+    pub u: &'a [f16],
+    /// `k × cols`, row-major.
+    pub v: &'a [f16],
+    /// The rank of the factors.
+    pub k: usize,
+}
+
+/// The kernel chosen for one block.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kernel {
+    Portable,
+    /// AVX-512 F with `nz` zmm registers (16 floats each) per table entry.
+    #[cfg(target_arch = "x86_64")]
+    Avx512 {
+        nz: usize,
+    },
+}
+
+impl Kernel {
+    fn choose(k: usize, simd: Simd) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if simd == Simd::Auto && k <= 32 && std::arch::is_x86_feature_detected!("avx512f") {
+            return Kernel::Avx512 { nz: k.div_ceil(16) };
+        }
+        let _ = (k, simd);
+        Kernel::Portable
+    }
+
+    /// Floats per table entry.
+    fn stride(self, k: usize) -> usize {
+        match self {
+            Kernel::Portable => k,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 { nz } => 16 * nz,
+        }
+    }
+}
+
+/// One block with its kernel and blocking, checked.
+#[derive(Clone, Copy)]
+struct Problem<'a> {
+    s: SignMatrixRef<'a>,
+    u: &'a [f16],
+    v: &'a [f16],
+    k: usize,
+    x: &'a [f32],
+    kernel: Kernel,
+    stride: usize,
+    /// Column groups per table chunk.
+    chunk_groups: usize,
+}
+
+impl Problem<'_> {
+    fn groups(&self) -> usize {
+        self.s.cols().div_ceil(8)
+    }
+
+    fn chunks(&self) -> usize {
+        self.groups().div_ceil(self.chunk_groups)
+    }
+
+    /// Column groups of share `i` of `parts` (whole chunks, contiguous).
+    fn share(&self, i: usize, parts: usize) -> (usize, usize) {
+        let chunks = self.chunks();
+        let at = |i: usize| ((chunks * i / parts) * self.chunk_groups).min(self.groups());
+        (at(i), at(i + 1))
+    }
+}
+
+/// Scratch memory of one thread, kept between calls (no page faults on every product).
+#[derive(Default)]
+struct Buffers {
+    acc: Vec<f32>,
+    z: Vec<f32>,
+    tables: Vec<f32>,
+    widened: Vec<f32>,
+    scratch: Vec<u8>,
+}
+
+thread_local! {
+    static BUFFERS: RefCell<Buffers> = RefCell::default();
+}
+
+/// Runs `f` with this thread's buffers (fresh ones if they are in use further up the stack).
+fn with_buffers<R>(f: impl FnOnce(&mut Buffers) -> R) -> R {
+    BUFFERS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffers) => f(&mut buffers),
+        Err(_) => f(&mut Buffers::default()),
+    })
+}
+
+/// The first `len` values of `v`, grown (with zeros) if needed; contents are unspecified.
+fn sized<T: Default + Clone>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
+    &mut v[..len]
+}
+
+/// `y += Σ_b (S_b ⊙ (u_b v_b)) x` over `blocks`, all of `y.len()` rows and `x.len()` columns.
+///
+/// # Panics
+/// If a block's shape or factor lengths do not match `x`, `y` and its `k`.
+pub(crate) fn lowrank_matvec_add(
+    blocks: &[LowRankRef<'_>],
+    x: &[f32],
+    y: &mut [f32],
+    par: Parallelism,
+    simd: Simd,
+) {
+    let (m, n) = (y.len(), x.len());
+    let mut work = 0usize;
+    let mut problems = Vec::with_capacity(blocks.len());
+    for (i, b) in blocks.iter().enumerate() {
+        let k = b.k;
+        assert!(
+            b.signs.rows() == m
+                && b.signs.cols() == n
+                && Some(b.u.len()) == m.checked_mul(k)
+                && Some(b.v.len()) == n.checked_mul(k),
+            "lowrank_matvec_add: block {i} is {}x{} with k = {k}, u of {} and v of {} values; \
+             x has {n} and y {m} values",
+            b.signs.rows(),
+            b.signs.cols(),
+            b.u.len(),
+            b.v.len()
+        );
+        if m == 0 || n == 0 || k == 0 {
+            continue;
+        }
+        let kernel = Kernel::choose(k, simd);
+        let stride = kernel.stride(k);
+        let table_bytes = ENTRIES * stride * std::mem::size_of::<f32>();
+        let chunk_groups = (CHUNK_TABLE_BYTES / table_bytes).clamp(1, n.div_ceil(8));
+        work = work.saturating_add(m.saturating_mul(n).saturating_mul(k));
+        problems.push(Problem {
+            s: b.signs,
+            u: b.u,
+            v: b.v,
+            k,
+            x,
+            kernel,
+            stride,
+            chunk_groups,
+        });
+    }
+    let max_chunks = problems.iter().map(Problem::chunks).max().unwrap_or(0);
+    let parts = if use_parallel(par, work) {
+        rayon::current_num_threads().min(max_chunks)
+    } else {
+        1
+    };
+    if parts <= 1 {
+        run_share(&problems, 0, 1, y);
+        return;
+    }
+    let problems = &problems;
+    let (_, partials) = rayon::join(
+        || run_share(problems, 0, parts, y),
+        || {
+            (1..parts)
+                .into_par_iter()
+                .map(|i| {
+                    let mut part = vec![0.0f32; m];
+                    run_share(problems, i, parts, &mut part);
+                    part
+                })
+                .collect::<Vec<_>>()
+        },
+    );
+    for part in partials {
+        y.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
+    }
+}
+
+/// Adds share `i` of `parts` of every block's product to `y`.
+fn run_share(problems: &[Problem<'_>], i: usize, parts: usize, y: &mut [f32]) {
+    with_buffers(|buffers| {
+        for p in problems {
+            let (g0, g1) = p.share(i, parts);
+            if g0 >= g1 {
+                continue;
+            }
+            // Row blocks small enough that their accumulators stay in L2 next to the tables
+            // (the chunk's tables are rebuilt for each: a few per cent of the lookups).
+            let block_rows = (ROW_BLOCK_ACC_BYTES / (4 * p.stride)).max(ROW_TILE);
+            let mut r0 = 0;
+            while r0 < y.len() {
+                let r1 = (r0 + block_rows).min(y.len());
+                let acc = sized(&mut buffers.acc, (r1 - r0) * p.stride);
+                acc.fill(0.0);
+                run_range(p, (g0, g1), r0, r1 - r0, buffers);
+                apply_u(
+                    p,
+                    r0,
+                    &buffers.acc[..(r1 - r0) * p.stride],
+                    &mut buffers.widened,
+                    &mut y[r0..r1],
+                );
+                r0 = r1;
+            }
+        }
+    });
+}
+
+/// `y[i] += Σ_j u[first_row + i, j] · acc[i·stride + j]`.
+fn apply_u(p: &Problem<'_>, first_row: usize, acc: &[f32], widened: &mut Vec<f32>, y: &mut [f32]) {
+    const ROWS: usize = 256;
+    let (k, stride) = (p.k, p.stride);
+    for ((y_rows, acc_rows), u_half) in y
+        .chunks_mut(ROWS)
+        .zip(acc.chunks(ROWS * stride))
+        .zip(p.u[first_row * k..].chunks(ROWS * k))
+    {
+        let u_rows = sized(widened, u_half.len());
+        widen_into(u_half, u_rows);
+        for ((out, a), ur) in y_rows
+            .iter_mut()
+            .zip(acc_rows.chunks_exact(stride))
+            .zip(u_rows.chunks_exact(k))
+        {
+            *out += ur.iter().zip(a).map(|(&u, &a)| u * a).sum::<f32>();
+        }
+    }
+}
+
+/// Adds the sign products of column groups `g0..g1` and rows `first_row..first_row + rows` to
+/// the accumulators `buffers.acc` (`rows × stride`:
+/// `acc[i·stride + j] += Σ_c S[first_row + i, c]·z_j[c]`).
+fn run_range(
+    p: &Problem<'_>,
+    (g0, g1): (usize, usize),
+    first_row: usize,
+    rows: usize,
+    buffers: &mut Buffers,
+) {
+    let (stride, cg) = (p.stride, p.chunk_groups);
+    let acc = &mut buffers.acc[..rows * stride];
+    let z = sized(&mut buffers.z, 8 * cg * stride);
+    let tables = sized(&mut buffers.tables, ENTRIES * cg * stride);
+    let scratch = sized(&mut buffers.scratch, ROW_TILE * cg);
+    let widened = sized(&mut buffers.widened, 8 * cg);
+    let mut c0 = g0;
+    while c0 < g1 {
+        let c1 = (c0 + cg).min(g1);
+        let count = c1 - c0;
+        let z = &mut z[..8 * count * stride];
+        fill_z(p, 8 * c0, z, widened);
+        let tables = &mut tables[..ENTRIES * count * stride];
+        match p.kernel {
+            Kernel::Portable => {
+                for (table, zg) in tables
+                    .chunks_exact_mut(ENTRIES * stride)
+                    .zip(z.chunks_exact(8 * stride))
+                {
+                    build_table(table, zg, stride);
+                }
+                sweep_portable(p, tables, (c0, c1), first_row, acc, scratch);
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 { nz } => {
+                avx512::range(nz, p, z, tables, (c0, c1), first_row, acc, scratch);
+            }
+        }
+        c0 = c1;
+    }
+}
+
+/// `z[(c - col0)·stride + j] = v[j, c] · x[c]` for the chunk's columns; columns `>= n` and
+/// padding lanes `j >= k` are zero.
+fn fill_z(p: &Problem<'_>, col0: usize, z: &mut [f32], widened: &mut [f32]) {
+    let n = p.s.cols();
+    let stride = p.stride;
+    let cols = z.len() / stride;
+    let present = n.saturating_sub(col0).min(cols);
+    z.fill(0.0);
+    let x = &p.x[col0..col0 + present];
+    let widened = &mut widened[..present];
+    for j in 0..p.k {
+        let v_row = &p.v[j * n + col0..j * n + col0 + present];
+        widen_into(v_row, widened);
+        for ((zc, &w), &xc) in z.chunks_exact_mut(stride).zip(&*widened).zip(x) {
+            zc[j] = w * xc;
+        }
+    }
+}
+
+/// f16 → f32 (the `half` crate uses F16C where the CPU has it).
+fn widen_into(src: &[f16], dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(dst);
+}
+
+/// Fills one group's two half-byte tables: entry `h` of the first (at `h·stride`) is
+/// `Σ_i ±z_i` over the group's columns 0..4, entry `l` of the second (at `(16 + l)·stride`) the
+/// same over columns 4..8; `+` where the column's bit is set (the first column in the MSB).
+#[inline]
+fn build_table(table: &mut [f32], z: &[f32], stride: usize) {
+    let (first, second) = table.split_at_mut(16 * stride);
+    let (z_first, z_second) = z.split_at(4 * stride);
+    build_half(first, z_first, stride);
+    build_half(second, z_second, stride);
+}
+
+/// One 16-entry table of the signed sums of 4 columns (`z`: 4 entries of `stride`).
+#[inline]
+fn build_half(table: &mut [f32], z: &[f32], stride: usize) {
+    let (base, _) = table.split_at_mut(stride);
+    base.fill(0.0);
+    for zc in z.chunks_exact(stride) {
+        base.iter_mut().zip(zc).for_each(|(t, &v)| *t -= v);
+    }
+    for i in 0..4 {
+        let zc = &z[(3 - i) * stride..(4 - i) * stride];
+        let half = (1usize << i) * stride;
+        let (lo, hi) = table.split_at_mut(half);
+        for (h, l) in hi[..half]
+            .chunks_exact_mut(stride)
+            .zip(lo.chunks_exact(stride))
+        {
+            for ((h, &l), &v) in h.iter_mut().zip(l).zip(zc) {
+                *h = l + 2.0 * v;
+            }
+        }
+    }
+}
+
+/// The portable sweep: every row of the chunk, one table read per byte.
+fn sweep_portable(
+    p: &Problem<'_>,
+    tables: &[f32],
+    (c0, c1): (usize, usize),
+    first_row: usize,
+    acc: &mut [f32],
+    scratch: &mut [u8],
+) {
+    let (k, stride) = (p.k, p.stride);
+    for (i, acc_row) in acc.chunks_exact_mut(stride).enumerate() {
+        let bytes = p.s.row_group_bytes(first_row + i, c0, c1, scratch);
+        for (table, &b) in tables.chunks_exact(ENTRIES * stride).zip(bytes) {
+            let hi = usize::from(b >> 4) * stride;
+            let lo = (16 + usize::from(b & 15)) * stride;
+            for ((a, &eh), &el) in acc_row[..k]
+                .iter_mut()
+                .zip(&table[hi..hi + k])
+                .zip(&table[lo..lo + k])
+            {
+                *a += eh + el;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512 {
+    use std::arch::x86_64::{
+        _mm512_add_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_ps, _mm512_setzero_ps,
+        _mm512_storeu_ps, _mm512_sub_ps,
+    };
+
+    use super::{Problem, ENTRIES, ROW_TILE, SUB_TABLE_BYTES};
+
+    /// Tables and the row sweep of column groups `c0..c1` with `nz` (1 or 2) zmm per entry;
+    /// falls back to the portable code if AVX-512 F is missing after all.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn range(
+        nz: usize,
+        p: &Problem<'_>,
+        z: &[f32],
+        tables: &mut [f32],
+        (c0, c1): (usize, usize),
+        first_row: usize,
+        acc: &mut [f32],
+        scratch: &mut [u8],
+    ) {
+        let count = c1 - c0;
+        let usable = std::arch::is_x86_feature_detected!("avx512f")
+            && (nz == 1 || nz == 2)
+            && p.stride == 16 * nz
+            && tables.len() == count * ENTRIES * p.stride
+            && z.len() >= count * 8 * p.stride
+            && scratch.len() >= super::ROW_TILE * count
+            && acc.len().is_multiple_of(p.stride)
+            && first_row + acc.len() / p.stride <= p.s.rows();
+        if !usable {
+            for (table, zg) in tables
+                .chunks_exact_mut(ENTRIES * p.stride)
+                .zip(z.chunks_exact(8 * p.stride))
+            {
+                super::build_table(table, zg, p.stride);
+            }
+            return super::sweep_portable(p, tables, (c0, c1), first_row, acc, scratch);
+        }
+        // SAFETY: AVX-512 F was detected just above, and the buffer lengths the kernels
+        // require were checked with it.
+        unsafe {
+            if nz == 1 {
+                range_nz::<1>(p, z, tables, (c0, c1), first_row, acc, scratch);
+            } else {
+                range_nz::<2>(p, z, tables, (c0, c1), first_row, acc, scratch);
+            }
+        }
+    }
+
+    /// Tables and the row sweep of column groups `c0..c1` with `NZ` zmm per entry, for the
+    /// rows `first_row..` that `acc` holds (`16·NZ` accumulators each).
+    ///
+    /// # Safety
+    /// AVX-512 F must be available (the buffer lengths are asserted).
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn range_nz<const NZ: usize>(
+        p: &Problem<'_>,
+        z: &[f32],
+        tables: &mut [f32],
+        (c0, c1): (usize, usize),
+        first_row: usize,
+        acc: &mut [f32],
+        scratch: &mut [u8],
+    ) {
+        let stride = 16 * NZ;
+        let count = c1 - c0;
+        let table_len = ENTRIES * stride;
+        let m = acc.len() / stride;
+        assert!(
+            p.stride == stride
+                && tables.len() == count * table_len
+                && z.len() >= count * 8 * stride
+                && scratch.len() >= ROW_TILE * count
+                && acc.len() == m * stride
+                && first_row + m <= p.s.rows(),
+            "avx512::range: inconsistent buffers"
+        );
+        for (table, zg) in tables
+            .chunks_exact_mut(table_len)
+            .zip(z.chunks_exact(8 * stride))
+        {
+            // SAFETY: AVX-512 F is enabled on this function; `table` has `256·16·NZ` floats
+            // and `zg` `8·16·NZ` (checked above).
+            unsafe { build_table::<NZ>(table, zg) };
+        }
+        let tables: &[f32] = tables;
+        let sub = (SUB_TABLE_BYTES / (table_len * 4)).max(1);
+        let mut r0 = 0;
+        while r0 < m {
+            let r1 = (r0 + ROW_TILE).min(m);
+            // The tile's sign bytes (they stay in L1 while the sub-chunks sweep them).
+            let mut rows: [&[u8]; ROW_TILE] = [&[]; ROW_TILE];
+            for ((r, row), buf) in (r0..r1)
+                .zip(rows.iter_mut())
+                .zip(scratch.chunks_exact_mut(count))
+            {
+                *row = p.s.row_group_bytes(first_row + r, c0, c1, buf);
+            }
+            let rows = &rows[..r1 - r0];
+            let tile_acc = &mut acc[r0 * stride..r1 * stride];
+            let mut g0 = 0;
+            while g0 < count {
+                let g1 = (g0 + sub).min(count);
+                let mut quads = tile_acc.chunks_exact_mut(4 * stride);
+                let mut row_quads = rows.chunks_exact(4);
+                for (out, quad) in (&mut quads).zip(&mut row_quads) {
+                    // SAFETY: AVX-512 F is enabled here; `out` holds 4 rows of `stride`
+                    // accumulators and every row slice has `count >= g1` bytes.
+                    unsafe {
+                        lookup::<NZ, 4>(tables, [quad[0], quad[1], quad[2], quad[3]], g0, g1, out)
+                    };
+                }
+                for (out, &row) in quads
+                    .into_remainder()
+                    .chunks_exact_mut(stride)
+                    .zip(row_quads.remainder())
+                {
+                    // SAFETY: as above, for one row.
+                    unsafe { lookup::<NZ, 1>(tables, [row], g0, g1, out) };
+                }
+                g0 = g1;
+            }
+            r0 = r1;
+        }
+    }
+
+    /// `out[i] += Σ_{g0 <= g < g1} (table_g[hi(b)] + table_g[16 + lo(b)])` for the `R` rows,
+    /// `b = rows[i][g]`, the `16·NZ` accumulators of each row held in registers.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn lookup<const NZ: usize, const R: usize>(
+        tables: &[f32],
+        rows: [&[u8]; R],
+        g0: usize,
+        g1: usize,
+        out: &mut [f32],
+    ) {
+        let stride = 16 * NZ;
+        let table_len = ENTRIES * stride;
+        assert!(
+            out.len() >= R * stride
+                && tables.len() >= g1 * table_len
+                && rows.iter().all(|r| r.len() >= g1),
+            "lookup: short buffers"
+        );
+        let o = out.as_mut_ptr();
+        let base = tables.as_ptr();
+        let mut sums = [[_mm512_setzero_ps(); NZ]; R];
+        for (i, sum) in sums.iter_mut().enumerate() {
+            for (q, sq) in sum.iter_mut().enumerate() {
+                // SAFETY: `(i·NZ + q)·16 + 16 <= R·stride <= out.len()` (asserted).
+                *sq = unsafe { _mm512_loadu_ps(o.add((i * NZ + q) * 16)) };
+            }
+        }
+        for g in g0..g1 {
+            let t = g * table_len;
+            for (sum, bytes) in sums.iter_mut().zip(&rows) {
+                // SAFETY: `g < g1 <= bytes.len()` (asserted).
+                let b = unsafe { *bytes.get_unchecked(g) };
+                let hi = t + usize::from(b >> 4) * stride;
+                let lo = t + (16 + usize::from(b & 15)) * stride;
+                for (q, sq) in sum.iter_mut().enumerate() {
+                    // SAFETY: both entry indices are `< 32 = ENTRIES` and `g < g1`, so
+                    // `hi + 16·q + 16` and `lo + 16·q + 16` are at most
+                    // `g1·table_len <= tables.len()` (asserted).
+                    let (eh, el) = unsafe {
+                        (
+                            _mm512_loadu_ps(base.add(hi + 16 * q)),
+                            _mm512_loadu_ps(base.add(lo + 16 * q)),
+                        )
+                    };
+                    *sq = _mm512_add_ps(*sq, _mm512_add_ps(eh, el));
+                }
+            }
+        }
+        for (i, sum) in sums.iter().enumerate() {
+            for (q, sq) in sum.iter().enumerate() {
+                // SAFETY: as for the loads above.
+                unsafe { _mm512_storeu_ps(o.add((i * NZ + q) * 16), *sq) };
+            }
+        }
+    }
+
+    /// [`super::build_table`] for `stride = 16·NZ`.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn build_table<const NZ: usize>(table: &mut [f32], z: &[f32]) {
+        let stride = 16 * NZ;
+        assert!(table.len() == ENTRIES * stride && z.len() >= 8 * stride);
+        let t = table.as_mut_ptr();
+        let zp = z.as_ptr();
+        let two = _mm512_set1_ps(2.0);
+        for half_table in 0..2 {
+            // Table `half_table` covers columns `4·half_table..4·half_table + 4`.
+            let t = t.wrapping_add(16 * stride * half_table);
+            let zp = zp.wrapping_add(4 * stride * half_table);
+            for q in 0..NZ {
+                let mut base = _mm512_setzero_ps();
+                for c in 0..4 {
+                    // SAFETY: `(4·half_table + c)·stride + 16·q + 16 <= 8·stride <= z.len()`.
+                    base = _mm512_sub_ps(base, unsafe {
+                        _mm512_loadu_ps(zp.add(c * stride + 16 * q))
+                    });
+                }
+                // SAFETY: `16·half_table·stride + 16·q + 16 <= 32·stride = table.len()`.
+                unsafe { _mm512_storeu_ps(t.add(16 * q), base) };
+                for i in 0..4 {
+                    let half = 1usize << i;
+                    // SAFETY: column `3 - i` of this half lies in `z` (as above).
+                    let zc = unsafe { _mm512_loadu_ps(zp.add((3 - i) * stride + 16 * q)) };
+                    let add = _mm512_mul_ps(two, zc);
+                    for b in 0..half {
+                        let from = b * stride + 16 * q;
+                        let to = from + half * stride;
+                        // SAFETY: `b + half < 16`, so `to + 16` stays within this half's
+                        // `16·stride` floats of `table`.
+                        unsafe {
+                            let lo = _mm512_loadu_ps(t.add(from));
+                            _mm512_storeu_ps(t.add(to), _mm512_add_ps(lo, add));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
