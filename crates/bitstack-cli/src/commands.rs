@@ -43,6 +43,8 @@ pub enum OrderChoice {
     Gain,
     /// Activation-weighted output error removed per byte (no sensitivity probe).
     OutputError,
+    /// The paper's level-synchronous perplexity scorer on the planes (slow; comparison).
+    Perplexity,
     /// Level by level (uniform planes per matrix at each level boundary).
     Levels,
 }
@@ -184,6 +186,7 @@ pub fn compress(args: CompressArgs) -> Result<()> {
                 order: match args.order {
                     OrderChoice::Gain => BestOrder::Gain,
                     OrderChoice::OutputError => BestOrder::OutputError,
+                    OrderChoice::Perplexity => BestOrder::Perplexity,
                     OrderChoice::Levels => BestOrder::Levels,
                 },
                 ..BestOptions::default()

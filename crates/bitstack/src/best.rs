@@ -54,6 +54,10 @@ pub enum BestOrder {
     /// By layer-output error removed per byte (activation-weighted squared error, the same
     /// weight `λ = 1` for every matrix): no probe, data only through the activation scales.
     OutputError,
+    /// The paper's scorer on planes: level by level, each candidate plane scored by the
+    /// perplexity on the scoring windows with every other matrix at the level (costly; for
+    /// comparison).
+    Perplexity,
     /// Level by level in matrix order (plane 1 of every matrix, then plane 2, ...): the
     /// same number of planes for every matrix at each level boundary (a baseline).
     Levels,
@@ -233,6 +237,20 @@ pub fn compress_best(
     let order = match best.order {
         BestOrder::Gain | BestOrder::OutputError => order_by_gain(&decompositions, &sensitivities),
         BestOrder::Levels => order_by_levels(&decompositions),
+        BestOrder::Perplexity => {
+            let source = ReparametrisedSource {
+                checkpoint: &checkpoint,
+                reparametrisation: &options.reparametrisation,
+            };
+            let model = CausalLm::from_source(config.clone(), &source, &mut |_, _| Ok(None))?;
+            let counts: Vec<u32> = decompositions
+                .iter()
+                .map(|d| d.blocks.len() as u32)
+                .collect();
+            let mut scorer =
+                PlanePerplexityScorer::new(model, &names, &decompositions, &score, progress)?;
+            bitstack_order::build_level_synchronous(&counts, &mut scorer, &mut |_, _| {})?
+        }
     };
     let block_bytes: Vec<Vec<u64>> = decompositions
         .iter()
@@ -268,6 +286,7 @@ pub fn compress_best(
                 BestOrder::Gain => "kl-probe-gain-per-byte",
                 BestOrder::OutputError => "output-error-per-byte",
                 BestOrder::Levels => "levels",
+                BestOrder::Perplexity => "perplexity-level-synchronous",
             },
             "reparametrised": !options.reparametrisation.is_identity(),
             "tool": concat!("bitstack ", env!("CARGO_PKG_VERSION")),
@@ -584,6 +603,255 @@ pub fn order_by_gain(
     rest.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     order.extend(rest.into_iter().map(|(_, m, b)| StackEntry::new(m, b)));
     order
+}
+
+/// Where a stacked matrix sits in the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Linear(usize, LinearSlot),
+    Head,
+    /// The embedding table (and the lm_head too when `tied`).
+    Embed {
+        tied: bool,
+    },
+}
+
+fn place_of(name: &str, tied: bool) -> Result<Place, Error> {
+    if let Some((layer, slot)) = LinearSlot::parse_weight_name(name) {
+        Ok(Place::Linear(layer, slot))
+    } else if name == HEAD {
+        Ok(Place::Head)
+    } else if name == EMBED {
+        Ok(Place::Embed { tied })
+    } else {
+        Err(Error::Unsupported(format!(
+            "{name}: best mode stacks decoder linears, the embedding table and lm_head only"
+        )))
+    }
+}
+
+/// The paper's level-synchronous perplexity scorer, on plane chains (embedding table and
+/// lm_head included): at level `L` every matrix holds `L` planes and a candidate gets its
+/// plane `L`. Hidden states before each layer are computed once per level.
+pub struct PlanePerplexityScorer<'a> {
+    model: CausalLm,
+    places: Vec<Place>,
+    decompositions: &'a [PlaneDecomposition],
+    dense: Vec<Vec<f32>>,
+    level: u32,
+    windows: &'a [Vec<u32>],
+    progress: &'a (dyn Fn(Progress<'_>) + Sync),
+    done: u64,
+}
+
+impl<'a> PlanePerplexityScorer<'a> {
+    /// A scorer over `windows` for the plane chains of `names` in `model` (the
+    /// re-parametrised model the planes were computed from).
+    pub fn new(
+        model: CausalLm,
+        names: &[String],
+        decompositions: &'a [PlaneDecomposition],
+        windows: &'a [Vec<u32>],
+        progress: &'a (dyn Fn(Progress<'_>) + Sync),
+    ) -> Result<Self, Error> {
+        if windows.is_empty() {
+            return Err(Error::Usage(
+                "no scoring window: the scoring text is shorter than one window".into(),
+            ));
+        }
+        let tied = model.config().tie_word_embeddings;
+        let places = names
+            .iter()
+            .map(|n| place_of(n, tied))
+            .collect::<Result<Vec<_>, _>>()?;
+        let dense = decompositions
+            .iter()
+            .map(|d| vec![0.0; d.grid.rows() * d.grid.cols()])
+            .collect();
+        let total: u64 = decompositions
+            .iter()
+            .map(|d| d.blocks.len().saturating_sub(1) as u64)
+            .sum();
+        progress(Progress::Stage {
+            name: "order",
+            total,
+        });
+        Ok(Self {
+            model,
+            places,
+            decompositions,
+            dense,
+            level: 0,
+            windows,
+            progress,
+            done: 0,
+        })
+    }
+
+    fn linear(&self, m: usize, w: Vec<f32>) -> Result<Arc<dyn Linear>, Error> {
+        let g = &self.decompositions[m].grid;
+        Ok(Arc::new(DenseLinear::new(w, g.rows(), g.cols())?))
+    }
+
+    /// Puts `w` in place of matrix `m`; returns what it replaced (for the lm_head part).
+    fn install(&mut self, m: usize, w: Vec<f32>) -> Result<Option<Arc<dyn Linear>>, Error> {
+        Ok(match self.places[m] {
+            Place::Linear(layer, slot) => {
+                Some(self.model.set_linear(layer, slot, self.linear(m, w)?)?)
+            }
+            Place::Head | Place::Embed { tied: true } => {
+                Some(self.model.set_lm_head(self.linear(m, w)?)?)
+            }
+            Place::Embed { tied: false } => None,
+        })
+    }
+
+    fn restore(&mut self, m: usize, previous: Option<Arc<dyn Linear>>) -> Result<(), Error> {
+        match (self.places[m], previous) {
+            (Place::Linear(layer, slot), Some(p)) => {
+                self.model.set_linear(layer, slot, p)?;
+            }
+            (Place::Head | Place::Embed { tied: true }, Some(p)) => {
+                self.model.set_lm_head(p)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn embed_index(&self) -> Option<usize> {
+        self.places
+            .iter()
+            .position(|p| matches!(p, Place::Embed { .. }))
+    }
+
+    /// The hidden states entering layer 0 with embedding table `table` (or the model's own).
+    fn embedded(&self, window: &[u32], table: Option<&[f32]>) -> Result<Vec<f32>, Error> {
+        match table {
+            None => Ok(self.model.embed(window)?),
+            Some(t) => {
+                let h = self.model.config().hidden_size;
+                let mut x = Vec::with_capacity(window.len() * h);
+                for &tok in window {
+                    let i = tok as usize;
+                    let row = t.get(i * h..(i + 1) * h).ok_or_else(|| {
+                        Error::Usage(format!("token {tok} outside the embedding table"))
+                    })?;
+                    x.extend_from_slice(row);
+                }
+                Ok(x)
+            }
+        }
+    }
+
+    /// Hidden states entering each layer, per window, at the current level.
+    fn layer_inputs(&self) -> Result<Vec<Vec<Vec<f32>>>, Error> {
+        let table = self.embed_index().map(|e| self.dense[e].as_slice());
+        self.windows
+            .par_iter()
+            .map(|w| {
+                let mut hidden = self.embedded(w, table)?;
+                let layers = self.model.num_layers();
+                let mut inputs = Vec::with_capacity(layers + 1);
+                for l in 0..layers {
+                    inputs.push(hidden.clone());
+                    self.model.forward_layer(l, &mut hidden, w.len(), None)?;
+                }
+                inputs.push(hidden);
+                Ok(inputs)
+            })
+            .collect()
+    }
+
+    /// Perplexity from the cached inputs of `layer` (`num_layers` = the last hidden state),
+    /// or from the embedding `table` when given.
+    fn perplexity(
+        &self,
+        inputs: &[Vec<Vec<f32>>],
+        layer: usize,
+        table: Option<&[f32]>,
+    ) -> Result<f64, Error> {
+        let parts: Vec<(f64, usize)> = self
+            .windows
+            .par_iter()
+            .zip(inputs)
+            .map(|(w, cached)| {
+                let (mut hidden, start) = match table {
+                    Some(t) => (self.embedded(w, Some(t))?, 0),
+                    None => (cached[layer].clone(), layer),
+                };
+                for l in start..self.model.num_layers() {
+                    self.model.forward_layer(l, &mut hidden, w.len(), None)?;
+                }
+                Ok((
+                    self.model.hidden_nll(&hidden, w)?,
+                    w.len().saturating_sub(1),
+                ))
+            })
+            .collect::<Result<_, Error>>()?;
+        let nll: f64 = parts.iter().map(|p| p.0).sum();
+        let n: usize = parts.iter().map(|p| p.1).sum();
+        Ok((nll / n.max(1) as f64).exp())
+    }
+}
+
+impl bitstack_order::BlockScorer for PlanePerplexityScorer<'_> {
+    fn score_level(
+        &mut self,
+        level: u32,
+        candidates: &[u32],
+    ) -> Result<Vec<f64>, bitstack_order::ScoreError> {
+        while self.level < level {
+            for (m, d) in self.decompositions.iter().enumerate() {
+                if let Some(b) = d.blocks.get(self.level as usize) {
+                    b.add_to_dense(&mut self.dense[m]);
+                }
+            }
+            self.level += 1;
+        }
+        for m in 0..self.dense.len() {
+            self.install(m, self.dense[m].clone())?;
+        }
+        let inputs = self.layer_inputs()?;
+        let layers = self.model.num_layers();
+        let mut scores = Vec::with_capacity(candidates.len());
+        for &m in candidates {
+            let m = m as usize;
+            let mut next = self.dense[m].clone();
+            self.decompositions[m]
+                .blocks
+                .get(level as usize)
+                .ok_or("candidate without a next plane")?
+                .add_to_dense(&mut next);
+            let ppl = match self.places[m] {
+                Place::Linear(layer, _) => {
+                    let previous = self.install(m, next)?;
+                    let ppl = self.perplexity(&inputs, layer, None);
+                    self.restore(m, previous)?;
+                    ppl?
+                }
+                Place::Head => {
+                    let previous = self.install(m, next)?;
+                    let ppl = self.perplexity(&inputs, layers, None);
+                    self.restore(m, previous)?;
+                    ppl?
+                }
+                Place::Embed { .. } => {
+                    let previous = self.install(m, next.clone())?;
+                    let ppl = self.perplexity(&inputs, 0, Some(&next));
+                    self.restore(m, previous)?;
+                    ppl?
+                }
+            };
+            scores.push(ppl);
+            self.done += 1;
+            (self.progress)(Progress::Step {
+                done: self.done,
+                what: "candidate",
+            });
+        }
+        Ok(scores)
+    }
 }
 
 /// Plane by plane: every matrix's plane 0, then every matrix's plane 1, ...

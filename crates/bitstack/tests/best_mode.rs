@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bitstack::best::{compress_best, BestOptions, EMBED};
+use bitstack::best::{compress_best, BestOptions, BestOrder, EMBED};
 use bitstack::calibrate::CalibrationOptions;
 use bitstack::engine::{model_of, tokenizer_of};
 use bitstack::model::windows;
@@ -22,7 +22,11 @@ fn root() -> PathBuf {
 }
 
 fn compress_tiny(dir: &std::path::Path) -> PathBuf {
-    let out = dir.join("tiny-best.bitstack");
+    compress_tiny_ordered(dir, BestOrder::Gain)
+}
+
+fn compress_tiny_ordered(dir: &std::path::Path, order: BestOrder) -> PathBuf {
+    let out = dir.join(format!("tiny-best-{order:?}.bitstack"));
     let data = root().join("fixtures/data");
     let calibration = CalibrationOptions {
         calib_text: data.join("calib.txt"),
@@ -36,6 +40,7 @@ fn compress_tiny(dir: &std::path::Path) -> PathBuf {
             group: 64,
             planes: 5,
         },
+        order,
         ..BestOptions::default()
     };
     let summary = compress_best(
@@ -178,4 +183,38 @@ fn aux_bytes(file: &StackFile) -> u64 {
         .iter()
         .map(|a| a.length)
         .sum()
+}
+
+#[test]
+fn every_order_keeps_chains_in_order_and_levels_are_levels() {
+    let dir = tempfile::tempdir().unwrap();
+    for order in [
+        BestOrder::Levels,
+        BestOrder::Perplexity,
+        BestOrder::OutputError,
+    ] {
+        let out = compress_tiny_ordered(dir.path(), order);
+        let file = StackFile::open(&out).unwrap();
+        let layout = file.layout();
+        let mut next = vec![0u32; file.matrix_count()];
+        for e in layout.order() {
+            assert_eq!(
+                e.block, next[e.matrix as usize],
+                "{order:?}: chain out of order"
+            );
+            next[e.matrix as usize] += 1;
+        }
+        assert!(next.iter().all(|&n| n == 5));
+        if matches!(order, BestOrder::Levels | BestOrder::Perplexity) {
+            // Level-synchronous: all planes b before any plane b + 1.
+            let levels: Vec<u32> = layout.order().iter().map(|e| e.block).collect();
+            assert!(levels.windows(2).all(|p| p[0] <= p[1]), "{order:?}");
+        }
+        let scorer = &file.container().manifest().metadata["compress"]["scorer"];
+        assert!(scorer.as_str().unwrap().contains(match order {
+            BestOrder::Levels => "levels",
+            BestOrder::Perplexity => "perplexity",
+            _ => "output-error",
+        }));
+    }
 }
