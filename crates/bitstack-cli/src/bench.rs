@@ -27,7 +27,8 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Run only these groups (repeatable): `avd`, `kernels` (decode and batch), `e2e`.
+    /// Run only these groups (repeatable): `avd`, `kernels` (decode and batch), `e2e`,
+    /// `scorer` (the perplexity scorer against a straightforward implementation).
     #[arg(long, value_name = "GROUP")]
     pub only: Vec<String>,
     /// Model directory for the end-to-end rows (default: ../shared/models/small-llama, or
@@ -107,8 +108,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let mut keys = Map::new();
     let note = |s: &str| eprintln!("bench: {s}");
     for g in &args.only {
-        if !["avd", "kernels", "e2e"].contains(&g.as_str()) {
-            bail!("--only {g}: the groups are avd, kernels, e2e");
+        if !["avd", "kernels", "e2e", "scorer"].contains(&g.as_str()) {
+            bail!("--only {g}: the groups are avd, kernels, e2e, scorer");
         }
     }
     let run = |group: &str| args.only.is_empty() || args.only.iter().any(|g| g == group);
@@ -159,7 +160,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     drop(stacks);
     if run("e2e") {
-        e2e_group(args.model, quick, &mut rows, &mut keys, &note)?;
+        e2e_group(args.model.clone(), quick, &mut rows, &mut keys, &note)?;
+    }
+    if run("scorer") {
+        scorer_group(args.model, quick, &mut rows, &mut keys, &note)?;
     }
     keys.insert("quick".into(), json!(quick));
     print_results(args.json, &rows, &keys)
@@ -294,6 +298,122 @@ fn e2e_group(
     rows.extend(e2e_rows);
     keys.insert("e2e_decode_speedup".into(), json!(decode_ratio));
     keys.insert("e2e_eval_ratio".into(), json!(eval_ratio));
+    Ok(())
+}
+
+/// The perplexity scorer (hidden states reused per level, windows in parallel, each matrix
+/// rebuilt once per level) against a straightforward implementation (for every candidate:
+/// rebuild every matrix from its blocks, run the whole model on each window in turn), on the
+/// same candidates of level 1: time ratio and whether the scores and their order agree.
+fn scorer_group(
+    model: Option<PathBuf>,
+    quick: bool,
+    rows: &mut Vec<Row>,
+    keys: &mut Map<String, Value>,
+    note: &dyn Fn(&str),
+) -> Result<()> {
+    use bitstack::calibrate::PerplexityScorer;
+    use bitstack::checkpoint::Checkpoint;
+    use bitstack::compress::decompose_checkpoint;
+    use bitstack::model::{DenseLinear, Linear, LinearSlot};
+    use bitstack::order::BlockScorer;
+
+    let model_dir = match model {
+        Some(d) => d,
+        None if quick => PathBuf::from("fixtures/tiny-qwen2"),
+        None => PathBuf::from("../shared/models/small-llama"),
+    };
+    if !model_dir.join("config.json").exists() {
+        bail!(
+            "{}: no model directory for the scorer rows (pass --model DIR)",
+            model_dir.display()
+        );
+    }
+    note(&format!("scorer on {}", model_dir.display()));
+    let checkpoint = Checkpoint::open(&model_dir)?;
+    let arch = bitstack::compress::read_architecture(&checkpoint)?;
+    let names = bitstack::select::select_matrices(&checkpoint, arch.as_deref(), &[])?;
+    let mut options = CompressOptions::default();
+    options.avd.k = 4;
+    options.avd.niter = 2;
+    let decomposed = decompose_checkpoint(&checkpoint, &names, &options, None, &|_| {})?;
+    let (windows_n, seq) = if quick { (2, 128) } else { (4, 512) };
+    let windows: Vec<Vec<u32>> = (0..windows_n)
+        .map(|w| {
+            (0..seq as u32)
+                .map(|i| (i * 7 + 3 + w * 11) % 1000)
+                .collect()
+        })
+        .collect();
+    // All matrices of the level (the quick run: every 7th, spread over all layers).
+    let candidates: Vec<u32> = (0..names.len() as u32)
+        .step_by(if quick { 7 } else { 1 })
+        .collect();
+    let model = CausalLm::load(&model_dir)?;
+    let mut scorer = PerplexityScorer::new(model, &decomposed, windows.clone(), &|_| {})?;
+    let t = Instant::now();
+    let fast = scorer
+        .score_level(1, &candidates)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let fast_s = t.elapsed().as_secs_f64();
+    drop(scorer);
+
+    let mut plain = CausalLm::load(&model_dir)?;
+    let places: Vec<(usize, LinearSlot)> = names
+        .iter()
+        .map(|n| LinearSlot::parse_weight_name(n).context("a decoder linear"))
+        .collect::<Result<_>>()?;
+    let t = Instant::now();
+    let mut slow = Vec::with_capacity(candidates.len());
+    for &c in &candidates {
+        for (m, d) in decomposed.decompositions.iter().enumerate() {
+            let (r, cols) = decomposed.shapes[m];
+            let blocks = if m == c as usize { 2 } else { 1 };
+            let mut w = vec![0.0f32; r * cols];
+            for b in &d.blocks[..blocks] {
+                b.add_to_dense(&mut w);
+            }
+            let (layer, slot) = places[m];
+            let lin: Arc<dyn Linear> = Arc::new(DenseLinear::new(w, r, cols)?);
+            plain.set_linear(layer, slot, lin)?;
+        }
+        let mut nll = 0.0;
+        let mut count = 0usize;
+        for w in &windows {
+            nll += plain.window_nll(w)?;
+            count += w.len() - 1;
+        }
+        slow.push((nll / count as f64).exp());
+    }
+    let slow_s = t.elapsed().as_secs_f64();
+    let max_rel = fast
+        .iter()
+        .zip(&slow)
+        .map(|(a, b)| ((a - b) / b).abs())
+        .fold(0.0, f64::max);
+    let rank = |v: &[f64]| {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        idx
+    };
+    rows.push(Row {
+        what: format!(
+            "scorer, level 1, {} candidates x {windows_n} windows",
+            candidates.len()
+        ),
+        ours: fast_s,
+        baseline: slow_s,
+        unit: "s",
+    });
+    keys.insert(
+        "scorer_speedup_vs_straightforward".into(),
+        json!(slow_s / fast_s),
+    );
+    keys.insert("scorer_max_relative_difference".into(), json!(max_rel));
+    keys.insert(
+        "scorer_same_order".into(),
+        json!(rank(&fast) == rank(&slow)),
+    );
     Ok(())
 }
 
