@@ -274,6 +274,23 @@ fn kernels(
     keys.insert("batch_vs_dense_f32".into(), json!(batch[0]));
 }
 
+/// The model of the end-to-end and scorer rows: `--model`, else the bundled tiny model
+/// (`--quick`) or ../shared's small-llama.
+fn bench_model_dir(model: Option<PathBuf>, quick: bool, rows: &str) -> Result<PathBuf> {
+    let model_dir = match model {
+        Some(d) => d,
+        None if quick => PathBuf::from("fixtures/tiny-qwen2"),
+        None => PathBuf::from("../shared/models/small-llama"),
+    };
+    if !model_dir.join("config.json").exists() {
+        bail!(
+            "{}: no model directory for the {rows} rows (pass --model DIR)",
+            model_dir.display()
+        );
+    }
+    Ok(model_dir)
+}
+
 /// End to end: the model at 4 blocks per matrix against the dense f32 model.
 fn e2e_group(
     model: Option<PathBuf>,
@@ -282,17 +299,7 @@ fn e2e_group(
     keys: &mut Map<String, Value>,
     note: &dyn Fn(&str),
 ) -> Result<()> {
-    let model_dir = match model {
-        Some(d) => d,
-        None if quick => PathBuf::from("fixtures/tiny-qwen2"),
-        None => PathBuf::from("../shared/models/small-llama"),
-    };
-    if !model_dir.join("config.json").exists() {
-        bail!(
-            "{}: no model directory for the end-to-end rows (pass --model DIR)",
-            model_dir.display()
-        );
-    }
+    let model_dir = bench_model_dir(model, quick, "end-to-end")?;
     note(&format!("end to end on {}", model_dir.display()));
     let (decode_ratio, eval_ratio, e2e_rows) = end_to_end(&model_dir, quick)?;
     rows.extend(e2e_rows);
@@ -318,17 +325,7 @@ fn scorer_group(
     use bitstack::model::{DenseLinear, Linear, LinearSlot};
     use bitstack::order::BlockScorer;
 
-    let model_dir = match model {
-        Some(d) => d,
-        None if quick => PathBuf::from("fixtures/tiny-qwen2"),
-        None => PathBuf::from("../shared/models/small-llama"),
-    };
-    if !model_dir.join("config.json").exists() {
-        bail!(
-            "{}: no model directory for the scorer rows (pass --model DIR)",
-            model_dir.display()
-        );
-    }
+    let model_dir = bench_model_dir(model, quick, "scorer")?;
     note(&format!("scorer on {}", model_dir.display()));
     let checkpoint = Checkpoint::open(&model_dir)?;
     let arch = bitstack::compress::read_architecture(&checkpoint)?;

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use crate::calibrate::{
-    activation_scales, read_windows, scaling_reparametrisation, text_identity, CalibrationOptions,
+    activation_scales, scaling_reparametrisation, text_identity, CalibrationOptions,
     ReparametrisedSource,
 };
 use crate::checkpoint::Checkpoint;
@@ -134,20 +134,7 @@ pub fn compress_best(
     }
     let config = ModelConfig::from_file(model_dir.join("config.json"))?;
     let tokenizer = TextTokenizer::from_model_dir(model_dir)?;
-    let calib = read_windows(
-        &tokenizer,
-        &calibration.calib_text,
-        calibration.seq,
-        calibration.calib_windows,
-        "calibration",
-    )?;
-    let score = read_windows(
-        &tokenizer,
-        &calibration.score_text,
-        calibration.seq,
-        calibration.score_windows,
-        "scoring",
-    )?;
+    let (calib, score) = calibration.windows(&tokenizer)?;
     let mut stages = Vec::new();
 
     // 1. Activation statistics of the original model.
@@ -317,20 +304,14 @@ pub fn compress_best(
     let layout = StackLayout::new(fixed_bytes, block_bytes, order.clone(), names.len())?;
     writer.write_atomic(out)?;
     stages.push(("write".to_string(), t.elapsed()));
-    let file_bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
-    Ok(CompressSummary {
-        matrices: names.len(),
-        blocks: order.len(),
-        min_memory_bytes: layout.min_memory(),
-        max_memory_bytes: layout.max_memory(),
-        file_bytes,
-        stage_seconds: stages
-            .into_iter()
-            .map(|(n, d)| (n, d.as_secs_f64()))
-            .collect(),
+    Ok(CompressSummary::of_written(
+        names.len(),
+        &layout,
+        out,
+        stages,
         mean_rel_err,
-        reused: 0,
-    })
+        0,
+    ))
 }
 
 /// Mean squares of the `lm_head` inputs (final-normed hidden states) over the first
@@ -508,14 +489,7 @@ fn probe_sensitivities(
                         Some(l) if l < layers => r.inputs[l].clone(),
                         Some(_) => r.last.clone(),
                         // The embedding table itself is probed: rows of the reconstruction.
-                        None => {
-                            let mut x = Vec::with_capacity(w.len() * h);
-                            for &t in w {
-                                let t = t as usize;
-                                x.extend_from_slice(&rec[t * h..(t + 1) * h]);
-                            }
-                            x
-                        }
+                        None => embed_rows(&rec, w, h)?,
                     };
                     for l in from.unwrap_or(0)..layers {
                         model.forward_layer(l, &mut hidden, w.len(), None)?;
@@ -527,29 +501,26 @@ fn probe_sensitivities(
             let n: usize = parts.iter().map(|p| p.1).sum();
             Ok(kl / n.max(1) as f64)
         };
-        let kl = if let Some((layer, slot)) = LinearSlot::parse_weight_name(name) {
-            let previous = model.set_linear(layer, slot, linear()?)?;
-            let kl = kl_sum(&model, Some(layer));
-            model.set_linear(layer, slot, previous)?;
-            kl?
-        } else if name == HEAD {
-            let previous = model.set_lm_head(linear()?)?;
-            let kl = kl_sum(&model, Some(layers));
-            model.set_lm_head(previous)?;
-            kl?
-        } else if name == EMBED {
-            if tied {
+        let kl = match place_of(name, tied)? {
+            Place::Linear(layer, slot) => {
+                let previous = model.set_linear(layer, slot, linear()?)?;
+                let kl = kl_sum(&model, Some(layer));
+                model.set_linear(layer, slot, previous)?;
+                kl?
+            }
+            Place::Head => {
+                let previous = model.set_lm_head(linear()?)?;
+                let kl = kl_sum(&model, Some(layers));
+                model.set_lm_head(previous)?;
+                kl?
+            }
+            Place::Embed { tied: true } => {
                 let previous = model.set_lm_head(linear()?)?;
                 let kl = kl_sum(&model, None);
                 model.set_lm_head(previous)?;
                 kl?
-            } else {
-                kl_sum(&model, None)?
             }
-        } else {
-            return Err(Error::Unsupported(format!(
-                "{name}: best mode stacks decoder linears, the embedding table and lm_head only"
-            )));
+            Place::Embed { tied: false } => kl_sum(&model, None)?,
         };
         let err = d.sq_err[probe - 1];
         out.push(Sensitivity {
@@ -603,6 +574,19 @@ pub fn order_by_gain(
     rest.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     order.extend(rest.into_iter().map(|(_, m, b)| StackEntry::new(m, b)));
     order
+}
+
+/// The rows of embedding table `table` (`vocab × h`, row-major) for the tokens of `window`.
+fn embed_rows(table: &[f32], window: &[u32], h: usize) -> Result<Vec<f32>, Error> {
+    let mut x = Vec::with_capacity(window.len() * h);
+    for &tok in window {
+        let i = tok as usize;
+        let row = table
+            .get(i * h..(i + 1) * h)
+            .ok_or_else(|| Error::Usage(format!("token {tok} outside the embedding table")))?;
+        x.extend_from_slice(row);
+    }
+    Ok(x)
 }
 
 /// Where a stacked matrix sits in the model.
@@ -729,18 +713,7 @@ impl<'a> PlanePerplexityScorer<'a> {
     fn embedded(&self, window: &[u32], table: Option<&[f32]>) -> Result<Vec<f32>, Error> {
         match table {
             None => Ok(self.model.embed(window)?),
-            Some(t) => {
-                let h = self.model.config().hidden_size;
-                let mut x = Vec::with_capacity(window.len() * h);
-                for &tok in window {
-                    let i = tok as usize;
-                    let row = t.get(i * h..(i + 1) * h).ok_or_else(|| {
-                        Error::Usage(format!("token {tok} outside the embedding table"))
-                    })?;
-                    x.extend_from_slice(row);
-                }
-                Ok(x)
-            }
+            Some(t) => embed_rows(t, window, self.model.config().hidden_size),
         }
     }
 

@@ -349,7 +349,34 @@ pub struct CalibrationOptions {
     pub seq: usize,
 }
 
-pub(crate) fn read_windows(
+/// Token windows of a text.
+pub type Windows = Vec<Vec<u32>>;
+
+impl CalibrationOptions {
+    /// The calibration and scoring windows (tokenized; an error names a text too short).
+    pub fn windows(
+        &self,
+        tokenizer: &bitstack_model::TextTokenizer,
+    ) -> Result<(Windows, Windows), Error> {
+        let calib = read_windows(
+            tokenizer,
+            &self.calib_text,
+            self.seq,
+            self.calib_windows,
+            "calibration",
+        )?;
+        let score = read_windows(
+            tokenizer,
+            &self.score_text,
+            self.seq,
+            self.score_windows,
+            "scoring",
+        )?;
+        Ok((calib, score))
+    }
+}
+
+fn read_windows(
     tokenizer: &bitstack_model::TextTokenizer,
     path: &std::path::Path,
     seq: usize,
@@ -392,20 +419,7 @@ pub fn compress_calibrated(
     let tokenizer = bitstack_model::TextTokenizer::from_model_dir(model_dir)?;
     let mut stages = Vec::new();
     // The texts are read (and their errors reported) before any progress is saved.
-    let calib = read_windows(
-        &tokenizer,
-        &calibration.calib_text,
-        calibration.seq,
-        calibration.calib_windows,
-        "calibration",
-    )?;
-    let score = read_windows(
-        &tokenizer,
-        &calibration.score_text,
-        calibration.seq,
-        calibration.score_windows,
-        "scoring",
-    )?;
+    let (calib, score) = calibration.windows(&tokenizer)?;
     let run = crate::compress::run_description(
         &checkpoint,
         &names,

@@ -585,25 +585,46 @@ pub fn finish(
     let matrices = decomposed.names.len();
     let layout = write_container(checkpoint, decomposed, order, options, metadata, out)?;
     stages.push(("write".to_string(), t.elapsed()));
-    let file_bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
-    Ok(CompressSummary {
+    let reused = match resume {
+        Some(r) => {
+            let reused = r.reused();
+            r.finish()?;
+            reused
+        }
+        None => 0,
+    };
+    Ok(CompressSummary::of_written(
         matrices,
-        blocks: order.len(),
-        min_memory_bytes: layout.min_memory(),
-        max_memory_bytes: layout.max_memory(),
-        file_bytes,
-        stage_seconds: stages
-            .into_iter()
-            .map(|(n, d)| (n, d.as_secs_f64()))
-            .collect(),
+        &layout,
+        out,
+        stages,
         mean_rel_err,
-        reused: match resume {
-            Some(r) => {
-                let reused = r.reused();
-                r.finish()?;
-                reused
-            }
-            None => 0,
-        },
-    })
+        reused,
+    ))
+}
+
+impl CompressSummary {
+    /// The summary of a container just written to `out` with `layout`.
+    pub(crate) fn of_written(
+        matrices: usize,
+        layout: &StackLayout,
+        out: &Path,
+        stages: Vec<(String, Duration)>,
+        mean_rel_err: Vec<f64>,
+        reused: usize,
+    ) -> Self {
+        Self {
+            matrices,
+            blocks: layout.order().len(),
+            min_memory_bytes: layout.min_memory(),
+            max_memory_bytes: layout.max_memory(),
+            file_bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+            stage_seconds: stages
+                .into_iter()
+                .map(|(n, d)| (n, d.as_secs_f64()))
+                .collect(),
+            mean_rel_err,
+            reused,
+        }
+    }
 }
