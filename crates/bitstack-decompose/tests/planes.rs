@@ -74,10 +74,8 @@ proptest! {
                 prop_assert_eq!(&t[..], &dense[r0 * cols..(r0 + n) * cols]);
             }
         }
-        // Errors shrink (or stay zero).
-        for pair in d.sq_err.windows(2) {
-            prop_assert!(pair[1] <= pair[0] * 0.5 + 1e-12);
-        }
+        // (The error of one matrix need not shrink at every plane: a weight within a quarter
+        // step of its reconstruction moves away from it. The per-weight bound above halves.)
     }
 }
 
