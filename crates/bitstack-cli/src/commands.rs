@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use bitstack::best::{compress_best, BestOptions, BestOrder};
 use bitstack::calibrate::{compress_calibrated, CalibrationOptions};
+use bitstack::chain::ChainChoice;
 use bitstack::compress::{compress as run_compress, CompressOptions};
 use bitstack::decompose::PlaneParams;
 use bitstack::decompose::SvdMethod;
@@ -49,6 +50,17 @@ pub enum OrderChoice {
     Levels,
 }
 
+/// Chains of best mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ChainsChoice {
+    /// Nested planes throughout.
+    Planes,
+    /// An AVD block (the size of plane 0) first, then planes of the residual.
+    AvdFirst,
+    /// Per matrix, whichever has the lower error curve (measured; docs/BEST.md).
+    Auto,
+}
+
 /// Options of `bitstack compress`.
 #[derive(Debug, Args)]
 pub struct CompressArgs {
@@ -74,6 +86,10 @@ pub struct CompressArgs {
     /// `levels` (the same number of planes for every matrix at each level; a baseline).
     #[arg(long, value_enum, default_value_t = OrderChoice::Gain)]
     pub order: OrderChoice,
+    /// Best mode: block chain of each matrix — `planes` throughout, `avd-first` (an AVD
+    /// block, then planes of the residual), or `auto` (per matrix, the lower error curve).
+    #[arg(long, value_enum, default_value_t = ChainsChoice::Auto)]
+    pub chains: ChainsChoice,
     /// Best mode: planes at which each matrix's sensitivity is probed.
     #[arg(long, default_value_t = 3)]
     pub probe_planes: usize,
@@ -183,6 +199,11 @@ pub fn compress(args: CompressArgs) -> Result<()> {
                 },
                 alpha: args.alpha,
                 probe_planes: args.probe_planes,
+                chains: match args.chains {
+                    ChainsChoice::Planes => ChainChoice::Planes,
+                    ChainsChoice::AvdFirst => ChainChoice::AvdFirst,
+                    ChainsChoice::Auto => ChainChoice::Auto,
+                },
                 order: match args.order {
                     OrderChoice::Gain => BestOrder::Gain,
                     OrderChoice::OutputError => BestOrder::OutputError,
@@ -304,6 +325,8 @@ pub fn inspect(path: &Path, as_json: bool, with_order: bool) -> Result<()> {
         "niter": compress.get("niter"),
         "group": compress.get("group"),
         "planes": compress.get("planes"),
+        "chains": compress.get("chains"),
+        "avd_first_matrices": compress.get("avd_first_matrices"),
         "scorer": compress.get("scorer"),
         "matrices": file.matrix_count(),
         "blocks": layout.order().len(),
@@ -348,6 +371,16 @@ pub fn inspect(path: &Path, as_json: bool, with_order: bool) -> Result<()> {
             compress.get("planes").unwrap_or(&json!("?")),
             compress.get("alpha").unwrap_or(&json!("?")),
         );
+        if let Some(n) = compress.get("avd_first_matrices").and_then(|n| n.as_u64()) {
+            out!(
+                "chains        {} ({n} of {} matrices start with an AVD block)",
+                compress
+                    .get("chains")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or("?"),
+                file.matrix_count()
+            );
+        }
     } else {
         out!(
             "compression   k = {}, niter = {}, ordering: {scorer}",

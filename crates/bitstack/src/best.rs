@@ -5,7 +5,9 @@
 //! - the embedding table and `lm_head` are stacked matrices too (a tied table once), so the
 //!   fixed part shrinks to norms and biases;
 //! - every matrix is a chain of nested bit planes ([`bitstack_decompose::decompose_planes`]):
-//!   a per-group uniform grid refined one bit per weight per block, prefix-consistent;
+//!   a per-group uniform grid refined one bit per weight per block, prefix-consistent — or,
+//!   where its measured error curve is lower, one AVD block followed by planes of the residual
+//!   ([`crate::chain`]);
 //! - columns are scaled by `s^alpha` (activation scales, folded exactly into the preceding
 //!   norms as in ALGORITHM.md §1) so that the grid spends its resolution where activations
 //!   are large;
@@ -20,7 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bitstack_decompose::{decompose_planes, PlaneBlock, PlaneDecomposition, PlaneParams};
+use bitstack_decompose::{PlaneBlock, PlaneParams};
 use bitstack_format::{ContainerWriter, Dtype, PartData};
 use bitstack_model::{CausalLm, DenseLinear, Linear, LinearSlot, ModelConfig, Site, TextTokenizer};
 use bitstack_order::{StackEntry, StackLayout};
@@ -31,10 +33,11 @@ use crate::calibrate::{
     activation_scales, scaling_reparametrisation, text_identity, CalibrationOptions,
     ReparametrisedSource,
 };
+use crate::chain::{build_chain, ChainBlock, ChainChoice, MatrixChain};
 use crate::checkpoint::Checkpoint;
 use crate::compress::{
-    add_aux_and_fixed, read_architecture, CompressOptions, CompressSummary, Progress,
-    Reparametrisation,
+    add_aux_and_fixed, push_avd_block, read_architecture, CompressOptions, CompressSummary,
+    Progress, Reparametrisation,
 };
 use crate::select::select_matrices;
 use crate::Error;
@@ -76,10 +79,13 @@ pub struct BestOptions {
     pub probe_planes: usize,
     /// Calibration windows used for the `lm_head` input statistics (a subset suffices).
     pub head_windows: usize,
+    /// Which chain each matrix gets (planes throughout, an AVD block first, or per matrix).
+    pub chains: ChainChoice,
 }
 
 impl Default for BestOptions {
-    /// Groups of 128, 8 planes, `alpha = 0.5`, sensitivity probed at 3 planes.
+    /// Groups of 128, 8 planes, `alpha = 0.5`, sensitivity probed at 3 planes, chains
+    /// chosen per matrix.
     fn default() -> Self {
         Self {
             order: BestOrder::Gain,
@@ -90,6 +96,7 @@ impl Default for BestOptions {
             alpha: 0.5,
             probe_planes: 3,
             head_windows: 16,
+            chains: ChainChoice::Auto,
         }
     }
 }
@@ -166,7 +173,7 @@ pub fn compress_best(
         name: "planes",
         total: names.len() as u64,
     });
-    let mut decompositions = Vec::with_capacity(names.len());
+    let mut chains = Vec::with_capacity(names.len());
     let mut shapes = Vec::with_capacity(names.len());
     for (i, name) in names.iter().enumerate() {
         let info = checkpoint.info(name)?;
@@ -179,9 +186,17 @@ pub fn compress_best(
         let w = options.reparametrisation.load(&checkpoint, name)?;
         let cw = column_weights(name, &scales, &options.reparametrisation, &head_sq, &config);
         let rw = (name == EMBED).then(|| token_counts.clone());
-        let d = decompose_planes(&w, rows, cols, &best.planes, rw.as_deref(), cw.as_deref())
-            .map_err(|e| Error::Checkpoint(format!("{name}: {e}")))?;
-        decompositions.push(d);
+        let chain = build_chain(
+            &w,
+            rows,
+            cols,
+            &best.planes,
+            rw.as_deref(),
+            cw.as_deref(),
+            best.chains,
+        )
+        .map_err(|e| Error::Checkpoint(format!("{name}: {e}")))?;
+        chains.push(chain);
         shapes.push((rows, cols));
         progress(Progress::Step {
             done: i as u64 + 1,
@@ -202,7 +217,7 @@ pub fn compress_best(
             model,
             &names,
             &shapes,
-            &decompositions,
+            &chains,
             &score,
             best.probe_planes,
             progress,
@@ -222,49 +237,55 @@ pub fn compress_best(
     // 4. Order: the first plane of every matrix is the base model; the rest by gain per byte.
     let t = Instant::now();
     let order = match best.order {
-        BestOrder::Gain | BestOrder::OutputError => order_by_gain(&decompositions, &sensitivities),
-        BestOrder::Levels => order_by_levels(&decompositions),
+        BestOrder::Gain | BestOrder::OutputError => order_by_gain(&chains, &sensitivities),
+        BestOrder::Levels => order_by_levels(&chains),
         BestOrder::Perplexity => {
             let source = ReparametrisedSource {
                 checkpoint: &checkpoint,
                 reparametrisation: &options.reparametrisation,
             };
             let model = CausalLm::from_source(config.clone(), &source, &mut |_, _| Ok(None))?;
-            let counts: Vec<u32> = decompositions
-                .iter()
-                .map(|d| d.blocks.len() as u32)
-                .collect();
-            let mut scorer =
-                PlanePerplexityScorer::new(model, &names, &decompositions, &score, progress)?;
+            let counts: Vec<u32> = chains.iter().map(|c| c.len() as u32).collect();
+            let mut scorer = PlanePerplexityScorer::new(model, &names, &chains, &score, progress)?;
             bitstack_order::build_level_synchronous(&counts, &mut scorer, &mut |_, _| {})?
         }
     };
-    let block_bytes: Vec<Vec<u64>> = decompositions
+    let block_bytes: Vec<Vec<u64>> = chains
         .iter()
-        .map(|d| d.blocks.iter().map(PlaneBlock::stored_bytes).collect())
+        .map(|c| c.blocks().map(|b| b.stored_bytes()).collect())
         .collect();
     stages.push(("order".to_string(), t.elapsed()));
 
     // 5. Write.
     let t = Instant::now();
     let planes = best.planes.planes;
-    let mut mean_rel_err = vec![0.0; planes];
+    let depth = chains.iter().map(MatrixChain::len).max().unwrap_or(0);
+    let mut mean_rel_err = vec![0.0; depth];
     let mut rel_err = serde_json::Map::new();
     let mut sens = serde_json::Map::new();
-    for ((name, d), s) in names.iter().zip(&decompositions).zip(&sensitivities) {
-        for (b, e) in d.rel_err.iter().enumerate() {
+    let mut kinds = serde_json::Map::new();
+    for ((name, c), s) in names.iter().zip(&chains).zip(&sensitivities) {
+        for (b, e) in c.rel_err.iter().enumerate() {
             mean_rel_err[b] += e / names.len() as f64;
         }
-        rel_err.insert(name.clone(), json!(d.rel_err));
+        rel_err.insert(name.clone(), json!(c.rel_err));
         sens.insert(name.clone(), json!({"kl": s.kl, "lambda": s.lambda}));
+        kinds.insert(name.clone(), json!(c.kind()));
     }
+    let avd_first = chains.iter().filter(|c| c.avd.is_some()).count();
     let mut metadata = options.extra_metadata.clone();
     metadata.insert("architecture".into(), json!(architecture));
     metadata.insert(
         "compress".into(),
         json!({
             "mode": "best",
-            "kind": "planes",
+            "kind": if avd_first == 0 { "planes" } else { "avd+planes" },
+            "chains": match best.chains {
+                ChainChoice::Planes => "planes",
+                ChainChoice::AvdFirst => "avd-first",
+                ChainChoice::Auto => "auto",
+            },
+            "avd_first_matrices": avd_first,
             "group": best.planes.group,
             "planes": planes,
             "alpha": best.alpha,
@@ -291,14 +312,23 @@ pub fn compress_best(
     );
     metadata.insert("rel_err".into(), serde_json::Value::Object(rel_err));
     metadata.insert("sensitivity".into(), serde_json::Value::Object(sens));
+    metadata.insert("chain".into(), serde_json::Value::Object(kinds));
     let mut writer = ContainerWriter::new(metadata);
     let fixed_bytes = add_aux_and_fixed(&mut writer, &checkpoint, &names, &options)?;
     for (name, &(rows, cols)) in names.iter().zip(&shapes) {
         writer.add_matrix(name, rows, cols, checkpoint.info(name)?.dtype.name())?;
     }
     for entry in &order {
-        let block = &decompositions[entry.matrix as usize].blocks[entry.block as usize];
-        push_plane_block(&mut writer, entry.matrix as usize, block)?;
+        let (m, b) = (entry.matrix as usize, entry.block as usize);
+        match chains[m].block(b) {
+            Some(ChainBlock::Avd(a)) => push_avd_block(&mut writer, m, b, a.clone())?,
+            Some(ChainBlock::Plane(p)) => push_plane_block(&mut writer, m, b, p)?,
+            None => {
+                return Err(Error::Checkpoint(format!(
+                    "internal: stack entry {m}/{b} outside its chain"
+                )))
+            }
+        }
     }
     writer.set_mandatory_blocks(names.len());
     let layout = StackLayout::new(fixed_bytes, block_bytes, order.clone(), names.len())?;
@@ -433,7 +463,7 @@ fn probe_sensitivities(
     mut model: CausalLm,
     names: &[String],
     shapes: &[(usize, usize)],
-    decompositions: &[PlaneDecomposition],
+    chains: &[MatrixChain],
     windows: &[Vec<u32>],
     probe: usize,
     progress: &(dyn Fn(Progress<'_>) + Sync),
@@ -472,9 +502,9 @@ fn probe_sensitivities(
     let mut out = Vec::with_capacity(names.len());
     for (m, name) in names.iter().enumerate() {
         let (rows, cols) = shapes[m];
-        let d = &decompositions[m];
+        let d = &chains[m];
         let mut rec = vec![0.0f32; rows * cols];
-        for block in &d.blocks[..probe] {
+        for block in d.blocks().take(probe) {
             block.add_to_dense(&mut rec);
         }
         let linear = || -> Result<Arc<dyn Linear>, Error> {
@@ -539,20 +569,17 @@ fn probe_sensitivities(
 /// `λ × weighted error removed / bytes`, each matrix's chain replaced by its upper convex
 /// hull (runs of planes whose gain per byte would increase are merged), so that merging the
 /// chains by gain per byte keeps every chain in order.
-pub fn order_by_gain(
-    decompositions: &[PlaneDecomposition],
-    sensitivities: &[Sensitivity],
-) -> Vec<StackEntry> {
-    let mut order: Vec<StackEntry> = (0..decompositions.len())
+pub fn order_by_gain(chains: &[MatrixChain], sensitivities: &[Sensitivity]) -> Vec<StackEntry> {
+    let mut order: Vec<StackEntry> = (0..chains.len())
         .map(|m| StackEntry::new(m as u32, 0))
         .collect();
     let mut rest: Vec<(f64, u32, u32)> = Vec::new();
-    for (m, (d, s)) in decompositions.iter().zip(sensitivities).enumerate() {
+    for (m, (d, s)) in chains.iter().zip(sensitivities).enumerate() {
         // Segments (gain, bytes, first, last) with non-increasing gain per byte.
         let mut segments: Vec<(f64, f64, usize, usize)> = Vec::new();
-        for b in 1..d.blocks.len() {
+        for (b, block) in d.blocks().enumerate().skip(1) {
             let gain = s.lambda * (d.sq_err[b - 1] - d.sq_err[b]).max(0.0);
-            let bytes = d.blocks[b].stored_bytes().max(1) as f64;
+            let bytes = block.stored_bytes().max(1) as f64;
             segments.push((gain, bytes, b, b));
             while segments.len() >= 2 {
                 let (g1, b1, f1, _) = segments[segments.len() - 2];
@@ -620,7 +647,7 @@ fn place_of(name: &str, tied: bool) -> Result<Place, Error> {
 pub struct PlanePerplexityScorer<'a> {
     model: CausalLm,
     places: Vec<Place>,
-    decompositions: &'a [PlaneDecomposition],
+    chains: &'a [MatrixChain],
     dense: Vec<Vec<f32>>,
     level: u32,
     windows: &'a [Vec<u32>],
@@ -634,7 +661,7 @@ impl<'a> PlanePerplexityScorer<'a> {
     pub fn new(
         model: CausalLm,
         names: &[String],
-        decompositions: &'a [PlaneDecomposition],
+        chains: &'a [MatrixChain],
         windows: &'a [Vec<u32>],
         progress: &'a (dyn Fn(Progress<'_>) + Sync),
     ) -> Result<Self, Error> {
@@ -648,13 +675,13 @@ impl<'a> PlanePerplexityScorer<'a> {
             .iter()
             .map(|n| place_of(n, tied))
             .collect::<Result<Vec<_>, _>>()?;
-        let dense = decompositions
+        let dense = chains
             .iter()
-            .map(|d| vec![0.0; d.grid.rows() * d.grid.cols()])
+            .map(|d| vec![0.0; d.rows() * d.cols()])
             .collect();
-        let total: u64 = decompositions
+        let total: u64 = chains
             .iter()
-            .map(|d| d.blocks.len().saturating_sub(1) as u64)
+            .map(|d| d.len().saturating_sub(1) as u64)
             .sum();
         progress(Progress::Stage {
             name: "order",
@@ -663,7 +690,7 @@ impl<'a> PlanePerplexityScorer<'a> {
         Ok(Self {
             model,
             places,
-            decompositions,
+            chains,
             dense,
             level: 0,
             windows,
@@ -673,8 +700,8 @@ impl<'a> PlanePerplexityScorer<'a> {
     }
 
     fn linear(&self, m: usize, w: Vec<f32>) -> Result<Arc<dyn Linear>, Error> {
-        let g = &self.decompositions[m].grid;
-        Ok(Arc::new(DenseLinear::new(w, g.rows(), g.cols())?))
+        let c = &self.chains[m];
+        Ok(Arc::new(DenseLinear::new(w, c.rows(), c.cols())?))
     }
 
     /// Puts `w` in place of matrix `m`; returns what it replaced (for the lm_head part).
@@ -775,8 +802,8 @@ impl bitstack_order::BlockScorer for PlanePerplexityScorer<'_> {
         candidates: &[u32],
     ) -> Result<Vec<f64>, bitstack_order::ScoreError> {
         while self.level < level {
-            for (m, d) in self.decompositions.iter().enumerate() {
-                if let Some(b) = d.blocks.get(self.level as usize) {
+            for (m, d) in self.chains.iter().enumerate() {
+                if let Some(b) = d.block(self.level as usize) {
                     b.add_to_dense(&mut self.dense[m]);
                 }
             }
@@ -791,10 +818,9 @@ impl bitstack_order::BlockScorer for PlanePerplexityScorer<'_> {
         for &m in candidates {
             let m = m as usize;
             let mut next = self.dense[m].clone();
-            self.decompositions[m]
-                .blocks
-                .get(level as usize)
-                .ok_or("candidate without a next plane")?
+            self.chains[m]
+                .block(level as usize)
+                .ok_or("candidate without a next block")?
                 .add_to_dense(&mut next);
             let ppl = match self.places[m] {
                 Place::Linear(layer, _) => {
@@ -828,28 +854,26 @@ impl bitstack_order::BlockScorer for PlanePerplexityScorer<'_> {
 }
 
 /// Plane by plane: every matrix's plane 0, then every matrix's plane 1, ...
-pub fn order_by_levels(decompositions: &[PlaneDecomposition]) -> Vec<StackEntry> {
-    let depth = decompositions
-        .iter()
-        .map(|d| d.blocks.len())
-        .max()
-        .unwrap_or(0);
+pub fn order_by_levels(chains: &[MatrixChain]) -> Vec<StackEntry> {
+    let depth = chains.iter().map(MatrixChain::len).max().unwrap_or(0);
     (0..depth)
         .flat_map(|b| {
-            decompositions
+            chains
                 .iter()
                 .enumerate()
-                .filter(move |(_, d)| b < d.blocks.len())
+                .filter(move |(_, d)| b < d.len())
                 .map(move |(m, _)| StackEntry::new(m as u32, b as u32))
         })
         .collect()
 }
 
-/// Appends plane `block` of matrix `matrix` to the stack being written, as the container's
-/// `planes` kind: packed signs, plus the grid (`mid`, `half`, f16 `rows × groups`) on plane 0.
+/// Appends plane `block` of matrix `matrix` (block `index` of its chain) to the stack being
+/// written, as the container's `planes` kind: packed signs, plus the grid (`mid`, `half`, f16
+/// `rows × groups`) on plane 0.
 pub fn push_plane_block(
     writer: &mut ContainerWriter,
     matrix: usize,
+    index: usize,
     block: &PlaneBlock,
 ) -> Result<(), bitstack_format::FormatError> {
     let grid = block.grid();
@@ -873,7 +897,7 @@ pub fn push_plane_block(
     }
     writer.push_block(
         matrix,
-        block.plane(),
+        index,
         "planes",
         BTreeMap::from([
             ("group".to_string(), grid.group() as i64),

@@ -52,6 +52,7 @@ pub use bitstack_runtime as runtime;
 #[cfg(feature = "model")]
 pub mod best;
 pub mod calibrate;
+pub mod chain;
 pub mod checkpoint;
 pub mod compress;
 #[cfg(feature = "model")]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use bitstack::best::{compress_best, BestOptions, BestOrder, EMBED};
 use bitstack::calibrate::CalibrationOptions;
+use bitstack::chain::ChainChoice;
 use bitstack::engine::{model_of, tokenizer_of};
 use bitstack::model::windows;
 use bitstack::runtime::Block;
@@ -26,7 +27,11 @@ fn compress_tiny(dir: &std::path::Path) -> PathBuf {
 }
 
 fn compress_tiny_ordered(dir: &std::path::Path, order: BestOrder) -> PathBuf {
-    let out = dir.join(format!("tiny-best-{order:?}.bitstack"));
+    compress_tiny_with(dir, order, ChainChoice::Planes)
+}
+
+fn compress_tiny_with(dir: &std::path::Path, order: BestOrder, chains: ChainChoice) -> PathBuf {
+    let out = dir.join(format!("tiny-best-{order:?}-{chains:?}.bitstack"));
     let data = root().join("fixtures/data");
     let calibration = CalibrationOptions {
         calib_text: data.join("calib.txt"),
@@ -41,6 +46,7 @@ fn compress_tiny_ordered(dir: &std::path::Path, order: BestOrder) -> PathBuf {
             planes: 5,
         },
         order,
+        chains,
         ..BestOptions::default()
     };
     let summary = compress_best(
@@ -52,9 +58,10 @@ fn compress_tiny_ordered(dir: &std::path::Path, order: BestOrder) -> PathBuf {
         &|_| {},
     )
     .unwrap();
-    // 28 decoder linears + the tied embedding table (once).
+    // 28 decoder linears + the tied embedding table (once); an AVD block adds one per chain.
     assert_eq!(summary.matrices, 29);
-    assert_eq!(summary.blocks, 29 * 5);
+    let avd = usize::from(chains == ChainChoice::AvdFirst);
+    assert_eq!(summary.blocks, 29 * (5 + avd));
     out
 }
 
@@ -75,8 +82,31 @@ fn planes_stack_embeddings_resize_and_match_the_dense_path() {
         );
     }
     assert!(manifest.blocks.iter().all(|b| b.kind == "planes"));
+    fast_path_matches_naive_while_resizing(file);
+}
+
+/// Mixed chains (an AVD block, then planes of its residual) load, resize and compute like
+/// plane chains: fast path = naive path at every budget, products and rows = reconstruction.
+#[test]
+fn avd_first_chains_mix_block_kinds_and_match_the_dense_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = compress_tiny_with(dir.path(), BestOrder::Gain, ChainChoice::AvdFirst);
+    let file = Arc::new(StackFile::open(&out).unwrap());
+    let manifest = file.container().manifest();
+    assert_eq!(manifest.metadata["compress"]["kind"], "avd+planes");
+    for b in &manifest.blocks {
+        let want = if b.index == 0 { "avd" } else { "planes" };
+        assert_eq!(b.kind, want, "block {} of matrix {}", b.index, b.matrix);
+    }
+    let (block, _) = file.read_block(0, &[]).unwrap();
+    assert!(matches!(block, Block::Avd(_)));
+    products_and_rows_match_the_reconstruction(&file);
+    fast_path_matches_naive_while_resizing(file);
+}
+
+fn fast_path_matches_naive_while_resizing(file: Arc<StackFile>) {
     let layout = file.layout().clone();
-    // The minimum (one plane per matrix, 16-bit-free) is far below a 16-bit embedding table.
+    // The minimum (one block per matrix, 16-bit-free) is far below a 16-bit embedding table.
     let embed_16bit = 8192 * 256 * 2;
     assert!(layout.min_memory() < embed_16bit / 2);
 
@@ -126,6 +156,13 @@ fn plane_rows_and_products_match_the_reconstruction() {
     let dir = tempfile::tempdir().unwrap();
     let out = compress_tiny(dir.path());
     let file = Arc::new(StackFile::open(&out).unwrap());
+    products_and_rows_match_the_reconstruction(&file);
+    // Every block decodes to the plane kind.
+    let (block, _) = file.read_block(0, &[]).unwrap();
+    assert!(matches!(block, Block::Plane(_)));
+}
+
+fn products_and_rows_match_the_reconstruction(file: &Arc<StackFile>) {
     let layout = file.layout().clone();
     let budget = (layout.min_memory() + layout.max_memory()) / 2;
     let stack = LoadedStack::load(file.clone(), budget).unwrap();
@@ -149,9 +186,6 @@ fn plane_rows_and_products_match_the_reconstruction() {
             assert_eq!(&row[..], &dense[r * cols..(r + 1) * cols]);
         }
     }
-    // Every block decodes to the plane kind.
-    let (block, _) = file.read_block(0, &[]).unwrap();
-    assert!(matches!(block, Block::Plane(_)));
 }
 
 #[test]
