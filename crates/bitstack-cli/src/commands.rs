@@ -167,9 +167,6 @@ pub fn compress(args: CompressArgs) -> Result<()> {
     if args.mode == ModeChoice::Best && (args.no_calibration || args.reference) {
         bail!("--mode best needs calibration text and is not the reference method: drop --no-calibration / --reference");
     }
-    if args.mode == ModeChoice::Best && args.resume {
-        bail!("--resume is not supported with --mode best yet (the run takes about a minute per 100 M parameters; start it again)");
-    }
     let summary = if args.no_calibration {
         run_compress(&args.model_dir, &args.output, &options, &progress)
     } else {

@@ -538,8 +538,10 @@ pub fn decompose_planes(
             chunk.fill(grid.mid[r * groups + gi].to_f32());
         }
     }
+    // Row sums in parallel, added in row order: the same bits whatever the threads do.
     let weighted = |recon: &[f32]| -> f64 {
-        w.par_chunks(cols)
+        let rows: Vec<f64> = w
+            .par_chunks(cols)
             .zip(recon.par_chunks(cols))
             .enumerate()
             .map(|(r, (wr, qr))| {
@@ -551,7 +553,8 @@ pub fn decompose_planes(
                     .sum();
                 s * rw[r]
             })
-            .sum()
+            .collect();
+        rows.iter().sum()
     };
     let sq_norm: f64 = weighted(&vec![0.0f32; rows * cols]);
     let norm: f64 = w.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();

@@ -30,14 +30,15 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use crate::calibrate::{
-    activation_scales, scaling_reparametrisation, text_identity, CalibrationOptions,
-    ReparametrisedSource,
+    activation_scales, scaling_reparametrisation, text_identity, unflatten_scales,
+    CalibrationOptions, ReparametrisedSource,
 };
 use crate::chain::{build_chain, ChainBlock, ChainChoice, MatrixChain};
 use crate::checkpoint::Checkpoint;
+use crate::resume::Checkpointer;
 use crate::compress::{
-    add_aux_and_fixed, push_avd_block, read_architecture, CompressOptions, CompressSummary,
-    Progress, Reparametrisation,
+    add_aux_and_fixed, push_avd_block, read_architecture, run_description, CheckpointedScorer,
+    CompressOptions, CompressSummary, Progress, Reparametrisation,
 };
 use crate::select::select_matrices;
 use crate::Error;
@@ -141,16 +142,56 @@ pub fn compress_best(
     }
     let config = ModelConfig::from_file(model_dir.join("config.json"))?;
     let tokenizer = TextTokenizer::from_model_dir(model_dir)?;
+    // The texts are read (and their errors reported) before any progress is saved.
     let (calib, score) = calibration.windows(&tokenizer)?;
+    let run = run_description(
+        &checkpoint,
+        &names,
+        options,
+        json!({
+            "mode": "best",
+            "calib_text": text_identity(&calibration.calib_text),
+            "calib_windows": calibration.calib_windows,
+            "score_text": text_identity(&calibration.score_text),
+            "score_windows": calibration.score_windows,
+            "seq": calibration.seq,
+            "group": best.planes.group,
+            "planes": best.planes.planes,
+            "alpha": best.alpha,
+            "probe_planes": best.probe_planes,
+            "head_windows": best.head_windows,
+            "order": format!("{:?}", best.order),
+            "chains": format!("{:?}", best.chains),
+        }),
+    )?;
+    let resume = Checkpointer::open(out, options.checkpointing, &run)?;
     let mut stages = Vec::new();
 
     // 1. Activation statistics of the original model.
     let t = Instant::now();
-    let original = CausalLm::load(model_dir)?;
-    let refs: Vec<&[u32]> = calib.iter().map(Vec::as_slice).collect();
-    let scales = activation_scales(&original, &refs, progress)?;
-    let (head_sq, token_counts) = head_statistics(&original, &calib, best.head_windows)?;
-    drop(original);
+    let layers = config.num_layers;
+    let saved = resume.as_ref().and_then(|r| {
+        let mut head = r.load_vectors("head")?;
+        let scales = unflatten_scales(r.load_vectors("scales")?, layers)?;
+        let counts = head.pop()?;
+        let sq = head.pop()?;
+        head.is_empty().then_some((scales, sq, counts))
+    });
+    let (scales, head_sq, token_counts) = match saved {
+        Some(saved) => saved,
+        None => {
+            let original = CausalLm::load(model_dir)?;
+            let refs: Vec<&[u32]> = calib.iter().map(Vec::as_slice).collect();
+            let scales = activation_scales(&original, &refs, progress)?;
+            let (head_sq, token_counts) = head_statistics(&original, &calib, best.head_windows)?;
+            if let Some(r) = &resume {
+                let flat: Vec<Vec<f32>> = scales.iter().flat_map(|s| s.iter().cloned()).collect();
+                r.save_vectors("scales", &flat)?;
+                r.save_vectors("head", &[head_sq.clone(), token_counts.clone()])?;
+            }
+            (scales, head_sq, token_counts)
+        }
+    };
     let mut options = options.clone();
     options.reparametrisation = if best.alpha > 0.0 {
         let powered: Vec<[Vec<f32>; 4]> = scales
@@ -220,6 +261,7 @@ pub fn compress_best(
             &chains,
             &score,
             best.probe_planes,
+            resume.as_ref(),
             progress,
         )?
     } else {
@@ -247,7 +289,22 @@ pub fn compress_best(
             let model = CausalLm::from_source(config.clone(), &source, &mut |_, _| Ok(None))?;
             let counts: Vec<u32> = chains.iter().map(|c| c.len() as u32).collect();
             let mut scorer = PlanePerplexityScorer::new(model, &names, &chains, &score, progress)?;
-            bitstack_order::build_level_synchronous(&counts, &mut scorer, &mut |_, _| {})?
+            match &resume {
+                Some(r) => {
+                    let mut checkpointed = CheckpointedScorer {
+                        inner: &mut scorer,
+                        resume: r,
+                    };
+                    bitstack_order::build_level_synchronous(
+                        &counts,
+                        &mut checkpointed,
+                        &mut |_, _| {},
+                    )?
+                }
+                None => {
+                    bitstack_order::build_level_synchronous(&counts, &mut scorer, &mut |_, _| {})?
+                }
+            }
         }
     };
     let block_bytes: Vec<Vec<u64>> = chains
@@ -334,13 +391,17 @@ pub fn compress_best(
     let layout = StackLayout::new(fixed_bytes, block_bytes, order.clone(), names.len())?;
     writer.write_atomic(out)?;
     stages.push(("write".to_string(), t.elapsed()));
+    let reused = resume.as_ref().map_or(0, Checkpointer::reused);
+    if let Some(r) = resume {
+        r.finish()?;
+    }
     Ok(CompressSummary::of_written(
         names.len(),
         &layout,
         out,
         stages,
         mean_rel_err,
-        0,
+        reused,
     ))
 }
 
@@ -466,6 +527,7 @@ fn probe_sensitivities(
     chains: &[MatrixChain],
     windows: &[Vec<u32>],
     probe: usize,
+    resume: Option<&Checkpointer>,
     progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<Vec<Sensitivity>, Error> {
     if windows.is_empty() {
@@ -501,6 +563,18 @@ fn probe_sensitivities(
     let h = model.config().hidden_size;
     let mut out = Vec::with_capacity(names.len());
     for (m, name) in names.iter().enumerate() {
+        let saved = resume.and_then(|r| r.load_numbers("probe", m, name, 2));
+        if let Some([kl, lambda]) = saved.as_deref() {
+            out.push(Sensitivity {
+                kl: *kl,
+                lambda: *lambda,
+            });
+            progress(Progress::Step {
+                done: m as u64 + 1,
+                what: name.as_str(),
+            });
+            continue;
+        }
         let (rows, cols) = shapes[m];
         let d = &chains[m];
         let mut rec = vec![0.0f32; rows * cols];
@@ -553,10 +627,11 @@ fn probe_sensitivities(
             Place::Embed { tied: false } => kl_sum(&model, None)?,
         };
         let err = d.sq_err[probe - 1];
-        out.push(Sensitivity {
-            kl,
-            lambda: if err > 0.0 { kl.max(0.0) / err } else { 0.0 },
-        });
+        let lambda = if err > 0.0 { kl.max(0.0) / err } else { 0.0 };
+        if let Some(r) = resume {
+            r.save_numbers("probe", m, name, &[kl, lambda])?;
+        }
+        out.push(Sensitivity { kl, lambda });
         progress(Progress::Step {
             done: m as u64 + 1,
             what: name.as_str(),

@@ -519,7 +519,7 @@ pub(crate) fn text_identity(path: &std::path::Path) -> serde_json::Value {
 }
 
 /// Saved scales (4 vectors per layer) back into per-layer arrays.
-fn unflatten_scales(flat: Vec<Vec<f32>>, layers: usize) -> Option<Vec<[Vec<f32>; 4]>> {
+pub(crate) fn unflatten_scales(flat: Vec<Vec<f32>>, layers: usize) -> Option<Vec<[Vec<f32>; 4]>> {
     if flat.len() != layers * 4 {
         return None;
     }

@@ -164,8 +164,10 @@ pub fn avd_rank_for(rows: usize, cols: usize, group: usize) -> usize {
         .min(rows.min(cols))
 }
 
+/// `Σ r_i c_j w_ij²`: row sums in parallel, added in row order (thread-independent bits).
 fn weighted_sq(w: &[f32], cols: usize, rw: Option<&[f32]>, cw: Option<&[f32]>) -> f64 {
-    w.par_chunks(cols)
+    let rows: Vec<f64> = w
+        .par_chunks(cols)
         .enumerate()
         .map(|(r, row)| {
             let s: f64 = row
@@ -175,7 +177,8 @@ fn weighted_sq(w: &[f32], cols: usize, rw: Option<&[f32]>, cw: Option<&[f32]>) -
                 .sum();
             s * f64::from(rw.map_or(1.0, |x| x[r]))
         })
-        .sum()
+        .collect();
+    rows.iter().sum()
 }
 
 /// The AVD-first chain: one AVD block of rank [`avd_rank_for`] (activation-aware: the columns

@@ -251,6 +251,48 @@ impl Checkpointer {
         Some(scores)
     }
 
+    /// Saves the numbers measured for matrix `index` (`name`) by stage `stage` (e.g. best
+    /// mode's sensitivity probe).
+    pub fn save_numbers(
+        &self,
+        stage: &str,
+        index: usize,
+        name: &str,
+        numbers: &[f64],
+    ) -> Result<(), Error> {
+        let mut p = Vec::new();
+        put_bytes(&mut p, name.as_bytes());
+        put_u64(&mut p, numbers.len() as u64);
+        for x in numbers {
+            put_u64(&mut p, x.to_bits());
+        }
+        self.write_record(&format!("{stage}-{index}.bin"), &p)
+    }
+
+    /// The `len` numbers saved by [`Checkpointer::save_numbers`] for matrix `index` of name
+    /// `name`, if they are there and intact.
+    pub fn load_numbers(
+        &self,
+        stage: &str,
+        index: usize,
+        name: &str,
+        len: usize,
+    ) -> Option<Vec<f64>> {
+        let p = self.read_record(&format!("{stage}-{index}.bin"))?;
+        let mut r = Reader(&p);
+        if r.bytes()? != name.as_bytes() || r.len()? != len {
+            return None;
+        }
+        let numbers = (0..len)
+            .map(|_| r.u64().map(f64::from_bits))
+            .collect::<Option<Vec<_>>>()?;
+        if !r.0.is_empty() {
+            return None;
+        }
+        self.count_reuse();
+        Some(numbers)
+    }
+
     /// Saves f32 vectors under `name` (e.g. the calibration scales).
     pub fn save_vectors(&self, name: &str, vectors: &[Vec<f32>]) -> Result<(), Error> {
         let mut p = Vec::new();
@@ -384,6 +426,8 @@ mod tests {
         c.save_level(2, &[1, 3], &[2.5, f64::NAN]).unwrap();
         c.save_vectors("scales", &[vec![1.0, -0.5], vec![]])
             .unwrap();
+        c.save_numbers("probe", 7, "e.weight", &[0.25, f64::INFINITY])
+            .unwrap();
         drop(c);
         let c = Checkpointer::open(&out, Checkpointing::Resume, &run)
             .unwrap()
@@ -401,6 +445,13 @@ mod tests {
             c.load_vectors("scales").unwrap(),
             vec![vec![1.0, -0.5], vec![]]
         );
+        assert_eq!(
+            c.load_numbers("probe", 7, "e.weight", 2).unwrap(),
+            vec![0.25, f64::INFINITY]
+        );
+        assert!(c.load_numbers("probe", 7, "f.weight", 2).is_none());
+        assert!(c.load_numbers("probe", 7, "e.weight", 3).is_none());
+        assert!(c.load_numbers("probe", 6, "e.weight", 2).is_none());
         // A damaged record is ignored (recomputed), never misread.
         let path = c.dir().join("matrix-4.bin");
         let mut bytes = std::fs::read(&path).unwrap();
