@@ -179,8 +179,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{:>12}", "decomp s");
     for (v, &(label, _, _, _)) in VARIANTS.iter().enumerate() {
         print!("{label:>8}");
-        for p in 0..PLANES {
-            print!("{:>8.4}", (log_sum[v][p] / matrices as f64).exp());
+        for l in &log_sum[v] {
+            print!("{:>8.4}", (l / matrices as f64).exp());
         }
         println!("{:>12.1}", decompose_time[v]);
     }
