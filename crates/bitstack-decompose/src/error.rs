@@ -155,6 +155,27 @@ pub enum DecomposeError {
         /// Columns of the grid.
         grid_cols: usize,
     },
+    /// A Hessian does not have `cols × cols` entries.
+    #[error("Hessian: expected {expected} values ({cols}×{cols}), got {got}")]
+    HessianLength {
+        /// Columns of the matrix (the Hessian's side).
+        cols: usize,
+        /// `cols²`, or `usize::MAX` when that overflows.
+        expected: usize,
+        /// Given length.
+        got: usize,
+    },
+    /// A Hessian entry or the damping is not finite (or the damping is negative).
+    #[error("Hessian holds an invalid value ({value}) at flat index {index}")]
+    InvalidHessian {
+        /// Flat row-major index (`usize::MAX` for the damping).
+        index: usize,
+        /// The value.
+        value: f64,
+    },
+    /// The damped Hessian (or its inverse) is not positive definite.
+    #[error("the damped Hessian is not positive definite; raise the damping")]
+    HessianNotPositiveDefinite,
     /// Building the packed sign matrix failed.
     #[error(transparent)]
     Bits(#[from] BitsError),

@@ -44,6 +44,7 @@ mod block;
 mod error;
 mod params;
 mod planes;
+mod planes_gptq;
 mod significance;
 mod svd;
 
@@ -54,5 +55,9 @@ pub use params::{AvdParams, SvdMethod};
 pub use planes::{
     decompose_planes, PlaneBlock, PlaneDecomposition, PlaneGrid, PlaneParams, PlaneTable,
     MAX_PLANES,
+};
+pub use planes_gptq::{
+    decompose_planes_compensated, decompose_planes_gptq, decompose_planes_with_factor,
+    decompose_planes_with_factor_limited, CompensationMode, GptqFactor, DEFAULT_DAMP,
 };
 pub use significance::{ChannelWeightMap, NoSignificance, Significance};

@@ -370,7 +370,7 @@ static SIGNS: [[f32; 8]; 256] = {
 };
 
 /// `2^{−(plane+1)}`.
-fn plane_factor(plane: usize) -> f32 {
+pub(crate) fn plane_factor(plane: usize) -> f32 {
     (0.5f32).powi(plane as i32 + 1)
 }
 
@@ -450,6 +450,18 @@ pub fn decompose_planes(
     row_weights: Option<&[f32]>,
     col_weights: Option<&[f32]>,
 ) -> Result<PlaneDecomposition, DecomposeError> {
+    check_plane_input(w, rows, cols, params)?;
+    let grid = plane_grid_of(w, rows, cols, params.group)?;
+    planes_on_grid(w, grid, params.planes, &[], row_weights, col_weights)
+}
+
+/// Checks the shape, group, plane count and finiteness of a matrix to be decomposed into planes.
+pub(crate) fn check_plane_input(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    params: &PlaneParams,
+) -> Result<(), DecomposeError> {
     let expected = rows.checked_mul(cols);
     if expected != Some(w.len()) || rows == 0 || cols == 0 {
         return Err(DecomposeError::ShapeMismatch {
@@ -476,32 +488,18 @@ pub fn decompose_planes(
             value: w[index],
         });
     }
-    let check_weights = |ws: Option<&[f32]>, len: usize| -> Result<Vec<f64>, DecomposeError> {
-        match ws {
-            None => Ok(vec![1.0; len]),
-            Some(ws) => {
-                if ws.len() != len {
-                    return Err(DecomposeError::ChannelWeightsLength {
-                        expected: len,
-                        got: ws.len(),
-                    });
-                }
-                if let Some(index) = ws.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
-                    return Err(DecomposeError::InvalidChannelWeight {
-                        index,
-                        value: ws[index],
-                    });
-                }
-                Ok(ws.iter().map(|&v| f64::from(v)).collect())
-            }
-        }
-    };
-    let rw = check_weights(row_weights, rows)?;
-    let cw = check_weights(col_weights, cols)?;
-    let g = params.group;
-    let groups = cols.div_ceil(g);
+    Ok(())
+}
 
-    // Grid.
+/// The grid of a checked matrix: per row and group of `g` columns, `mid` and `half` (rounded
+/// up) from the group's minimum and maximum.
+pub(crate) fn plane_grid_of(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    g: usize,
+) -> Result<Arc<PlaneGrid>, DecomposeError> {
+    let groups = cols.div_ceil(g);
     let mut mid = vec![f16::ZERO; rows * groups];
     let mut half = vec![f16::ZERO; rows * groups];
     for r in 0..rows {
@@ -529,15 +527,83 @@ pub fn decompose_planes(
             half[r * groups + gi] = h;
         }
     }
-    let grid = Arc::new(PlaneGrid::new(rows, cols, g, mid, half)?);
+    Ok(Arc::new(PlaneGrid::new(rows, cols, g, mid, half)?))
+}
 
-    // ŵ_0 = mid.
+/// `ŵ_0 = mid`, dense row-major.
+pub(crate) fn grid_base(grid: &PlaneGrid) -> Vec<f32> {
+    let (rows, cols, g, groups) = (grid.rows, grid.cols, grid.group, grid.groups());
     let mut recon = vec![0.0f32; rows * cols];
     for (r, out) in recon.chunks_exact_mut(cols).enumerate() {
         for (gi, chunk) in out.chunks_mut(g).enumerate() {
             chunk.fill(grid.mid[r * groups + gi].to_f32());
         }
     }
+    recon
+}
+
+/// `recon += half·2^{−(p+1)} ⊙ signs` (signs ±1.0, dense row-major): one plane applied to a
+/// reconstruction, with the same arithmetic as successive approximation.
+pub(crate) fn apply_plane(grid: &PlaneGrid, p: usize, signs: &[f32], recon: &mut [f32]) {
+    let (cols, g, groups) = (grid.cols, grid.group, grid.groups());
+    let factor = plane_factor(p);
+    recon
+        .par_chunks_mut(cols)
+        .zip(signs.par_chunks(cols))
+        .enumerate()
+        .for_each(|(r, (qr, sr))| {
+            for (gi, (qc, sc)) in qr.chunks_mut(g).zip(sr.chunks(g)).enumerate() {
+                let step = grid.half[r * groups + gi].to_f32() * factor;
+                for (q, &s) in qc.iter_mut().zip(sc) {
+                    if s > 0.0 {
+                        *q += step;
+                    } else {
+                        *q -= step;
+                    }
+                }
+            }
+        });
+}
+
+/// The planes of a checked matrix on `grid`: the first `fixed.len()` planes take the given
+/// signs (±1.0, dense row-major), the rest (up to `planes`) are chosen by successive
+/// approximation of `w`.
+pub(crate) fn planes_on_grid(
+    w: &[f32],
+    grid: Arc<PlaneGrid>,
+    planes: usize,
+    fixed: &[Vec<f32>],
+    row_weights: Option<&[f32]>,
+    col_weights: Option<&[f32]>,
+) -> Result<PlaneDecomposition, DecomposeError> {
+    let (rows, cols) = (grid.rows, grid.cols);
+    let check_weights = |ws: Option<&[f32]>, len: usize| -> Result<Vec<f64>, DecomposeError> {
+        match ws {
+            None => Ok(vec![1.0; len]),
+            Some(ws) => {
+                if ws.len() != len {
+                    return Err(DecomposeError::ChannelWeightsLength {
+                        expected: len,
+                        got: ws.len(),
+                    });
+                }
+                if let Some(index) = ws.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
+                    return Err(DecomposeError::InvalidChannelWeight {
+                        index,
+                        value: ws[index],
+                    });
+                }
+                Ok(ws.iter().map(|&v| f64::from(v)).collect())
+            }
+        }
+    };
+    let rw = check_weights(row_weights, rows)?;
+    let cw = check_weights(col_weights, cols)?;
+    let g = grid.group;
+    let groups = grid.groups();
+
+    // ŵ_0 = mid.
+    let mut recon = grid_base(&grid);
     // Row sums in parallel, added in row order: the same bits whatever the threads do.
     let weighted = |recon: &[f32]| -> f64 {
         let rows: Vec<f64> = w
@@ -558,37 +624,42 @@ pub fn decompose_planes(
     };
     let sq_norm: f64 = weighted(&vec![0.0f32; rows * cols]);
     let norm: f64 = w.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
-    let mut blocks = Vec::with_capacity(params.planes);
-    let mut sq_err = Vec::with_capacity(params.planes);
-    let mut rel_err = Vec::with_capacity(params.planes);
+    let mut blocks = Vec::with_capacity(planes);
+    let mut sq_err = Vec::with_capacity(planes);
+    let mut rel_err = Vec::with_capacity(planes);
     let mut signs = vec![0.0f32; rows * cols];
-    for p in 0..params.planes {
-        let factor = plane_factor(p);
-        signs
-            .par_chunks_mut(cols)
-            .zip(recon.par_chunks_mut(cols))
-            .zip(w.par_chunks(cols))
-            .enumerate()
-            .for_each(|(r, ((sr, qr), wr))| {
-                for (gi, ((sc, qc), wc)) in sr
-                    .chunks_mut(g)
-                    .zip(qr.chunks_mut(g))
-                    .zip(wr.chunks(g))
-                    .enumerate()
-                {
-                    let step = grid.half[r * groups + gi].to_f32() * factor;
-                    for ((s, q), &x) in sc.iter_mut().zip(qc.iter_mut()).zip(wc) {
-                        if x >= *q {
-                            *s = 1.0;
-                            *q += step;
-                        } else {
-                            *s = -1.0;
-                            *q -= step;
+    for p in 0..planes {
+        let packed = if let Some(given) = fixed.get(p) {
+            apply_plane(&grid, p, given, &mut recon);
+            SignMatrix::from_signs_of(given, rows, cols)?
+        } else {
+            let factor = plane_factor(p);
+            signs
+                .par_chunks_mut(cols)
+                .zip(recon.par_chunks_mut(cols))
+                .zip(w.par_chunks(cols))
+                .enumerate()
+                .for_each(|(r, ((sr, qr), wr))| {
+                    for (gi, ((sc, qc), wc)) in sr
+                        .chunks_mut(g)
+                        .zip(qr.chunks_mut(g))
+                        .zip(wr.chunks(g))
+                        .enumerate()
+                    {
+                        let step = grid.half[r * groups + gi].to_f32() * factor;
+                        for ((s, q), &x) in sc.iter_mut().zip(qc.iter_mut()).zip(wc) {
+                            if x >= *q {
+                                *s = 1.0;
+                                *q += step;
+                            } else {
+                                *s = -1.0;
+                                *q -= step;
+                            }
                         }
                     }
-                }
-            });
-        let packed = SignMatrix::from_signs_of(&signs, rows, cols)?;
+                });
+            SignMatrix::from_signs_of(&signs, rows, cols)?
+        };
         blocks.push(PlaneBlock::new(grid.clone(), p, packed)?);
         sq_err.push(weighted(&recon));
         let diff: f64 = w
