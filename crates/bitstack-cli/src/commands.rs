@@ -90,6 +90,11 @@ pub struct CompressArgs {
     /// block, then planes of the residual), or `auto` (per matrix, the lower error curve).
     #[arg(long, value_enum, default_value_t = ChainsChoice::Auto)]
     pub chains: ChainsChoice,
+    /// Best mode: choose the planes' bits with full-depth GPTQ error compensation under each
+    /// linear's input Hessian, from this many calibration windows (0 = off). Needs
+    /// 8·(3·hidden² + intermediate²) bytes per layer for the Hessians.
+    #[arg(long, default_value_t = 0)]
+    pub gptq_windows: usize,
     /// Best mode: planes at which each matrix's sensitivity is probed.
     #[arg(long, default_value_t = 3)]
     pub probe_planes: usize,
@@ -196,6 +201,7 @@ pub fn compress(args: CompressArgs) -> Result<()> {
                 },
                 alpha: args.alpha,
                 probe_planes: args.probe_planes,
+                gptq_windows: args.gptq_windows,
                 chains: match args.chains {
                     ChainsChoice::Planes => ChainChoice::Planes,
                     ChainsChoice::AvdFirst => ChainChoice::AvdFirst,

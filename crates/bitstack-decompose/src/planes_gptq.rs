@@ -524,8 +524,8 @@ mod tests {
         let rw: Vec<f32> = (0..rows).map(|r| 1.0 + r as f32).collect();
         let cw: Vec<f32> = (0..cols).map(|c| 0.5 + (c % 3) as f32).collect();
         let factor = GptqFactor::new(&h, cols, DEFAULT_DAMP).unwrap();
-        let d = decompose_planes_gptq(&w, rows, cols, &params, &factor, Some(&rw), Some(&cw))
-            .unwrap();
+        let d =
+            decompose_planes_gptq(&w, rows, cols, &params, &factor, Some(&rw), Some(&cw)).unwrap();
         let prefixes = dense_prefixes(&d, rows * cols);
         for (p, q) in prefixes.iter().enumerate() {
             let want: f64 = (0..rows * cols)

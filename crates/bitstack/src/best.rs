@@ -35,11 +35,11 @@ use crate::calibrate::{
 };
 use crate::chain::{build_chain, ChainBlock, ChainChoice, MatrixChain};
 use crate::checkpoint::Checkpoint;
-use crate::resume::Checkpointer;
 use crate::compress::{
     add_aux_and_fixed, push_avd_block, read_architecture, run_description, CheckpointedScorer,
     CompressOptions, CompressSummary, Progress, Reparametrisation,
 };
+use crate::resume::Checkpointer;
 use crate::select::select_matrices;
 use crate::Error;
 
@@ -82,6 +82,11 @@ pub struct BestOptions {
     pub head_windows: usize,
     /// Which chain each matrix gets (planes throughout, an AVD block first, or per matrix).
     pub chains: ChainChoice,
+    /// Choose the planes' bits with full-depth GPTQ error compensation
+    /// ([`bitstack_decompose::decompose_planes_gptq`]) under each linear's input Hessian,
+    /// measured on this many calibration windows (0 = off; the embedding table is never
+    /// compensated: it is a lookup).
+    pub gptq_windows: usize,
 }
 
 impl Default for BestOptions {
@@ -98,6 +103,7 @@ impl Default for BestOptions {
             probe_planes: 3,
             head_windows: 16,
             chains: ChainChoice::Auto,
+            gptq_windows: 0,
         }
     }
 }
@@ -162,6 +168,7 @@ pub fn compress_best(
             "head_windows": best.head_windows,
             "order": format!("{:?}", best.order),
             "chains": format!("{:?}", best.chains),
+            "gptq_windows": best.gptq_windows,
         }),
     )?;
     let resume = Checkpointer::open(out, options.checkpointing, &run)?;
@@ -208,6 +215,34 @@ pub fn compress_best(
     };
     stages.push(("calibrate".to_string(), t.elapsed()));
 
+    // 1b. Input Hessians for GPTQ compensation.
+    let hessians = if best.gptq_windows > 0 {
+        let (h, i, o) = (
+            config.hidden_size as u64,
+            config.intermediate_size as u64,
+            (config.num_heads * config.head_dim) as u64,
+        );
+        let need = 8 * (config.num_layers as u64 * (2 * h * h + o * o + i * i) + h * h);
+        if let Some(available) = available_memory() {
+            if need > available {
+                return Err(Error::Usage(format!(
+                    "--gptq-windows needs {:.1} GiB for the input Hessians, {:.1} GiB is \
+                     available: compress without GPTQ compensation (--gptq-windows 0)",
+                    need as f64 / (1u64 << 30) as f64,
+                    available as f64 / (1u64 << 30) as f64
+                )));
+            }
+        }
+        let t = Instant::now();
+        let original = CausalLm::load(model_dir)?;
+        let windows = &calib[..best.gptq_windows.min(calib.len())];
+        let h = input_hessians(&original, windows, progress)?;
+        stages.push(("hessians".to_string(), t.elapsed()));
+        Some(h)
+    } else {
+        None
+    };
+
     // 2. Planes of every matrix.
     let t = Instant::now();
     progress(Progress::Stage {
@@ -227,14 +262,18 @@ pub fn compress_best(
         let w = options.reparametrisation.load(&checkpoint, name)?;
         let cw = column_weights(name, &scales, &options.reparametrisation, &head_sq, &config);
         let rw = (name == EMBED).then(|| token_counts.clone());
+        let factor = match &hessians {
+            Some(h) => gptq_factor(name, h, &options.reparametrisation)?,
+            None => None,
+        };
         let chain = build_chain(
             &w,
             rows,
             cols,
             &best.planes,
-            rw.as_deref(),
-            cw.as_deref(),
+            (rw.as_deref(), cw.as_deref()),
             best.chains,
+            factor.as_ref(),
         )
         .map_err(|e| Error::Checkpoint(format!("{name}: {e}")))?;
         chains.push(chain);
@@ -257,7 +296,6 @@ pub fn compress_best(
         probe_sensitivities(
             model,
             &names,
-            &shapes,
             &chains,
             &score,
             best.probe_planes,
@@ -343,6 +381,7 @@ pub fn compress_best(
                 ChainChoice::Auto => "auto",
             },
             "avd_first_matrices": avd_first,
+            "gptq_windows": best.gptq_windows,
             "group": best.planes.group,
             "planes": planes,
             "alpha": best.alpha,
@@ -450,6 +489,116 @@ fn head_statistics(
     Ok((head, counts))
 }
 
+/// `MemAvailable` of `/proc/meminfo` in bytes (Linux), if readable.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// `H = Σ XᵀX` of the inputs of every decoder linear (per layer, in [`Site::ALL`] order) and
+/// of the `lm_head` (the final-normed hidden states), over the calibration windows, in the
+/// original model's coordinates.
+pub struct InputHessians {
+    /// Per layer and site: row-major `width × width`.
+    pub sites: Vec<[Vec<f64>; 4]>,
+    /// The `lm_head` input's, `hidden × hidden`.
+    pub head: Vec<f64>,
+}
+
+/// Collects [`InputHessians`] (one forward pass per window; per window an f32 `XᵀX` GEMM,
+/// summed in f64).
+pub fn input_hessians(
+    model: &CausalLm,
+    windows: &[Vec<u32>],
+    progress: &(dyn Fn(Progress<'_>) + Sync),
+) -> Result<InputHessians, Error> {
+    use faer::linalg::matmul::matmul;
+    use faer::{Accum, MatMut, MatRef, Par};
+    fn add_gram(acc: &mut Vec<f64>, x: &[f32], tokens: usize) {
+        let width = x.len() / tokens.max(1);
+        let mut g = vec![0.0f32; width * width];
+        let xm = MatRef::from_row_major_slice(x, tokens, width);
+        matmul(
+            MatMut::from_row_major_slice_mut(&mut g, width, width),
+            Accum::Replace,
+            xm.transpose(),
+            xm,
+            1.0f32,
+            Par::rayon(0),
+        );
+        if acc.len() != g.len() {
+            *acc = vec![0.0; g.len()];
+        }
+        acc.iter_mut()
+            .zip(&g)
+            .for_each(|(a, &v)| *a += f64::from(v));
+    }
+    let layers = model.num_layers();
+    let mut sites: Vec<[Vec<f64>; 4]> = (0..layers).map(|_| Default::default()).collect();
+    let mut head = Vec::new();
+    progress(Progress::Stage {
+        name: "hessians",
+        total: windows.len() as u64,
+    });
+    for (done, window) in windows.iter().enumerate() {
+        let mut observe = |layer: usize, site: Site, x: &[f32], tokens: usize| {
+            if let (Some(per_layer), Some(s)) = (
+                sites.get_mut(layer),
+                Site::ALL.iter().position(|v| *v == site),
+            ) {
+                add_gram(&mut per_layer[s], x, tokens);
+            }
+        };
+        let hidden = model.forward_hidden(window, Some(&mut observe))?;
+        let normed = model.final_normed(&hidden, window.len())?;
+        add_gram(&mut head, &normed, window.len());
+        progress(Progress::Step {
+            done: done as u64 + 1,
+            what: "window",
+        });
+    }
+    Ok(InputHessians { sites, head })
+}
+
+/// The GPTQ factor of matrix `name`'s input Hessian in the re-parametrised coordinates
+/// (`H' = D⁻¹ H D⁻¹` for columns scaled by `D`); `None` for the embedding table.
+fn gptq_factor(
+    name: &str,
+    hessians: &InputHessians,
+    reparametrisation: &Reparametrisation,
+) -> Result<Option<bitstack_decompose::GptqFactor>, Error> {
+    let h = if let Some((layer, slot)) = LinearSlot::parse_weight_name(name) {
+        let site = Site::ALL
+            .iter()
+            .position(|s| *s == slot.site())
+            .unwrap_or(0);
+        hessians.sites.get(layer).map(|s| &s[site])
+    } else if name == HEAD {
+        Some(&hessians.head)
+    } else {
+        None
+    };
+    let Some(h) = h.filter(|h| !h.is_empty()) else {
+        return Ok(None);
+    };
+    let cols = (h.len() as f64).sqrt().round() as usize;
+    let mut h = h.clone();
+    if let Some(f) = reparametrisation.column_scales.get(name) {
+        for i in 0..cols {
+            for j in 0..cols {
+                let d = f64::from(f.get(i).copied().unwrap_or(1.0))
+                    * f64::from(f.get(j).copied().unwrap_or(1.0));
+                h[i * cols + j] /= d;
+            }
+        }
+    }
+    bitstack_decompose::GptqFactor::new(&h, cols, bitstack_decompose::DEFAULT_DAMP)
+        .map(Some)
+        .map_err(|e| Error::Checkpoint(format!("{name}: GPTQ factor of the input Hessian: {e}")))
+}
+
 /// Per-column error weights of a matrix: the mean square of its (re-parametrised) input.
 fn column_weights(
     name: &str,
@@ -523,7 +672,6 @@ fn window_kl(
 fn probe_sensitivities(
     mut model: CausalLm,
     names: &[String],
-    shapes: &[(usize, usize)],
     chains: &[MatrixChain],
     windows: &[Vec<u32>],
     probe: usize,
@@ -575,8 +723,8 @@ fn probe_sensitivities(
             });
             continue;
         }
-        let (rows, cols) = shapes[m];
         let d = &chains[m];
+        let (rows, cols) = (d.rows(), d.cols());
         let mut rec = vec![0.0f32; rows * cols];
         for block in d.blocks().take(probe) {
             block.add_to_dense(&mut rec);

@@ -6,8 +6,8 @@
 //! model costs the same either way; its planes have their own grid, fitted to the residual.
 
 use bitstack_decompose::{
-    decompose, decompose_planes, AvdBlock, AvdParams, DecomposeError, PlaneBlock,
-    PlaneDecomposition, PlaneParams,
+    decompose, decompose_planes, decompose_planes_gptq, AvdBlock, AvdParams, DecomposeError,
+    GptqFactor, PlaneBlock, PlaneDecomposition, PlaneParams,
 };
 use rayon::prelude::*;
 
@@ -181,6 +181,24 @@ fn weighted_sq(w: &[f32], cols: usize, rw: Option<&[f32]>, cw: Option<&[f32]>) -
     rows.iter().sum()
 }
 
+/// Row and column weights of the squared errors (`None`: 1).
+pub type ErrorWeights<'a> = (Option<&'a [f32]>, Option<&'a [f32]>);
+
+/// Nested planes of `w`: plain successive approximation, or full-depth GPTQ with `gptq`.
+fn planes_of(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    params: &PlaneParams,
+    (row_weights, col_weights): ErrorWeights<'_>,
+    gptq: Option<&GptqFactor>,
+) -> Result<PlaneDecomposition, DecomposeError> {
+    match gptq {
+        Some(f) => decompose_planes_gptq(w, rows, cols, params, f, row_weights, col_weights),
+        None => decompose_planes(w, rows, cols, params, row_weights, col_weights),
+    }
+}
+
 /// The AVD-first chain: one AVD block of rank [`avd_rank_for`] (activation-aware: the columns
 /// weighted by `sqrt(col_weights)`), then `params.planes` planes of the residual.
 fn avd_first(
@@ -188,8 +206,8 @@ fn avd_first(
     rows: usize,
     cols: usize,
     params: &PlaneParams,
-    row_weights: Option<&[f32]>,
-    col_weights: Option<&[f32]>,
+    (row_weights, col_weights): ErrorWeights<'_>,
+    gptq: Option<&GptqFactor>,
 ) -> Result<MatrixChain, DecomposeError> {
     let k = avd_rank_for(rows, cols, params.group);
     let channel: Option<Vec<f32>> = col_weights.map(|c| c.iter().map(|v| v.sqrt()).collect());
@@ -206,7 +224,14 @@ fn avd_first(
     let mut residual = vec![0.0f32; rows * cols];
     block.add_to_dense(&mut residual);
     residual.iter_mut().zip(w).for_each(|(r, &x)| *r = x - *r);
-    let planes = decompose_planes(&residual, rows, cols, params, row_weights, col_weights)?;
+    let planes = planes_of(
+        &residual,
+        rows,
+        cols,
+        params,
+        (row_weights, col_weights),
+        gptq,
+    )?;
     let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
     let (wn, rn) = (norm(w), norm(&residual));
     let rel = |e: f64| if wn > 0.0 { e * rn / wn } else { 0.0 };
@@ -224,29 +249,29 @@ fn avd_first(
 }
 
 /// The chain of `w` (`rows × cols`, row-major) that `choice` asks for; errors weighted by
-/// `row_weights` and `col_weights` as in [`decompose_planes`].
+/// `weights` (rows, columns) as in [`decompose_planes`]; the planes' bits chosen with
+/// full-depth GPTQ compensation when `gptq` (the factor of the input's Hessian) is given.
 ///
 /// # Errors
-/// As [`decompose_planes`] and [`decompose`].
+/// As [`decompose_planes`], [`decompose_planes_gptq`] and [`decompose`].
 pub fn build_chain(
     w: &[f32],
     rows: usize,
     cols: usize,
     params: &PlaneParams,
-    row_weights: Option<&[f32]>,
-    col_weights: Option<&[f32]>,
+    weights: ErrorWeights<'_>,
     choice: ChainChoice,
+    gptq: Option<&GptqFactor>,
 ) -> Result<MatrixChain, DecomposeError> {
     let planes = || -> Result<MatrixChain, DecomposeError> {
-        decompose_planes(w, rows, cols, params, row_weights, col_weights)
-            .map(MatrixChain::of_planes)
+        planes_of(w, rows, cols, params, weights, gptq).map(MatrixChain::of_planes)
     };
     match choice {
         ChainChoice::Planes => planes(),
-        ChainChoice::AvdFirst => avd_first(w, rows, cols, params, row_weights, col_weights),
+        ChainChoice::AvdFirst => avd_first(w, rows, cols, params, weights, gptq),
         ChainChoice::Auto => {
             let p = planes()?;
-            let a = avd_first(w, rows, cols, params, row_weights, col_weights)?;
+            let a = avd_first(w, rows, cols, params, weights, gptq)?;
             Ok(choose(p, a))
         }
     }
@@ -301,7 +326,16 @@ mod tests {
             group: 16,
             planes: 4,
         };
-        let c = build_chain(&w, m, n, &params, None, Some(&cw), ChainChoice::AvdFirst).unwrap();
+        let c = build_chain(
+            &w,
+            m,
+            n,
+            &params,
+            (None, Some(&cw)),
+            ChainChoice::AvdFirst,
+            None,
+        )
+        .unwrap();
         assert_eq!(c.kind(), "avd+planes");
         assert_eq!(c.len(), 5);
         assert_eq!(c.sq_err.len(), 5);
@@ -354,9 +388,11 @@ mod tests {
         // Uniform noise: planes are optimal for it.
         let noise = pseudo(m * n, 3);
         for (w, want) in [(&low, "avd+planes"), (&noise, "planes")] {
-            let p = build_chain(w, m, n, &params, None, None, ChainChoice::Planes).unwrap();
-            let a = build_chain(w, m, n, &params, None, None, ChainChoice::AvdFirst).unwrap();
-            let auto = build_chain(w, m, n, &params, None, None, ChainChoice::Auto).unwrap();
+            let p = build_chain(w, m, n, &params, (None, None), ChainChoice::Planes, None).unwrap();
+            let a =
+                build_chain(w, m, n, &params, (None, None), ChainChoice::AvdFirst, None).unwrap();
+            let auto =
+                build_chain(w, m, n, &params, (None, None), ChainChoice::Auto, None).unwrap();
             assert_eq!(auto.kind(), want);
             // Whatever it picks has the lower mean log error at the planes chain's sizes.
             let mut at = Vec::new();

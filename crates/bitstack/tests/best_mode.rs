@@ -104,6 +104,64 @@ fn avd_first_chains_mix_block_kinds_and_match_the_dense_path() {
     fast_path_matches_naive_while_resizing(file);
 }
 
+/// Full-depth GPTQ planes (`gptq_windows > 0`): other bits than plain planes on the same
+/// grid, and a stack that loads, resizes and computes like any other.
+#[test]
+fn gptq_planes_change_bits_not_grids_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("fixtures/data");
+    let calibration = CalibrationOptions {
+        calib_text: data.join("calib.txt"),
+        calib_windows: 4,
+        score_text: data.join("score.txt"),
+        score_windows: 1,
+        seq: 256,
+    };
+    let compress = |gptq_windows: usize| {
+        let out = dir.path().join(format!("gptq-{gptq_windows}.bitstack"));
+        let best = BestOptions {
+            planes: bitstack::decompose::PlaneParams {
+                group: 64,
+                planes: 4,
+            },
+            chains: ChainChoice::Planes,
+            order: BestOrder::Levels,
+            gptq_windows,
+            ..BestOptions::default()
+        };
+        compress_best(
+            &root().join("fixtures/tiny-qwen2"),
+            &out,
+            &CompressOptions::default(),
+            &best,
+            &calibration,
+            &|_| {},
+        )
+        .unwrap();
+        Arc::new(StackFile::open(&out).unwrap())
+    };
+    let (plain, gptq) = (compress(0), compress(4));
+    assert_eq!(
+        gptq.container().manifest().metadata["compress"]["gptq_windows"],
+        4
+    );
+    // Same order (levels), same sizes; the grids (plane 0's mid/half) agree, the bits of the
+    // compensated matrices differ.
+    assert_eq!(plain.layout().order(), gptq.layout().order());
+    let mut differing = 0;
+    // Levels order: the first block of every matrix (plane 0, which carries the grid) first.
+    for position in 0..plain.matrix_count() {
+        let a = plain.read_block(position, &[]).unwrap().0;
+        let b = gptq.read_block(position, &[]).unwrap().0;
+        if let (Block::Plane(a), Block::Plane(b)) = (a, b) {
+            assert_eq!(a.grid(), b.grid());
+            differing += usize::from(a.signs().as_bytes() != b.signs().as_bytes());
+        }
+    }
+    assert!(differing > 0, "GPTQ changed no bit of any plane 0");
+    fast_path_matches_naive_while_resizing(gptq);
+}
+
 fn fast_path_matches_naive_while_resizing(file: Arc<StackFile>) {
     let layout = file.layout().clone();
     // The minimum (one block per matrix, 16-bit-free) is far below a 16-bit embedding table.
@@ -311,7 +369,13 @@ fn interrupted_best_mode_resumes_to_identical_bytes() {
     assert!(outcome.is_err(), "the run was not interrupted");
     assert!(!cut.exists(), "an interrupted run leaves no output file");
     let partial = progress_dir(&cut);
-    for f in ["run.json", "scales.bin", "head.bin", "probe-0.bin", "probe-9.bin"] {
+    for f in [
+        "run.json",
+        "scales.bin",
+        "head.bin",
+        "probe-0.bin",
+        "probe-9.bin",
+    ] {
         assert!(partial.join(f).exists(), "{f} not saved");
     }
     // Some records lost, one cut short: recomputed.
@@ -341,7 +405,10 @@ fn interrupted_best_mode_resumes_to_identical_bytes() {
         })
     }));
     assert!(stopped.is_err());
-    let other = BestOptions { alpha: 0.25, ..best };
+    let other = BestOptions {
+        alpha: 0.25,
+        ..best
+    };
     let e = compress_best(
         &model,
         &cut,
