@@ -407,6 +407,25 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_matrix_gets_a_chain() {
+        let (m, n) = (16, 32);
+        let w = vec![0.0f32; m * n];
+        let params = PlaneParams {
+            group: 16,
+            planes: 3,
+        };
+        for choice in [
+            ChainChoice::Planes,
+            ChainChoice::AvdFirst,
+            ChainChoice::Auto,
+        ] {
+            let c = build_chain(&w, m, n, &params, (None, None), choice, None).unwrap();
+            assert!(c.sq_err.iter().all(|&e| e == 0.0), "{choice:?}");
+            assert!(dense(&c, c.len()).iter().all(|&v| v == 0.0));
+        }
+    }
+
+    #[test]
     fn rank_matches_plane_zero_size() {
         assert_eq!(avd_rank_for(512, 512, 128), 4);
         assert_eq!(avd_rank_for(1536, 512, 128), 6);
