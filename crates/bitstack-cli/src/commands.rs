@@ -73,31 +73,34 @@ pub struct CompressArgs {
     #[arg(long, value_enum, default_value_t = ModeChoice::Paper)]
     pub mode: ModeChoice,
     /// Best mode: bit planes per matrix (the largest budget is about planes + 0.25 bits
-    /// per weight).
-    #[arg(long, default_value_t = 8)]
-    pub planes: usize,
-    /// Best mode: columns per grid group.
-    #[arg(long, default_value_t = 128)]
-    pub group: usize,
-    /// Best mode: exponent of the activation scales folded into the columns (0..1).
-    #[arg(long, default_value_t = 0.5)]
-    pub alpha: f32,
+    /// per weight) [default: 8].
+    #[arg(long)]
+    pub planes: Option<usize>,
+    /// Best mode: columns per grid group [default: 128].
+    #[arg(long)]
+    pub group: Option<usize>,
+    /// Best mode: exponent of the activation scales folded into the columns (0..1)
+    /// [default: 0.5].
+    #[arg(long)]
+    pub alpha: Option<f32>,
     /// Best mode: block order — `gain` (measured loss reduction per byte, across levels) or
-    /// `levels` (the same number of planes for every matrix at each level; a baseline).
-    #[arg(long, value_enum, default_value_t = OrderChoice::Gain)]
-    pub order: OrderChoice,
+    /// `levels` (the same number of planes for every matrix at each level; a baseline)
+    /// [default: gain].
+    #[arg(long, value_enum)]
+    pub order: Option<OrderChoice>,
     /// Best mode: block chain of each matrix — `planes` throughout, `avd-first` (an AVD
-    /// block, then planes of the residual), or `auto` (per matrix, the lower error curve).
-    #[arg(long, value_enum, default_value_t = ChainsChoice::Auto)]
-    pub chains: ChainsChoice,
+    /// block, then planes of the residual), or `auto` (per matrix, the lower error curve)
+    /// [default: auto].
+    #[arg(long, value_enum)]
+    pub chains: Option<ChainsChoice>,
     /// Best mode: choose the planes' bits with full-depth GPTQ error compensation under each
     /// linear's input Hessian, from this many calibration windows (0 = off). Needs
-    /// 8·(3·hidden² + intermediate²) bytes per layer for the Hessians.
-    #[arg(long, default_value_t = 0)]
-    pub gptq_windows: usize,
-    /// Best mode: planes at which each matrix's sensitivity is probed.
-    #[arg(long, default_value_t = 3)]
-    pub probe_planes: usize,
+    /// 8·(3·hidden² + intermediate²) bytes per layer for the Hessians [default: 0].
+    #[arg(long)]
+    pub gptq_windows: Option<usize>,
+    /// Best mode: planes at which each matrix's sensitivity is probed [default: 3].
+    #[arg(long)]
+    pub probe_planes: Option<usize>,
     /// Rank of each residual block's factors.
     #[arg(long, default_value_t = 16)]
     pub k: usize,
@@ -172,6 +175,20 @@ pub fn compress(args: CompressArgs) -> Result<()> {
     if args.mode == ModeChoice::Best && (args.no_calibration || args.reference) {
         bail!("--mode best needs calibration text and is not the reference method: drop --no-calibration / --reference");
     }
+    if args.mode != ModeChoice::Best {
+        let best_only = [
+            ("--planes", args.planes.is_some()),
+            ("--group", args.group.is_some()),
+            ("--alpha", args.alpha.is_some()),
+            ("--order", args.order.is_some()),
+            ("--chains", args.chains.is_some()),
+            ("--gptq-windows", args.gptq_windows.is_some()),
+            ("--probe-planes", args.probe_planes.is_some()),
+        ];
+        if let Some((flag, _)) = best_only.iter().find(|(_, given)| *given) {
+            bail!("{flag} applies to --mode best only (this run is in paper mode)");
+        }
+    }
     let summary = if args.no_calibration {
         run_compress(&args.model_dir, &args.output, &options, &progress)
     } else {
@@ -194,26 +211,29 @@ pub fn compress(args: CompressArgs) -> Result<()> {
             seq: args.seq,
         };
         if args.mode == ModeChoice::Best {
+            let d = BestOptions::default();
             let best = BestOptions {
                 planes: PlaneParams {
-                    group: args.group,
-                    planes: args.planes,
+                    group: args.group.unwrap_or(d.planes.group),
+                    planes: args.planes.unwrap_or(d.planes.planes),
                 },
-                alpha: args.alpha,
-                probe_planes: args.probe_planes,
-                gptq_windows: args.gptq_windows,
+                alpha: args.alpha.unwrap_or(d.alpha),
+                probe_planes: args.probe_planes.unwrap_or(d.probe_planes),
+                gptq_windows: args.gptq_windows.unwrap_or(d.gptq_windows),
                 chains: match args.chains {
-                    ChainsChoice::Planes => ChainChoice::Planes,
-                    ChainsChoice::AvdFirst => ChainChoice::AvdFirst,
-                    ChainsChoice::Auto => ChainChoice::Auto,
+                    None => d.chains,
+                    Some(ChainsChoice::Planes) => ChainChoice::Planes,
+                    Some(ChainsChoice::AvdFirst) => ChainChoice::AvdFirst,
+                    Some(ChainsChoice::Auto) => ChainChoice::Auto,
                 },
                 order: match args.order {
-                    OrderChoice::Gain => BestOrder::Gain,
-                    OrderChoice::OutputError => BestOrder::OutputError,
-                    OrderChoice::Perplexity => BestOrder::Perplexity,
-                    OrderChoice::Levels => BestOrder::Levels,
+                    None => d.order,
+                    Some(OrderChoice::Gain) => BestOrder::Gain,
+                    Some(OrderChoice::OutputError) => BestOrder::OutputError,
+                    Some(OrderChoice::Perplexity) => BestOrder::Perplexity,
+                    Some(OrderChoice::Levels) => BestOrder::Levels,
                 },
-                ..BestOptions::default()
+                ..d
             };
             compress_best(
                 &args.model_dir,

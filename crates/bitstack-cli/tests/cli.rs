@@ -387,6 +387,8 @@ fn best_mode_compresses_below_the_paper_minimum_and_refuses_bad_options() {
     assert_eq!(report["mode"], "best");
     assert_eq!(report["planes"], 4);
     assert_eq!(report["matrices"], 29);
+    assert_eq!(report["chains"], "auto");
+    assert!(report["avd_first_matrices"].as_u64().unwrap() <= 29);
     // The paper's minimum keeps the 16-bit embedding table (4.19 MB) alone; best mode's
     // minimum is one plane of everything.
     let min = report["min_memory_bytes"].as_u64().unwrap();
@@ -419,6 +421,24 @@ fn best_mode_compresses_below_the_paper_minimum_and_refuses_bad_options() {
         args.extend(extra.iter().copied());
         let stderr = fails(&args);
         assert!(stderr.contains(message), "{extra:?}: {stderr}");
+        assert!(!bad.exists());
+    }
+    // Best-mode options in paper mode are refused, not ignored.
+    for flag in [
+        ["--chains", "planes"],
+        ["--gptq-windows", "8"],
+        ["--planes", "4"],
+    ] {
+        let bad = dir.path().join("bad.bitstack");
+        let mut args = base.to_vec();
+        args[3] = bad.to_str().unwrap();
+        args[5] = "paper";
+        args.extend(flag);
+        let stderr = fails(&args);
+        assert!(
+            stderr.contains(&format!("{} applies to --mode best only", flag[0])),
+            "{flag:?}: {stderr}"
+        );
         assert!(!bad.exists());
     }
 }
