@@ -35,6 +35,13 @@ pub struct BenchArgs {
     /// fixtures/tiny-qwen2 with --quick).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
+    /// Group `stack`: also time decoding and perplexity evaluation with this .bitstack file
+    /// (e.g. a best-mode stack of the --model) against the dense model, side by side.
+    #[arg(long, value_name = "FILE")]
+    pub stack: Option<PathBuf>,
+    /// Budget at which --stack is loaded (default: the whole stack).
+    #[arg(long, value_name = "SIZE", requires = "stack")]
+    pub budget: Option<String>,
 }
 
 /// Best (minimum) wall time in seconds of `reps` runs of `f`.
@@ -108,16 +115,19 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let mut keys = Map::new();
     let note = |s: &str| eprintln!("bench: {s}");
     for g in &args.only {
-        if !["avd", "kernels", "e2e", "scorer"].contains(&g.as_str()) {
-            bail!("--only {g}: the groups are avd, kernels, e2e, scorer");
+        if !["avd", "kernels", "e2e", "scorer", "stack"].contains(&g.as_str()) {
+            bail!("--only {g}: the groups are avd, kernels, e2e, scorer, stack");
         }
+    }
+    if args.only.iter().any(|g| g == "stack") && args.stack.is_none() {
+        bail!("--only stack needs --stack FILE");
     }
     let run = |group: &str| args.only.is_empty() || args.only.iter().any(|g| g == group);
 
     // 1. AVD: one iteration fast vs exact, and the fast full decomposition.
     let mut speedups = Vec::new();
     let mut stacks = Vec::new();
-    for &(r, c) in &shapes {
+    for &(r, c) in shapes.iter().filter(|_| run("avd") || run("kernels")) {
         note(&format!("AVD {r}x{c}, k = {k}"));
         let w = synthetic(r, c, (r * 31 + c) as u64);
         let fast = AvdParams {
@@ -163,7 +173,45 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         e2e_group(args.model.clone(), quick, &mut rows, &mut keys, &note)?;
     }
     if run("scorer") {
-        scorer_group(args.model, quick, &mut rows, &mut keys, &note)?;
+        scorer_group(args.model.clone(), quick, &mut rows, &mut keys, &note)?;
+    }
+    if let (Some(file), true) = (&args.stack, run("stack")) {
+        let model_dir = bench_model_dir(args.model.clone(), quick, "stack")?;
+        let budget = args
+            .budget
+            .as_deref()
+            .map(bitstack::order::parse_size)
+            .transpose()
+            .context("--budget")?;
+        note(&format!(
+            "{} against {}",
+            file.display(),
+            model_dir.display()
+        ));
+        let stack_file = Arc::new(StackFile::open(file)?);
+        let stack = Arc::new(LoadedStack::load(stack_file, budget.unwrap_or(u64::MAX))?);
+        let loaded = stack.plan().memory_bytes;
+        let ours = model_of(&stack)?;
+        let dense = CausalLm::load(&model_dir)?;
+        let t = decode_and_eval(&ours, &dense, quick)?;
+        rows.push(Row {
+            what: format!("decode, stack at {loaded} B vs dense f32 (tokens/s)"),
+            ours: t.decode.0,
+            baseline: t.decode.1,
+            unit: "tok/s",
+        });
+        rows.push(Row {
+            what: format!("perplexity eval, stack at {loaded} B (tokens/s)"),
+            ours: t.eval.0,
+            baseline: t.eval.1,
+            unit: "tok/s",
+        });
+        keys.insert("stack_memory_bytes".into(), json!(loaded));
+        keys.insert(
+            "stack_decode_speedup".into(),
+            json!(t.decode.0 / t.decode.1),
+        );
+        keys.insert("stack_eval_ratio".into(), json!(t.eval.0 / t.eval.1));
     }
     keys.insert("quick".into(), json!(quick));
     print_results(args.json, &rows, &keys)
@@ -452,6 +500,36 @@ fn print_results(as_json: bool, rows: &[Row], keys: &Map<String, Value>) -> Resu
 
 /// (decode tokens/s ratio, eval tokens/s ratio, table rows) of the stack at about 4 blocks
 /// per matrix against the dense f32 model.
+/// Tokens per second, (ours, dense), of greedy decoding and of perplexity evaluation.
+struct Throughput {
+    decode: (f64, f64),
+    eval: (f64, f64),
+}
+
+/// Greedy decoding (64 tokens after an 8-token prompt) and perplexity evaluation (two
+/// 512-token windows) with `ours` and `dense`, one after the other in this process.
+fn decode_and_eval(ours: &CausalLm, dense: &CausalLm, quick: bool) -> Result<Throughput> {
+    let prompt: Vec<u32> = (1..9).collect();
+    let new_tokens = if quick { 16 } else { 64 };
+    let gen = |m: &CausalLm| -> Result<f64> {
+        let mut sampler = Sampler::new(0.0, 1.0, 0);
+        let t = Instant::now();
+        let out = m.generate(&prompt, new_tokens, &mut sampler, &[], &mut |_| true)?;
+        Ok(out.len() as f64 / t.elapsed().as_secs_f64())
+    };
+    let decode = (gen(ours)?, gen(dense)?);
+    let seq = if quick { 128 } else { 512 };
+    let window: Vec<u32> = (0..seq as u32).map(|i| (i * 7 + 3) % 1000).collect();
+    let windows = [window.as_slice(), window.as_slice()];
+    let timed = |m: &CausalLm| -> Result<f64> {
+        let t = Instant::now();
+        m.perplexity(&windows)?;
+        Ok((2 * seq) as f64 / t.elapsed().as_secs_f64())
+    };
+    let eval = (timed(ours)?, timed(dense)?);
+    Ok(Throughput { decode, eval })
+}
+
 fn end_to_end(dir: &Path, quick: bool) -> Result<(f64, f64, Vec<Row>)> {
     let tmp = std::env::temp_dir().join(format!("bitstack-bench-{}.bitstack", std::process::id()));
     let mut options = CompressOptions::default();
@@ -463,24 +541,8 @@ fn end_to_end(dir: &Path, quick: bool) -> Result<(f64, f64, Vec<Row>)> {
         let stack = Arc::new(LoadedStack::load(file, u64::MAX)?);
         let ours = model_of(&stack)?;
         let dense = CausalLm::load(dir)?;
-        let prompt: Vec<u32> = (1..9).collect();
-        let new_tokens = if quick { 16 } else { 64 };
-        let gen = |m: &CausalLm| -> Result<f64> {
-            let mut sampler = Sampler::new(0.0, 1.0, 0);
-            let t = Instant::now();
-            let out = m.generate(&prompt, new_tokens, &mut sampler, &[], &mut |_| true)?;
-            Ok(out.len() as f64 / t.elapsed().as_secs_f64())
-        };
-        let (tps_ours, tps_dense) = (gen(&ours)?, gen(&dense)?);
-        let seq = if quick { 128 } else { 512 };
-        let window: Vec<u32> = (0..seq as u32).map(|i| (i * 7 + 3) % 1000).collect();
-        let windows = [window.as_slice(), window.as_slice()];
-        let timed = |m: &CausalLm| -> Result<f64> {
-            let t = Instant::now();
-            m.perplexity(&windows)?;
-            Ok((2 * seq) as f64 / t.elapsed().as_secs_f64())
-        };
-        let (eval_ours, eval_dense) = (timed(&ours)?, timed(&dense)?);
+        let t = decode_and_eval(&ours, &dense, quick)?;
+        let ((tps_ours, tps_dense), (eval_ours, eval_dense)) = (t.decode, t.eval);
         let rows = vec![
             Row {
                 what: "e2e decode, 4 blocks/matrix vs dense f32 (tokens/s)".into(),

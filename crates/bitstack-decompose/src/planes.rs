@@ -312,10 +312,7 @@ impl PlaneBlock {
                 let row_bytes = &bits[r * n / 8..(r + 1) * n / 8];
                 for (gi, chunk) in row_bytes.chunks(g / 8).enumerate() {
                     let j0 = gi * g / 8;
-                    let mut dot = 0.0f32;
-                    for (j, &byte) in chunk.iter().enumerate() {
-                        dot += table.lut[(j0 + j) * 256 + usize::from(byte)];
-                    }
+                    let dot = lut_dot(&table.lut[j0 * 256..(j0 + chunk.len()) * 256], chunk);
                     acc += halves[gi].to_f32() * factor * dot;
                     if first {
                         acc += mids[gi].to_f32() * table.group_sums[gi];
@@ -350,6 +347,83 @@ impl PlaneBlock {
             for (r, yr) in y.iter_mut().enumerate() {
                 *yr += row(r);
             }
+        }
+    }
+}
+
+/// `Σ_j lut[j·256 + bytes[j]]`: the signed sum of `x` over the columns of `bytes` (packed
+/// signs, 8 columns per byte) from their 256-entry tables.
+#[inline]
+fn lut_dot(lut: &[f32], bytes: &[u8]) -> f32 {
+    // Four independent sums: the lookups are not serialised on one add's latency.
+    let mut d = [0.0f32; 4];
+    let mut quads = bytes.chunks_exact(4);
+    let mut tables = lut.chunks_exact(1024);
+    for (q, t) in quads.by_ref().zip(tables.by_ref()) {
+        d[0] += t[usize::from(q[0])];
+        d[1] += t[256 + usize::from(q[1])];
+        d[2] += t[512 + usize::from(q[2])];
+        d[3] += t[768 + usize::from(q[3])];
+    }
+    let rest = tables.remainder();
+    for (j, &byte) in quads.remainder().iter().enumerate() {
+        d[j] += rest[j * 256 + usize::from(byte)];
+    }
+    (d[0] + d[1]) + (d[2] + d[3])
+}
+
+/// `y += Σ_b Δ_b x` for planes of one matrix, in one pass over the rows (rows split between
+/// threads): per row and group, the planes' signed sums are combined before the group's
+/// scale is applied. Planes of different grids, or a width that is not a multiple of 8, go
+/// through [`PlaneBlock::matvec_add_with`] one at a time.
+///
+/// # Panics
+/// If the table was built for another width or group, or `y` has the wrong length.
+pub fn planes_matvec_add(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f32]) {
+    let Some(first) = planes.first() else {
+        return;
+    };
+    let grid = first.grid();
+    let (m, n, g) = (grid.rows, grid.cols, grid.group);
+    let shared = planes.iter().all(|p| Arc::ptr_eq(p.grid(), grid));
+    if !shared || !n.is_multiple_of(8) || table.lut.is_empty() {
+        for p in planes {
+            p.matvec_add_with(table, y);
+        }
+        return;
+    }
+    assert_eq!(table.cols, n, "planes_matvec_add: table for another width");
+    assert_eq!(table.group, g, "planes_matvec_add: table for another group");
+    assert_eq!(y.len(), m, "planes_matvec_add: y has the wrong length");
+    let groups = grid.groups();
+    let with_mid = planes.iter().any(|p| p.plane == 0);
+    let bpg = g / 8;
+    let row = |r: usize| -> f32 {
+        let mut acc = 0.0f32;
+        let row0 = r * n / 8;
+        for gi in 0..groups {
+            let b0 = row0 + gi * bpg;
+            let b1 = (b0 + bpg).min(row0 + n / 8);
+            let j0 = gi * bpg;
+            let lut = &table.lut[j0 * 256..(j0 + b1 - b0) * 256];
+            let mut sum = 0.0f32;
+            for p in planes {
+                sum += p.factor() * lut_dot(lut, &p.signs.as_bytes()[b0..b1]);
+            }
+            acc += grid.half[r * groups + gi].to_f32() * sum;
+            if with_mid {
+                acc += grid.mid[r * groups + gi].to_f32() * table.group_sums[gi];
+            }
+        }
+        acc
+    };
+    if m * n * planes.len() >= crate::svd::PAR_THRESHOLD * 4 && rayon::current_num_threads() > 1 {
+        y.par_iter_mut()
+            .enumerate()
+            .for_each(|(r, yr)| *yr += row(r));
+    } else {
+        for (r, yr) in y.iter_mut().enumerate() {
+            *yr += row(r);
         }
     }
 }

@@ -3,7 +3,9 @@
 //! tiles) and a direct computation of the weighted errors.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use bitstack_decompose::{decompose_planes, PlaneParams, PlaneTable};
+use bitstack_decompose::{
+    decompose_planes, planes_matvec_add, PlaneBlock, PlaneParams, PlaneTable,
+};
 use proptest::prelude::*;
 
 fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
@@ -63,6 +65,23 @@ proptest! {
                 prop_assert!((y[r] - want).abs() <= 1e-5 * mag + 1e-6, "row {}: {} vs {}", r, y[r], want);
             }
         }
+        // All planes of a prefix (or of a run without plane 0) in one fused pass = the dense
+        // product of their sum.
+        for (lo, hi) in (1..=planes).map(|p| (0, p)).chain((2..=planes).map(|p| (1, p))) {
+            let chosen: Vec<&PlaneBlock> = d.blocks[lo..hi].iter().collect();
+            let mut part = vec![0.0f32; rows * cols];
+            for b in &chosen {
+                b.add_to_dense(&mut part);
+            }
+            let mut y = vec![0.0f32; rows];
+            planes_matvec_add(&chosen, &table, &mut y);
+            for r in 0..rows {
+                let row = &part[r * cols..(r + 1) * cols];
+                let want: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
+                let mag: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+                prop_assert!((y[r] - want).abs() <= 1e-5 * mag + 1e-6, "planes {}..{} row {}: {} vs {}", lo, hi, r, y[r], want);
+            }
+        }
         // Row tiles of every size = rows of the dense reconstruction.
         for tile in 1..=rows {
             for r0 in (0..rows).step_by(tile) {
@@ -76,6 +95,35 @@ proptest! {
         }
         // (The error of one matrix need not shrink at every plane: a weight within a quarter
         // step of its reconstruction moves away from it. The per-weight bound above halves.)
+    }
+}
+
+/// The fused product on a shape large enough to split rows between threads.
+#[test]
+fn fused_planes_product_matches_dense_on_a_large_matrix() {
+    let (rows, cols) = (300, 1000);
+    let w = matrix(rows, cols, 7);
+    let params = PlaneParams {
+        group: 128,
+        planes: 5,
+    };
+    let d = decompose_planes(&w, rows, cols, &params, None, None).unwrap();
+    let x: Vec<f32> = (0..cols)
+        .map(|j| ((j * 7 % 13) as f32 - 6.0) / 6.0)
+        .collect();
+    let table = PlaneTable::new(&x, 128);
+    let chosen: Vec<&PlaneBlock> = d.blocks.iter().collect();
+    let mut y = vec![0.0f32; rows];
+    planes_matvec_add(&chosen, &table, &mut y);
+    let mut dense = vec![0.0f32; rows * cols];
+    for b in &d.blocks {
+        b.add_to_dense(&mut dense);
+    }
+    for r in 0..rows {
+        let row = &dense[r * cols..(r + 1) * cols];
+        let want: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
+        let mag: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+        assert!((y[r] - want).abs() <= 1e-5 * mag + 1e-6, "row {r}");
     }
 }
 

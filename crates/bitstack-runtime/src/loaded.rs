@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bitstack_bits::{Parallelism, Simd};
+use bitstack_decompose::{planes_matvec_add, PlaneTable};
 use bitstack_order::Plan;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -305,8 +306,10 @@ impl LoadedStack {
     }
 
     /// `y = Ŵ x` for matrix `m`, from the packed blocks (no dense `Ŵ` is built): all the
-    /// matrix's blocks go through one call of the decode kernel
-    /// ([`bitstack_bits::lowrank_matvec_add`]), which splits the work between rayon's threads.
+    /// matrix's AVD blocks go through one call of the decode kernel
+    /// ([`bitstack_bits::lowrank_matvec_add`]) and all its planes through one pass of
+    /// [`bitstack_decompose::planes_matvec_add`] (one lookup table of `x` for all planes);
+    /// both split the rows between rayon's threads.
     ///
     /// # Panics
     /// If `x.len() != cols` or `y.len() != rows`.
@@ -315,13 +318,20 @@ impl LoadedStack {
         assert!(x.len() == cols && y.len() == rows, "matvec: wrong lengths");
         y.fill(0.0);
         let blocks = self.read_blocks(m);
-        let lowrank: Vec<_> = blocks.iter().filter_map(|b| b.as_lowrank()).collect();
+        let mut lowrank = Vec::new();
+        let mut planes = Vec::new();
+        for block in blocks.iter() {
+            match block.as_ref() {
+                Block::Avd(b) => lowrank.push(b.as_lowrank()),
+                Block::Plane(p) => planes.push(p),
+            }
+        }
         if !lowrank.is_empty() {
             bitstack_bits::lowrank_matvec_add(&lowrank, x, y, Parallelism::Auto, Simd::Auto);
         }
-        let mut table = None;
-        for block in blocks.iter().filter(|b| b.as_lowrank().is_none()) {
-            block.matvec_add_shared(x, y, &mut table);
+        if let Some(first) = planes.first() {
+            let table = PlaneTable::new(x, first.grid().group());
+            planes_matvec_add(&planes, &table, y);
         }
     }
 
