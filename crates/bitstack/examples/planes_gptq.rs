@@ -72,38 +72,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ids = tokenizer.encode(&std::fs::read_to_string(&text)?)?;
     let wins = windows(&ids, seq, Some(count));
     let layers = model.num_layers().min(max_layers);
-    let mut hess: Vec<[Vec<f64>; 4]> = (0..layers).map(|_| Default::default()).collect();
-    let mut widths = vec![[0usize; 4]; layers];
-    for window in &wins {
-        let mut observe = |layer: usize, site: Site, x: &[f32], tokens: usize| {
-            let s = site_index(site);
-            let width = x.len() / tokens.max(1);
-            let mut g = vec![0.0f32; width * width];
-            let xm = MatRef::from_row_major_slice(x, tokens, width);
-            matmul(
-                MatMut::from_row_major_slice_mut(&mut g, width, width),
-                Accum::Replace,
-                xm.transpose(),
-                xm,
-                1.0f32,
-                Par::rayon(0),
-            );
-            let acc = &mut hess[layer][s];
-            if acc.len() != g.len() {
-                *acc = vec![0.0; g.len()];
-                widths[layer][s] = width;
-            }
-            acc.iter_mut()
-                .zip(&g)
-                .for_each(|(a, &v)| *a += f64::from(v));
-        };
-        let mut observe = |layer: usize, site: Site, x: &[f32], tokens: usize| {
-            if layer < layers {
-                observe(layer, site, x, tokens);
-            }
-        };
-        model.forward_hidden(window, Some(&mut observe))?;
-    }
+    let owned: Vec<Vec<u32>> = wins.iter().map(|w| w.to_vec()).collect();
+    let hess = bitstack::best::input_hessians(&model, &owned, &|_| {})?.sites;
     println!(
         "hessians: {} windows × {seq} tokens, {:.1}s",
         wins.len(),
@@ -121,10 +91,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut matrices = 0usize;
     let mut decompose_time = vec![0.0f64; VARIANTS.len()];
     let mut eval_time = 0.0f64;
-    for (layer, per_site) in hess.iter().enumerate() {
+    for (layer, per_site) in hess.iter().enumerate().take(layers) {
         for (s, site) in Site::ALL.iter().enumerate() {
-            let cols = widths[layer][s];
             let h = &per_site[s];
+            let cols = (h.len() as f64).sqrt().round() as usize;
             let factor = GptqFactor::new(h, cols, DEFAULT_DAMP)?;
             let h32: Vec<f32> = h.iter().map(|&v| v as f32).collect();
             for &slot in site.slots() {
@@ -189,10 +159,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-fn site_index(site: Site) -> usize {
-    Site::ALL.iter().position(|s| *s == site).unwrap_or(0)
 }
 
 fn short(name: &str, slot: LinearSlot) -> String {

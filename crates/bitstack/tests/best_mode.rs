@@ -22,6 +22,19 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The bundled calibration and scoring texts: `calib_windows` windows of `seq` tokens, one
+/// scoring window.
+fn calibration(calib_windows: usize, seq: usize) -> CalibrationOptions {
+    let data = root().join("fixtures/data");
+    CalibrationOptions {
+        calib_text: data.join("calib.txt"),
+        calib_windows,
+        score_text: data.join("score.txt"),
+        score_windows: 1,
+        seq,
+    }
+}
+
 fn compress_tiny(dir: &std::path::Path) -> PathBuf {
     compress_tiny_ordered(dir, BestOrder::Gain)
 }
@@ -32,14 +45,7 @@ fn compress_tiny_ordered(dir: &std::path::Path, order: BestOrder) -> PathBuf {
 
 fn compress_tiny_with(dir: &std::path::Path, order: BestOrder, chains: ChainChoice) -> PathBuf {
     let out = dir.join(format!("tiny-best-{order:?}-{chains:?}.bitstack"));
-    let data = root().join("fixtures/data");
-    let calibration = CalibrationOptions {
-        calib_text: data.join("calib.txt"),
-        calib_windows: 4,
-        score_text: data.join("score.txt"),
-        score_windows: 1,
-        seq: 256,
-    };
+    let calibration = calibration(4, 256);
     let best = BestOptions {
         planes: bitstack::decompose::PlaneParams {
             group: 64,
@@ -109,14 +115,7 @@ fn avd_first_chains_mix_block_kinds_and_match_the_dense_path() {
 #[test]
 fn gptq_planes_change_bits_not_grids_and_run() {
     let dir = tempfile::tempdir().unwrap();
-    let data = root().join("fixtures/data");
-    let calibration = CalibrationOptions {
-        calib_text: data.join("calib.txt"),
-        calib_windows: 4,
-        score_text: data.join("score.txt"),
-        score_windows: 1,
-        seq: 256,
-    };
+    let calibration = calibration(4, 256);
     let compress = |gptq_windows: usize| {
         let out = dir.path().join(format!("gptq-{gptq_windows}.bitstack"));
         let best = BestOptions {
@@ -318,14 +317,7 @@ fn every_order_keeps_chains_in_order_and_levels_are_levels() {
 fn interrupted_best_mode_resumes_to_identical_bytes() {
     use bitstack::resume::{progress_dir, Checkpointing};
     let dir = tempfile::tempdir().unwrap();
-    let data = root().join("fixtures/data");
-    let calibration = CalibrationOptions {
-        calib_text: data.join("calib.txt"),
-        calib_windows: 2,
-        score_text: data.join("score.txt"),
-        score_windows: 1,
-        seq: 128,
-    };
+    let calibration = calibration(2, 128);
     let best = BestOptions {
         planes: bitstack::decompose::PlaneParams {
             group: 64,
