@@ -95,7 +95,7 @@ pub struct CompressArgs {
     pub chains: Option<ChainsChoice>,
     /// Best mode: choose the planes' bits with full-depth GPTQ error compensation under each
     /// linear's input Hessian, from this many calibration windows (0 = off). Needs
-    /// 8·(3·hidden² + intermediate²) bytes per layer for the Hessians [default: 0].
+    /// 8·(3·hidden² + intermediate²) bytes for one layer's Hessians at a time [default: 0].
     #[arg(long)]
     pub gptq_windows: Option<usize>,
     /// Best mode: planes at which each matrix's sensitivity is probed [default: 3].

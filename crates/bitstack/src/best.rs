@@ -215,32 +215,33 @@ pub fn compress_best(
     };
     stages.push(("calibrate".to_string(), t.elapsed()));
 
-    // 1b. Input Hessians for GPTQ compensation.
-    let hessians = if best.gptq_windows > 0 {
+    // 1b. Input Hessians for GPTQ compensation, one layer at a time (as the planes need them).
+    let gptq_windows = &calib[..best.gptq_windows.min(calib.len())];
+    let mut hessians = if gptq_windows.is_empty() {
+        None
+    } else {
         let (h, i, o) = (
             config.hidden_size as u64,
             config.intermediate_size as u64,
             (config.num_heads * config.head_dim) as u64,
         );
-        let need = 8 * (config.num_layers as u64 * (2 * h * h + o * o + i * i) + h * h);
+        let tokens: u64 = gptq_windows.iter().map(|w| w.len() as u64).sum();
+        let need = 8 * (2 * h * h + o * o + i * i + h * h) + 4 * tokens * h;
         if let Some(available) = available_memory() {
             if need > available {
                 return Err(Error::Usage(format!(
-                    "--gptq-windows needs {:.1} GiB for the input Hessians, {:.1} GiB is \
-                     available: compress without GPTQ compensation (--gptq-windows 0)",
+                    "--gptq-windows needs {:.1} GiB for one layer's input Hessians and the \
+                     windows' hidden states, {:.1} GiB is available: use fewer windows, or \
+                     --gptq-windows 0",
                     need as f64 / (1u64 << 30) as f64,
                     available as f64 / (1u64 << 30) as f64
                 )));
             }
         }
-        let t = Instant::now();
-        let original = CausalLm::load(model_dir)?;
-        let windows = &calib[..best.gptq_windows.min(calib.len())];
-        let h = input_hessians(&original, windows, progress)?;
-        stages.push(("hessians".to_string(), t.elapsed()));
-        Some(h)
-    } else {
-        None
+        Some(HessianStream::new(
+            CausalLm::load(model_dir)?,
+            gptq_windows,
+        )?)
     };
 
     // 2. Planes of every matrix.
@@ -262,7 +263,7 @@ pub fn compress_best(
         let w = options.reparametrisation.load(&checkpoint, name)?;
         let cw = column_weights(name, &scales, &options.reparametrisation, &head_sq, &config);
         let rw = (name == EMBED).then(|| token_counts.clone());
-        let factor = match &hessians {
+        let factor = match &mut hessians {
             Some(h) => gptq_factor(name, h, &options.reparametrisation)?,
             None => None,
         };
@@ -507,34 +508,133 @@ pub struct InputHessians {
     pub head: Vec<f64>,
 }
 
-/// Collects [`InputHessians`] (one forward pass per window; per window an f32 `XᵀX` GEMM,
-/// summed in f64).
+/// `acc += XᵀX` for `x` (`tokens × width`, row-major): an f32 GEMM, summed into f64.
+fn add_gram(acc: &mut Vec<f64>, x: &[f32], tokens: usize) {
+    use faer::linalg::matmul::matmul;
+    use faer::{Accum, MatMut, MatRef, Par};
+    let width = x.len() / tokens.max(1);
+    let mut g = vec![0.0f32; width * width];
+    let xm = MatRef::from_row_major_slice(x, tokens, width);
+    matmul(
+        MatMut::from_row_major_slice_mut(&mut g, width, width),
+        Accum::Replace,
+        xm.transpose(),
+        xm,
+        1.0f32,
+        Par::rayon(0),
+    );
+    if acc.len() != g.len() {
+        *acc = vec![0.0; g.len()];
+    }
+    acc.iter_mut()
+        .zip(&g)
+        .for_each(|(a, &v)| *a += f64::from(v));
+}
+
+/// Input Hessians one layer at a time: the windows' hidden states are carried from layer to
+/// layer and only the requested layer's four Hessians are held (memory: one layer's
+/// Hessians and the hidden states, instead of every layer's).
+pub struct HessianStream<'a> {
+    model: CausalLm,
+    windows: &'a [Vec<u32>],
+    /// Hidden states entering layer `next`, per window.
+    hidden: Vec<Vec<f32>>,
+    next: usize,
+    current: Option<(usize, [Vec<f64>; 4])>,
+    head: Option<Vec<f64>>,
+}
+
+impl<'a> HessianStream<'a> {
+    /// A stream over `windows` of `model` (the original model: Hessians in its coordinates).
+    pub fn new(model: CausalLm, windows: &'a [Vec<u32>]) -> Result<Self, Error> {
+        let hidden = windows
+            .iter()
+            .map(|w| model.embed(w))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            model,
+            windows,
+            hidden,
+            next: 0,
+            current: None,
+            head: None,
+        })
+    }
+
+    /// The Hessians of layer `layer`'s four input sites (in [`Site::ALL`] order). Layers
+    /// asked for in increasing order cost one pass; going back restarts from the embeddings.
+    pub fn layer(&mut self, layer: usize) -> Result<&[Vec<f64>; 4], Error> {
+        let ready = matches!(&self.current, Some((l, _)) if *l == layer);
+        if !ready {
+            if layer < self.next {
+                self.hidden = self
+                    .windows
+                    .iter()
+                    .map(|w| self.model.embed(w))
+                    .collect::<Result<_, _>>()?;
+                self.next = 0;
+            }
+            self.current = None;
+            while self.next <= layer {
+                let collect = self.next == layer;
+                let mut sites: [Vec<f64>; 4] = Default::default();
+                for (w, h) in self.windows.iter().zip(self.hidden.iter_mut()) {
+                    if collect {
+                        let mut observe = |_: usize, site: Site, x: &[f32], tokens: usize| {
+                            if let Some(s) = Site::ALL.iter().position(|v| *v == site) {
+                                add_gram(&mut sites[s], x, tokens);
+                            }
+                        };
+                        self.model
+                            .forward_layer(self.next, h, w.len(), Some(&mut observe))?;
+                    } else {
+                        self.model.forward_layer(self.next, h, w.len(), None)?;
+                    }
+                }
+                if collect {
+                    self.current = Some((layer, sites));
+                }
+                self.next += 1;
+            }
+        }
+        match &self.current {
+            Some((_, sites)) => Ok(sites),
+            None => Err(Error::Usage(format!("layer {layer} does not exist"))),
+        }
+    }
+
+    /// The Hessian of the `lm_head`'s input (the final-normed hidden states).
+    pub fn head(&mut self) -> Result<&[f64], Error> {
+        if self.head.is_none() {
+            let layers = self.model.num_layers();
+            if self.next < layers {
+                // Carry the hidden states to the end (collecting nothing on the way).
+                for l in self.next..layers {
+                    for (w, h) in self.windows.iter().zip(self.hidden.iter_mut()) {
+                        self.model.forward_layer(l, h, w.len(), None)?;
+                    }
+                }
+                self.next = layers;
+                self.current = None;
+            }
+            let mut acc = Vec::new();
+            for (w, h) in self.windows.iter().zip(&self.hidden) {
+                add_gram(&mut acc, &self.model.final_normed(h, w.len())?, w.len());
+            }
+            self.head = Some(acc);
+        }
+        Ok(self.head.as_deref().unwrap_or_default())
+    }
+}
+
+/// Collects [`InputHessians`] of every layer at once (one forward pass per window; per
+/// window an f32 `XᵀX` GEMM, summed in f64). Memory: every layer's Hessians; best mode uses
+/// [`HessianStream`] instead.
 pub fn input_hessians(
     model: &CausalLm,
     windows: &[Vec<u32>],
     progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<InputHessians, Error> {
-    use faer::linalg::matmul::matmul;
-    use faer::{Accum, MatMut, MatRef, Par};
-    fn add_gram(acc: &mut Vec<f64>, x: &[f32], tokens: usize) {
-        let width = x.len() / tokens.max(1);
-        let mut g = vec![0.0f32; width * width];
-        let xm = MatRef::from_row_major_slice(x, tokens, width);
-        matmul(
-            MatMut::from_row_major_slice_mut(&mut g, width, width),
-            Accum::Replace,
-            xm.transpose(),
-            xm,
-            1.0f32,
-            Par::rayon(0),
-        );
-        if acc.len() != g.len() {
-            *acc = vec![0.0; g.len()];
-        }
-        acc.iter_mut()
-            .zip(&g)
-            .for_each(|(a, &v)| *a += f64::from(v));
-    }
     let layers = model.num_layers();
     let mut sites: Vec<[Vec<f64>; 4]> = (0..layers).map(|_| Default::default()).collect();
     let mut head = Vec::new();
@@ -566,7 +666,7 @@ pub fn input_hessians(
 /// (`H' = D⁻¹ H D⁻¹` for columns scaled by `D`); `None` for the embedding table.
 fn gptq_factor(
     name: &str,
-    hessians: &InputHessians,
+    hessians: &mut HessianStream<'_>,
     reparametrisation: &Reparametrisation,
 ) -> Result<Option<bitstack_decompose::GptqFactor>, Error> {
     let h = if let Some((layer, slot)) = LinearSlot::parse_weight_name(name) {
@@ -574,9 +674,9 @@ fn gptq_factor(
             .iter()
             .position(|s| *s == slot.site())
             .unwrap_or(0);
-        hessians.sites.get(layer).map(|s| &s[site])
+        Some(&hessians.layer(layer)?[site][..])
     } else if name == HEAD {
-        Some(&hessians.head)
+        Some(hessians.head()?)
     } else {
         None
     };
@@ -584,7 +684,7 @@ fn gptq_factor(
         return Ok(None);
     };
     let cols = (h.len() as f64).sqrt().round() as usize;
-    let mut h = h.clone();
+    let mut h = h.to_vec();
     if let Some(f) = reparametrisation.column_scales.get(name) {
         for i in 0..cols {
             for j in 0..cols {
