@@ -80,7 +80,15 @@ pub fn decompose(
             &ones
         }
     };
-    let norm_w = init_state(w, s, m, n, &mut a, &mut e, &mut bits).sqrt();
+    // The reference mode carries the residual of the unrounded f32 factors (as the reference
+    // implementation); the fast mode carries the residual of the stored (f16) blocks, which is
+    // the error itself: one product per block and no separate error matrix to update.
+    let residual = if params.svd == SvdMethod::Exact {
+        Residual::Unrounded
+    } else {
+        Residual::Stored
+    };
+    let norm_w = init_state(w, s, m, n, &mut a, &mut e, &mut bits, residual).sqrt();
 
     let mut blocks = Vec::with_capacity(params.niter);
     let mut rel_err = Vec::with_capacity(params.niter);
@@ -129,7 +137,7 @@ pub fn decompose(
             (&f.u, &f.v),
             (&u_w, &v_w),
             last,
-            products,
+            (products, residual),
         );
         rel_err.push(if norm_w > 0.0 {
             err2.sqrt() / norm_w
@@ -269,7 +277,9 @@ fn for_row_chunks(
     }
 }
 
-/// `A = |W D|`, signs of `W`, `E = W D`; returns `‖W D‖²`.
+/// `A = |W D|`, signs of `W`, `E = W D` (unless `residual` is [`Residual::Stored`], which
+/// never reads `E`: its pages are then never touched); returns `‖W D‖²`.
+#[allow(clippy::too_many_arguments)]
 fn init_state(
     w: &[f32],
     s: &[f32],
@@ -278,13 +288,17 @@ fn init_state(
     a: &mut [f32],
     e: &mut [f32],
     bits: &mut [u8],
+    residual: Residual,
 ) -> f64 {
+    let write_e = residual == Residual::Unrounded;
     for_row_chunks(a, e, bits, m, n, |row0, ac, ec, bc| {
         let base = row0 * n;
         let mut sum = 0.0f64;
         for (loc, (av, ev)) in ac.iter_mut().zip(ec.iter_mut()).enumerate() {
             let x = w[base + loc] * s[loc % n];
-            *ev = x;
+            if write_e {
+                *ev = x;
+            }
             *av = x.abs();
             sum += f64::from(x) * f64::from(x);
             // sign(0) = +1 (and -0.0 counts as 0).
@@ -320,7 +334,7 @@ fn update_state(
     f: (&[f32], &[f32]),
     g: (&[f32], &[f32]),
     last: bool,
-    products: Products,
+    (products, residual): (Products, Residual),
 ) -> f64 {
     let rpt = rows_per_task(m, n);
     let (ea, bb) = (rpt * n, rpt / 8 * n);
@@ -338,6 +352,7 @@ fn update_state(
                 g: (&g.0[row0 * k..(row0 + rows) * k], g.1),
                 last,
                 products,
+                residual,
                 scratch,
             })
         };
@@ -382,7 +397,19 @@ struct UpdateTile<'a> {
     g: (&'a [f32], &'a [f32]),
     last: bool,
     products: Products,
+    residual: Residual,
     scratch: &'a mut Scratch,
+}
+
+/// Which residual [`update_state`] carries in `A = |R|` and the packed signs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Residual {
+    /// `R` of the unrounded f32 factors `f`; `E` (the stored blocks' error) is updated
+    /// separately with `g` (the reference implementation's arithmetic).
+    Unrounded,
+    /// `R = E`, the error of the stored blocks `g` (`f` is not used, `E` is not touched): one
+    /// product per tile, and the returned error is `‖A − Q‖²`.
+    Stored,
 }
 
 /// How [`update_state`] forms the products `u v` of a row tile.
@@ -409,6 +436,7 @@ impl pulp::WithSimd for UpdateTile<'_> {
             g,
             last,
             products,
+            residual,
             scratch,
         } = self;
         let len = e.len();
@@ -422,14 +450,26 @@ impl pulp::WithSimd for UpdateTile<'_> {
             Products::Faer => faer_tile_product,
         };
         product(g.0, g.1, n, k, q);
+        if residual == Residual::Stored {
+            return if last {
+                a.iter().zip(q.iter()).fold(0.0f64, |acc, (&x, &y)| {
+                    let d = x - y;
+                    acc + f64::from(d * d)
+                })
+            } else if n.is_multiple_of(8) {
+                update_bytes(a, None, bits, q, q)
+            } else {
+                update_bits(a, None, bits, q, q)
+            };
+        }
         if last {
             return update_error_only(e, bits, q);
         }
         product(f.0, f.1, n, k, p);
         if n.is_multiple_of(8) {
-            update_bytes(a, e, bits, p, q)
+            update_bytes(a, Some(e), bits, p, q)
         } else {
-            update_bits(a, e, bits, p, q)
+            update_bits(a, Some(e), bits, p, q)
         }
     }
 }
@@ -490,10 +530,39 @@ fn update_error_only(ec: &mut [f32], bc: &[u8], q: &[f32]) -> f64 {
 }
 
 /// The full update when rows start on byte boundaries (`n % 8 == 0`): one packed byte of
-/// signs, eight values, at a time.
+/// signs, eight values, at a time. Without `E` (the stored-residual mode, `p = q`), the
+/// error is that of the new residual, `Σ (A − Q)²`.
 #[inline(always)]
-fn update_bytes(ac: &mut [f32], ec: &mut [f32], bc: &mut [u8], p: &[f32], q: &[f32]) -> f64 {
+fn update_bytes(
+    ac: &mut [f32],
+    ec: Option<&mut [f32]>,
+    bc: &mut [u8],
+    p: &[f32],
+    q: &[f32],
+) -> f64 {
     let mut sum = 0.0f64;
+    let Some(ec) = ec else {
+        for ((byte, a8), p8) in bc
+            .iter_mut()
+            .zip(ac.chunks_exact_mut(8))
+            .zip(p.chunks_exact(8))
+        {
+            let old = *byte;
+            let mut new = 0u8;
+            let mut part = 0.0f32;
+            for t in 0..8 {
+                let positive = (old >> (7 - t)) & 1 == 1;
+                let d = a8[t] - p8[t];
+                part += d * d;
+                a8[t] = d.abs();
+                let keep = if positive { d >= 0.0 } else { d <= 0.0 };
+                new |= u8::from(keep) << (7 - t);
+            }
+            *byte = new;
+            sum += f64::from(part);
+        }
+        return sum;
+    };
     for ((((byte, a8), e8), p8), q8) in bc
         .iter_mut()
         .zip(ac.chunks_exact_mut(8))
@@ -527,16 +596,26 @@ fn update_bytes(ac: &mut [f32], ec: &mut [f32], bc: &mut [u8], p: &[f32], q: &[f
 
 /// The full update for any `n` (rows not byte-aligned), one bit at a time.
 #[inline(always)]
-fn update_bits(ac: &mut [f32], ec: &mut [f32], bc: &mut [u8], p: &[f32], q: &[f32]) -> f64 {
+fn update_bits(
+    ac: &mut [f32],
+    mut ec: Option<&mut [f32]>,
+    bc: &mut [u8],
+    p: &[f32],
+    q: &[f32],
+) -> f64 {
     let mut sum = 0.0f64;
-    for (loc, (((av, ev), &pv), &qv)) in ac.iter_mut().zip(ec.iter_mut()).zip(p).zip(q).enumerate()
-    {
+    for (loc, ((av, &pv), &qv)) in ac.iter_mut().zip(p).zip(q).enumerate() {
         let (byte, mask) = (loc >> 3, 0x80u8 >> (loc & 7));
         let positive = bc[byte] & mask != 0;
-        let x = *ev - if positive { qv } else { -qv };
-        *ev = x;
-        sum += f64::from(x) * f64::from(x);
         let d = *av - pv;
+        match ec.as_deref_mut() {
+            Some(ec) => {
+                let x = ec[loc] - if positive { qv } else { -qv };
+                ec[loc] = x;
+                sum += f64::from(x) * f64::from(x);
+            }
+            None => sum += f64::from(d) * f64::from(d),
+        }
         *av = d.abs();
         // R' = S·(A − P): + when (S = + and d ≥ 0) or (S = − and d ≤ 0); sign(0) = +1.
         let new_positive = if positive { d >= 0.0 } else { d <= 0.0 };
@@ -602,7 +681,7 @@ mod tests {
         let s = vec![1.0f32; n];
         let (mut a, mut e) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
         let mut bits = vec![0u8; packed_len(m, n)];
-        init_state(&w, &s, m, n, &mut a, &mut e, &mut bits);
+        init_state(&w, &s, m, n, &mut a, &mut e, &mut bits, Residual::Unrounded);
         let (a, e, bits) = (a, e, bits);
         let mut signs: Vec<bool> = w.iter().map(|&x| x >= 0.0).collect();
         let (mut a0, mut e0) = (a.clone(), e.clone());
@@ -631,7 +710,7 @@ mod tests {
                 (&fu, &fv),
                 (&gu, &gv),
                 last,
-                products,
+                (products, Residual::Unrounded),
             );
             prop_assert!((got - want).abs() <= 1e-4 * want.max(1.0));
             for idx in 0..m * n {
@@ -639,6 +718,50 @@ mod tests {
                 prop_assert!((a[idx] - a0[idx]).abs() <= tol);
                 let bit = bits[idx >> 3] & (0x80 >> (idx & 7)) != 0;
                 prop_assert!(bit == signs[idx] || a0[idx] <= tol, "sign at {idx}");
+            }
+        }
+        // The stored-residual mode is the naive update with f = g: `A`, the signs and the
+        // error are those of `E` (`E` itself is not touched).
+        let mut signs: Vec<bool> = w.iter().map(|&x| x >= 0.0).collect();
+        let (mut a0, mut e0) = (a.clone(), e.clone());
+        let want = naive_update(
+            &mut a0,
+            &mut e0,
+            &mut signs,
+            n,
+            k,
+            (&gu, &gv),
+            (&gu, &gv),
+            last,
+        );
+        let (mut a1, mut e1, mut bits1) = (a.clone(), e.clone(), bits.clone());
+        let got = update_state(
+            &mut a1,
+            &mut e1,
+            &mut bits1,
+            m,
+            n,
+            k,
+            (&fu, &fv),
+            (&gu, &gv),
+            last,
+            (Products::Simd, Residual::Stored),
+        );
+        prop_assert!(
+            (got - want).abs() <= 1e-4 * want.max(1.0),
+            "{} vs {}",
+            got,
+            want
+        );
+        prop_assert_eq!(&e1, &e);
+        for idx in 0..m * n {
+            prop_assert!((a1[idx] - a0[idx]).abs() <= tol);
+            let bit = bits1[idx >> 3] & (0x80 >> (idx & 7)) != 0;
+            prop_assert!(bit == signs[idx] || a0[idx] <= tol, "sign at {idx}");
+            if !last {
+                // The invariant that makes `E` redundant: E = S ⊙ A.
+                let s = if bit { 1.0 } else { -1.0 };
+                prop_assert!((s * a1[idx] - e0[idx]).abs() <= tol, "E = S A at {idx}");
             }
         }
         Ok(())
