@@ -51,8 +51,10 @@ impl Decomposition {
 /// that of `W · diag(s)`; the blocks are returned in the original coordinates (`v`'s columns
 /// divided by `s`) and `rel_err` is measured in the weighted norm.
 ///
-/// The residual is updated with the unrounded f32 factors, while the stored factors and the
-/// reported errors use f16, as the reference implementation does.
+/// With [`SvdMethod::Exact`] the residual is updated with the unrounded f32 factors, while
+/// the stored factors and the reported errors use f16, as the reference implementation does.
+/// The randomized (fast) mode carries the residual of the stored f16 blocks: it is the
+/// reported error itself, so one product per block updates both.
 ///
 /// # Errors
 /// Shape mismatch, a non-finite weight (the first one is named), `k = 0` or
