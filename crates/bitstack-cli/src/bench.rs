@@ -194,18 +194,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let ours = model_of(&stack)?;
         let dense = CausalLm::load(&model_dir)?;
         let t = decode_and_eval(&ours, &dense, quick)?;
-        rows.push(Row {
-            what: format!("decode, stack at {loaded} B vs dense f32 (tokens/s)"),
-            ours: t.decode.0,
-            baseline: t.decode.1,
-            unit: "tok/s",
-        });
-        rows.push(Row {
-            what: format!("perplexity eval, stack at {loaded} B (tokens/s)"),
-            ours: t.eval.0,
-            baseline: t.eval.1,
-            unit: "tok/s",
-        });
+        rows.extend(t.rows(&format!("stack at {loaded} B")));
         keys.insert("stack_memory_bytes".into(), json!(loaded));
         keys.insert(
             "stack_decode_speedup".into(),
@@ -506,6 +495,26 @@ struct Throughput {
     eval: (f64, f64),
 }
 
+impl Throughput {
+    /// The two table rows, labelled with `what` (the stack against the dense f32 model).
+    fn rows(&self, what: &str) -> Vec<Row> {
+        vec![
+            Row {
+                what: format!("decode, {what} vs dense f32 (tokens/s)"),
+                ours: self.decode.0,
+                baseline: self.decode.1,
+                unit: "tok/s",
+            },
+            Row {
+                what: format!("perplexity eval, {what} (tokens/s)"),
+                ours: self.eval.0,
+                baseline: self.eval.1,
+                unit: "tok/s",
+            },
+        ]
+    }
+}
+
 /// Greedy decoding (64 tokens after an 8-token prompt) and perplexity evaluation (two
 /// 512-token windows) with `ours` and `dense`, one after the other in this process.
 fn decode_and_eval(ours: &CausalLm, dense: &CausalLm, quick: bool) -> Result<Throughput> {
@@ -542,22 +551,11 @@ fn end_to_end(dir: &Path, quick: bool) -> Result<(f64, f64, Vec<Row>)> {
         let ours = model_of(&stack)?;
         let dense = CausalLm::load(dir)?;
         let t = decode_and_eval(&ours, &dense, quick)?;
-        let ((tps_ours, tps_dense), (eval_ours, eval_dense)) = (t.decode, t.eval);
-        let rows = vec![
-            Row {
-                what: "e2e decode, 4 blocks/matrix vs dense f32 (tokens/s)".into(),
-                ours: tps_ours,
-                baseline: tps_dense,
-                unit: "tok/s",
-            },
-            Row {
-                what: "e2e perplexity eval (tokens/s)".into(),
-                ours: eval_ours,
-                baseline: eval_dense,
-                unit: "tok/s",
-            },
-        ];
-        Ok((tps_ours / tps_dense, eval_ours / eval_dense, rows))
+        Ok((
+            t.decode.0 / t.decode.1,
+            t.eval.0 / t.eval.1,
+            t.rows("e2e, 4 blocks/matrix"),
+        ))
     })();
     let _ = std::fs::remove_file(&tmp);
     result

@@ -300,6 +300,11 @@ impl PlaneBlock {
         assert_eq!(table.cols, n, "matvec_add_with: table for another width");
         assert_eq!(table.group, g, "matvec_add_with: table for another group");
         assert_eq!(y.len(), m, "matvec_add_with: y has the wrong length");
+        if n.is_multiple_of(8) && !table.lut.is_empty() {
+            // Whole bytes: the fused kernel, for one plane.
+            planes_matvec_add(&[self], table, y);
+            return;
+        }
         let groups = self.grid.groups();
         let factor = self.factor();
         let bits = self.signs.as_bytes();
@@ -308,33 +313,21 @@ impl PlaneBlock {
             let mut acc = 0.0f32;
             let halves = &self.grid.half[r * groups..(r + 1) * groups];
             let mids = &self.grid.mid[r * groups..(r + 1) * groups];
-            if n.is_multiple_of(8) {
-                let row_bytes = &bits[r * n / 8..(r + 1) * n / 8];
-                for (gi, chunk) in row_bytes.chunks(g / 8).enumerate() {
-                    let j0 = gi * g / 8;
-                    let dot = lut_dot(&table.lut[j0 * 256..(j0 + chunk.len()) * 256], chunk);
-                    acc += halves[gi].to_f32() * factor * dot;
-                    if first {
-                        acc += mids[gi].to_f32() * table.group_sums[gi];
-                    }
+            for gi in 0..groups {
+                let c0 = gi * g;
+                let c1 = (c0 + g).min(n);
+                let mut dot = 0.0f32;
+                for c in c0..c1 {
+                    let x = table.x[c];
+                    dot += if crate::block::sign_bit(bits, r * n + c) {
+                        x
+                    } else {
+                        -x
+                    };
                 }
-            } else {
-                for gi in 0..groups {
-                    let c0 = gi * g;
-                    let c1 = (c0 + g).min(n);
-                    let mut dot = 0.0f32;
-                    for c in c0..c1 {
-                        let x = table.x[c];
-                        dot += if crate::block::sign_bit(bits, r * n + c) {
-                            x
-                        } else {
-                            -x
-                        };
-                    }
-                    acc += halves[gi].to_f32() * factor * dot;
-                    if first {
-                        acc += mids[gi].to_f32() * table.group_sums[gi];
-                    }
+                acc += halves[gi].to_f32() * factor * dot;
+                if first {
+                    acc += mids[gi].to_f32() * table.group_sums[gi];
                 }
             }
             acc

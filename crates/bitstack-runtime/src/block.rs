@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use bitstack_bits::SignMatrix;
-use bitstack_decompose::{AvdBlock, PlaneBlock, PlaneGrid, PlaneTable};
+use bitstack_decompose::{AvdBlock, PlaneBlock, PlaneGrid};
 use half::f16;
 
 /// One loaded block (owned memory). Every kind applies the same way: it adds its `Δ` to the
@@ -148,32 +148,11 @@ impl Block {
         }
     }
 
-    /// The block as a sign matrix with low-rank factors, if it is one (every kind is, today):
-    /// such blocks are applied together by [`bitstack_bits::lowrank_matvec_add`].
-    pub fn as_lowrank(&self) -> Option<bitstack_bits::LowRankRef<'_>> {
-        match self {
-            Block::Avd(b) => Some(b.as_lowrank()),
-            Block::Plane(_) => None,
-        }
-    }
-
     /// `y += Δ x`, computed from the packed representation.
     pub fn matvec_add(&self, x: &[f32], y: &mut [f32]) {
         match self {
             Block::Avd(b) => b.matvec_add(x, y),
             Block::Plane(b) => b.matvec_add(x, y),
-        }
-    }
-
-    /// [`Block::matvec_add`] that shares one plane lookup table of `x` between the planes of
-    /// a matrix (built on first use).
-    pub fn matvec_add_shared(&self, x: &[f32], y: &mut [f32], table: &mut Option<PlaneTable>) {
-        match self {
-            Block::Avd(b) => b.matvec_add(x, y),
-            Block::Plane(b) => {
-                let t = table.get_or_insert_with(|| PlaneTable::new(x, b.grid().group()));
-                b.matvec_add_with(t, y);
-            }
         }
     }
 }

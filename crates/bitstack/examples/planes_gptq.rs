@@ -73,7 +73,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let wins = windows(&ids, seq, Some(count));
     let layers = model.num_layers().min(max_layers);
     let owned: Vec<Vec<u32>> = wins.iter().map(|w| w.to_vec()).collect();
-    let hess = bitstack::best::input_hessians(&model, &owned, &|_| {})?.sites;
+    let mut stream = bitstack::best::HessianStream::new(model, &owned)?;
+    let hess = (0..layers)
+        .map(|l| stream.layer(l).cloned())
+        .collect::<Result<Vec<_>, _>>()?;
     println!(
         "hessians: {} windows × {seq} tokens, {:.1}s",
         wins.len(),

@@ -498,16 +498,6 @@ fn available_memory() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// `H = Σ XᵀX` of the inputs of every decoder linear (per layer, in [`Site::ALL`] order) and
-/// of the `lm_head` (the final-normed hidden states), over the calibration windows, in the
-/// original model's coordinates.
-pub struct InputHessians {
-    /// Per layer and site: row-major `width × width`.
-    pub sites: Vec<[Vec<f64>; 4]>,
-    /// The `lm_head` input's, `hidden × hidden`.
-    pub head: Vec<f64>,
-}
-
 /// `acc += XᵀX` for `x` (`tokens × width`, row-major): an f32 GEMM, summed into f64.
 fn add_gram(acc: &mut Vec<f64>, x: &[f32], tokens: usize) {
     use faer::linalg::matmul::matmul;
@@ -625,41 +615,6 @@ impl<'a> HessianStream<'a> {
         }
         Ok(self.head.as_deref().unwrap_or_default())
     }
-}
-
-/// Collects [`InputHessians`] of every layer at once (one forward pass per window; per
-/// window an f32 `XᵀX` GEMM, summed in f64). Memory: every layer's Hessians; best mode uses
-/// [`HessianStream`] instead.
-pub fn input_hessians(
-    model: &CausalLm,
-    windows: &[Vec<u32>],
-    progress: &(dyn Fn(Progress<'_>) + Sync),
-) -> Result<InputHessians, Error> {
-    let layers = model.num_layers();
-    let mut sites: Vec<[Vec<f64>; 4]> = (0..layers).map(|_| Default::default()).collect();
-    let mut head = Vec::new();
-    progress(Progress::Stage {
-        name: "hessians",
-        total: windows.len() as u64,
-    });
-    for (done, window) in windows.iter().enumerate() {
-        let mut observe = |layer: usize, site: Site, x: &[f32], tokens: usize| {
-            if let (Some(per_layer), Some(s)) = (
-                sites.get_mut(layer),
-                Site::ALL.iter().position(|v| *v == site),
-            ) {
-                add_gram(&mut per_layer[s], x, tokens);
-            }
-        };
-        let hidden = model.forward_hidden(window, Some(&mut observe))?;
-        let normed = model.final_normed(&hidden, window.len())?;
-        add_gram(&mut head, &normed, window.len());
-        progress(Progress::Step {
-            done: done as u64 + 1,
-            what: "window",
-        });
-    }
-    Ok(InputHessians { sites, head })
 }
 
 /// The GPTQ factor of matrix `name`'s input Hessian in the re-parametrised coordinates
