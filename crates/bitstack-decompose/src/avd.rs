@@ -295,17 +295,48 @@ fn init_state(
     let write_e = residual == Residual::Unrounded;
     for_row_chunks(a, e, bits, m, n, |row0, ac, ec, bc| {
         let base = row0 * n;
+        let wc = &w[base..base + ac.len()];
         let mut sum = 0.0f64;
-        for (loc, (av, ev)) in ac.iter_mut().zip(ec.iter_mut()).enumerate() {
-            let x = w[base + loc] * s[loc % n];
-            if write_e {
-                *ev = x;
+        if n.is_multiple_of(8) {
+            // Whole bytes: eight entries (and one byte of signs) at a time.
+            for (((w8, a8), byte), j0) in wc
+                .chunks_exact(8)
+                .zip(ac.chunks_exact_mut(8))
+                .zip(bc.iter_mut())
+                .zip((0..n).step_by(8).cycle())
+            {
+                let mut packed = 0u8;
+                for t in 0..8 {
+                    let x = w8[t] * s[j0 + t];
+                    a8[t] = x.abs();
+                    sum += f64::from(x) * f64::from(x);
+                    // sign(0) = +1 (and -0.0 counts as 0).
+                    packed |= u8::from(x >= 0.0) << (7 - t);
+                }
+                *byte = packed;
             }
-            *av = x.abs();
-            sum += f64::from(x) * f64::from(x);
-            // sign(0) = +1 (and -0.0 counts as 0).
-            if x >= 0.0 {
-                bc[loc >> 3] |= 0x80 >> (loc & 7);
+            if write_e {
+                for (erow, wrow) in ec.chunks_exact_mut(n).zip(wc.chunks_exact(n)) {
+                    for ((ev, &wv), &sv) in erow.iter_mut().zip(wrow).zip(s) {
+                        *ev = wv * sv;
+                    }
+                }
+            }
+            return sum;
+        }
+        for (r, (wrow, arow)) in wc.chunks_exact(n).zip(ac.chunks_exact_mut(n)).enumerate() {
+            for (j, ((&wv, av), &sv)) in wrow.iter().zip(arow.iter_mut()).zip(s).enumerate() {
+                let x = wv * sv;
+                let loc = r * n + j;
+                if write_e {
+                    ec[loc] = x;
+                }
+                *av = x.abs();
+                sum += f64::from(x) * f64::from(x);
+                // sign(0) = +1 (and -0.0 counts as 0).
+                if x >= 0.0 {
+                    bc[loc >> 3] |= 0x80 >> (loc & 7);
+                }
             }
         }
         sum
@@ -447,11 +478,12 @@ impl pulp::WithSimd for UpdateTile<'_> {
             scratch.p.resize(len, 0.0);
         }
         let (p, q) = (&mut scratch.p[..len], &mut scratch.q[..len]);
-        let product = match products {
-            Products::Simd => tile_product,
-            Products::Faer => faer_tile_product,
-        };
-        product(g.0, g.1, n, k, q);
+        // Direct calls (no function pointer or closure): `tile_product` is inlined here and
+        // compiled for the dispatched instruction set.
+        match products {
+            Products::Simd => tile_product(g.0, g.1, n, k, q),
+            Products::Faer => faer_tile_product(g.0, g.1, n, k, q),
+        }
         if residual == Residual::Stored {
             return if last {
                 a.iter().zip(q.iter()).fold(0.0f64, |acc, (&x, &y)| {
@@ -467,7 +499,10 @@ impl pulp::WithSimd for UpdateTile<'_> {
         if last {
             return update_error_only(e, bits, q);
         }
-        product(f.0, f.1, n, k, p);
+        match products {
+            Products::Simd => tile_product(f.0, f.1, n, k, p),
+            Products::Faer => faer_tile_product(f.0, f.1, n, k, p),
+        }
         if n.is_multiple_of(8) {
             update_bytes(a, Some(e), bits, p, q)
         } else {
@@ -485,24 +520,28 @@ const COLS: usize = 64;
 /// the result does not depend on the SIMD width.
 #[inline(always)]
 fn tile_product(u_tile: &[f32], v: &[f32], n: usize, k: usize, out: &mut [f32]) {
-    for (urow, orow) in u_tile.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
-        let mut blocks = orow.chunks_exact_mut(COLS);
-        let mut j0 = 0;
-        for ob in &mut blocks {
+    // Column blocks outside, rows inside: a block's `k × COLS` slice of `v` stays in L1 for
+    // all the tile's rows.
+    let whole = n - n % COLS;
+    for j0 in (0..whole).step_by(COLS) {
+        for (urow, orow) in u_tile.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
             let mut acc = [0.0f32; COLS];
             for (vrow, &c) in v.chunks_exact(n).zip(urow) {
                 for (x, &y) in acc.iter_mut().zip(&vrow[j0..j0 + COLS]) {
                     *x += c * y;
                 }
             }
-            ob.copy_from_slice(&acc);
-            j0 += COLS;
+            orow[j0..j0 + COLS].copy_from_slice(&acc);
         }
-        let rem = blocks.into_remainder();
-        rem.fill(0.0);
-        for (vrow, &c) in v.chunks_exact(n).zip(urow) {
-            for (x, &y) in rem.iter_mut().zip(&vrow[j0..]) {
-                *x += c * y;
+    }
+    if whole < n {
+        for (urow, orow) in u_tile.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+            let rem = &mut orow[whole..];
+            rem.fill(0.0);
+            for (vrow, &c) in v.chunks_exact(n).zip(urow) {
+                for (x, &y) in rem.iter_mut().zip(&vrow[whole..]) {
+                    *x += c * y;
+                }
             }
         }
     }
@@ -549,18 +588,20 @@ fn update_bytes(
             .zip(ac.chunks_exact_mut(8))
             .zip(p.chunks_exact(8))
         {
+            // Branch-free, so that the eight lanes vectorize: `ge`/`le` pack `d ≥ 0` / `d ≤ 0`
+            // (bit 7 = first entry); a set sign keeps `d ≥ 0`, a clear one `d ≤ 0`.
             let old = *byte;
-            let mut new = 0u8;
-            let mut part = 0.0f32;
+            let mut d = [0.0f32; 8];
+            let (mut ge, mut le) = (0u8, 0u8);
             for t in 0..8 {
-                let positive = (old >> (7 - t)) & 1 == 1;
-                let d = a8[t] - p8[t];
-                part += d * d;
-                a8[t] = d.abs();
-                let keep = if positive { d >= 0.0 } else { d <= 0.0 };
-                new |= u8::from(keep) << (7 - t);
+                d[t] = a8[t] - p8[t];
+                a8[t] = d[t].abs();
+                ge |= u8::from(d[t] >= 0.0) << (7 - t);
+                le |= u8::from(d[t] <= 0.0) << (7 - t);
             }
-            *byte = new;
+            *byte = (old & ge) | (!old & le);
+            let sq = d.map(|x| x * x);
+            let part = ((sq[0] + sq[1]) + (sq[2] + sq[3])) + ((sq[4] + sq[5]) + (sq[6] + sq[7]));
             sum += f64::from(part);
         }
         return sum;
