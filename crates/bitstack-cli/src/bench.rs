@@ -535,7 +535,12 @@ fn decode_and_eval(ours: &CausalLm, dense: &CausalLm, quick: bool) -> Result<Thr
         m.perplexity(&windows)?;
         Ok((2 * seq) as f64 / t.elapsed().as_secs_f64())
     };
-    let eval = (timed(ours)?, timed(dense)?);
+    // Alternately, best of three: the box is shared and one run is noisy.
+    let mut eval = (0.0f64, 0.0f64);
+    for _ in 0..3 {
+        eval.0 = eval.0.max(timed(ours)?);
+        eval.1 = eval.1.max(timed(dense)?);
+    }
     Ok(Throughput { decode, eval })
 }
 

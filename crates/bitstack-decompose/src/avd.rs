@@ -523,11 +523,17 @@ fn tile_product(u_tile: &[f32], v: &[f32], n: usize, k: usize, out: &mut [f32]) 
     // Column blocks outside, rows inside: a block's `k × COLS` slice of `v` stays in L1 for
     // all the tile's rows.
     let whole = n - n % COLS;
+    // The block's rows of `v`, packed contiguously: rows `n` apart would share a few L1
+    // sets when `n` is a large power of two.
+    let mut panel = vec![0.0f32; k * COLS];
     for j0 in (0..whole).step_by(COLS) {
+        for (dst, vrow) in panel.chunks_exact_mut(COLS).zip(v.chunks_exact(n)) {
+            dst.copy_from_slice(&vrow[j0..j0 + COLS]);
+        }
         for (urow, orow) in u_tile.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
             let mut acc = [0.0f32; COLS];
-            for (vrow, &c) in v.chunks_exact(n).zip(urow) {
-                for (x, &y) in acc.iter_mut().zip(&vrow[j0..j0 + COLS]) {
+            for (vr, &c) in panel.chunks_exact(COLS).zip(urow) {
+                for (x, &y) in acc.iter_mut().zip(vr) {
                     *x += c * y;
                 }
             }

@@ -149,39 +149,28 @@ impl AvdBlock {
         if rows == 0 {
             return;
         }
-        // P = u[rows] · v with the GEMM, then tile += S ⊙ P with the signs applied a byte
-        // (8 weights) at a time as XORs of the f32 sign bit.
         let u = widen(&self.u[row0 * k..(row0 + rows) * k]);
         let v = widen(&self.v);
-        let mut p = vec![0.0f32; rows * n];
-        faer::linalg::matmul::matmul(
-            faer::MatMut::from_row_major_slice_mut(&mut p, rows, n),
-            faer::Accum::Replace,
-            faer::MatRef::from_row_major_slice(&u, rows, k),
-            faer::MatRef::from_row_major_slice(&v, k, n),
-            1.0f32,
-            faer::Par::Seq,
-        );
         let bits = self.signs.as_bytes();
         if n.is_multiple_of(8) {
-            for (ii, (out, prod)) in tile.chunks_exact_mut(n).zip(p.chunks_exact(n)).enumerate() {
-                let first = (row0 + ii) * n / 8;
-                let row_bits = &bits[first..first + n / 8];
-                for ((o8, p8), &byte) in out
-                    .chunks_exact_mut(8)
-                    .zip(prod.chunks_exact(8))
-                    .zip(row_bits)
-                {
-                    let masks = &NEGATE_MASKS[byte as usize];
-                    for ((o, &pv), &mask) in o8.iter_mut().zip(p8).zip(masks) {
-                        *o += f32::from_bits(pv.to_bits() ^ mask);
-                    }
-                }
-            }
+            // Fused: one block of columns at a time, each row's `u v` piece is formed in
+            // registers and added with its signs applied (XOR of the f32 sign bit), so the
+            // product is never stored.
+            let first = row0 * n / 8;
+            pulp::Arch::new().dispatch(AddSigned {
+                tile,
+                u: &u,
+                v: &v,
+                bits: &bits[first..first + rows * n / 8],
+                n,
+                k,
+            });
         } else {
-            for (ii, (out, prod)) in tile.chunks_exact_mut(n).zip(p.chunks_exact(n)).enumerate() {
+            let mut prod = vec![0.0f32; n];
+            for (ii, (out, urow)) in tile.chunks_exact_mut(n).zip(u.chunks_exact(k)).enumerate() {
+                row_product(urow, &v, n, &mut prod);
                 let base = (row0 + ii) * n;
-                for (j, (o, &pv)) in out.iter_mut().zip(prod).enumerate() {
+                for (j, (o, &pv)) in out.iter_mut().zip(&prod).enumerate() {
                     *o += if sign_bit(bits, base + j) { pv } else { -pv };
                 }
             }
@@ -222,6 +211,90 @@ impl AvdBlock {
             v: &self.v,
             k: self.k,
         }
+    }
+}
+
+/// `tile += S ⊙ (u v)` for rows of a multiple of 8 columns, run under
+/// [`pulp::Arch::dispatch`] so that its loops compile to the best available vector
+/// instructions. Columns go in blocks of [`REBUILD_COLS`] (the block's `k × REBUILD_COLS`
+/// slice of `v` stays in L1 for all rows); each entry's product is summed over the rank in
+/// order, as [`row_product`].
+struct AddSigned<'a> {
+    tile: &'a mut [f32],
+    /// The tile's rows of `u` (`rows × k`) and the whole `v` (`k × n`), widened.
+    u: &'a [f32],
+    v: &'a [f32],
+    /// The tile's packed signs, one byte per eight entries.
+    bits: &'a [u8],
+    n: usize,
+    k: usize,
+}
+
+/// Columns per register block of [`AddSigned`].
+const REBUILD_COLS: usize = 64;
+
+impl pulp::WithSimd for AddSigned<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let Self {
+            tile,
+            u,
+            v,
+            bits,
+            n,
+            k,
+        } = self;
+        let whole = n - n % REBUILD_COLS;
+        // The column block's rows of `v`, packed contiguously: rows `n` apart in `v` would
+        // fall into the same few L1 sets when `n` is a large power of two.
+        let mut panel = vec![0.0f32; k * REBUILD_COLS];
+        for j0 in (0..whole).step_by(REBUILD_COLS) {
+            for (r, dst) in panel.chunks_exact_mut(REBUILD_COLS).enumerate() {
+                dst.copy_from_slice(&v[r * n + j0..r * n + j0 + REBUILD_COLS]);
+            }
+            for (i, (urow, trow)) in u.chunks_exact(k).zip(tile.chunks_exact_mut(n)).enumerate() {
+                let mut acc = [0.0f32; REBUILD_COLS];
+                for (&c, vr) in urow.iter().zip(panel.chunks_exact(REBUILD_COLS)) {
+                    for (a, &y) in acc.iter_mut().zip(vr) {
+                        *a += c * y;
+                    }
+                }
+                let row_bits = &bits[(i * n + j0) / 8..(i * n + j0 + REBUILD_COLS) / 8];
+                add_signed(&mut trow[j0..j0 + REBUILD_COLS], &acc, row_bits);
+            }
+        }
+        // The last columns (a multiple of 8), eight at a time.
+        for j0 in (whole..n).step_by(8) {
+            for (i, (urow, trow)) in u.chunks_exact(k).zip(tile.chunks_exact_mut(n)).enumerate() {
+                let mut acc = [0.0f32; 8];
+                for (r, &c) in urow.iter().enumerate() {
+                    for (a, &y) in acc.iter_mut().zip(&v[r * n + j0..r * n + j0 + 8]) {
+                        *a += c * y;
+                    }
+                }
+                let b = (i * n + j0) / 8;
+                add_signed(&mut trow[j0..j0 + 8], &acc, &bits[b..b + 1]);
+            }
+        }
+    }
+}
+
+/// `out += S ⊙ p` for whole bytes of signs (MSB first): XORs of the f32 sign bit.
+#[inline(always)]
+fn add_signed(out: &mut [f32], p: &[f32], bits: &[u8]) {
+    for ((o8, p8), &byte) in out.chunks_exact_mut(8).zip(p.chunks_exact(8)).zip(bits) {
+        // Fixed-size arrays: the eight lanes become one vector XOR and one add.
+        let masks = NEGATE_MASKS[byte as usize];
+        let mut o = [0.0f32; 8];
+        o.copy_from_slice(o8);
+        let mut q = [0.0f32; 8];
+        q.copy_from_slice(p8);
+        for t in 0..8 {
+            o[t] += f32::from_bits(q[t].to_bits() ^ masks[t]);
+        }
+        o8.copy_from_slice(&o);
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use crate::linear::{dense_forward, Linear};
+use crate::linear::Linear;
 use crate::ModelError;
 
 /// The 16-bit float format of a [`HalfMatrix`].
@@ -151,24 +151,51 @@ impl Linear for HalfLinear {
             );
             return;
         }
-        // Several tokens: widen a larger tile and multiply it with the GEMM, column block
-        // by column block of y.
-        let tile_rows = (TILE_ROWS * 2).min(out.max(1));
-        let mut tile = vec![0.0f32; tile_rows * inp];
-        let mut part = vec![0.0f32; tokens * tile_rows];
-        let mut r0 = 0;
-        while r0 < out {
-            let rows = tile_rows.min(out - r0);
-            let w = &mut tile[..rows * inp];
-            self.weight.rows_into(r0, w);
-            let p = &mut part[..tokens * rows];
-            dense_forward(w, rows, inp, x, tokens, p);
-            for (yt, pt) in y.chunks_exact_mut(out).zip(p.chunks_exact(rows)) {
-                yt[r0..r0 + rows].copy_from_slice(pt);
-            }
-            r0 += rows;
+        // Several tokens: tiles of rows (about 256 kB of f32 each) are widened and multiplied
+        // with the GEMM straight into their columns of y, tiles in parallel (each thread
+        // widens its own).
+        if inp == 0 {
+            y.fill(0.0);
+            return;
         }
+        let tile_rows = (BATCH_TILE_FLOATS / inp).clamp(8, out.max(8));
+        let xm = faer::MatRef::from_row_major_slice(x, tokens, inp);
+        let ym = faer::MatMut::from_row_major_slice_mut(y, tokens, out);
+        let leaf = |row0: usize, ys: faer::MatMut<'_, f32>| {
+            let rows = ys.ncols();
+            let mut w = vec![0.0f32; rows * inp];
+            self.weight.rows_into(row0, &mut w);
+            let wt = faer::MatRef::from_row_major_slice(&w, rows, inp).transpose();
+            faer::linalg::matmul::matmul(ys, faer::Accum::Replace, xm, wt, 1.0f32, faer::Par::Seq);
+        };
+        for_each_column_tile(ym, 0, tile_rows, &leaf);
     }
+}
+
+/// f32 values in one widened tile of the batch product (256 kB).
+const BATCH_TILE_FLOATS: usize = 1 << 16;
+
+/// Splits `y`'s columns into tiles of `tile` columns and runs `leaf(first column, tile)` on
+/// each, tiles in parallel (rayon).
+fn for_each_column_tile(
+    y: faer::MatMut<'_, f32>,
+    col0: usize,
+    tile: usize,
+    leaf: &(dyn Fn(usize, faer::MatMut<'_, f32>) + Sync),
+) {
+    let n = y.ncols();
+    if n <= tile {
+        if n > 0 {
+            leaf(col0, y);
+        }
+        return;
+    }
+    let mid = (n.div_ceil(tile) / 2).max(1) * tile;
+    let (a, b) = y.split_at_col_mut(mid);
+    rayon::join(
+        || for_each_column_tile(a, col0, tile, leaf),
+        || for_each_column_tile(b, col0 + mid, tile, leaf),
+    );
 }
 
 #[cfg(test)]
@@ -204,7 +231,14 @@ mod tests {
     #[test]
     fn half_linear_matches_dense_of_the_widened_weight() {
         for kind in [HalfKind::F16, HalfKind::Bf16] {
-            for (rows, cols, tokens) in [(1, 1, 1), (70, 33, 1), (600, 40, 3), (129, 17, 5)] {
+            // (300, 512, 4): three parallel tiles of 128, 128 and 44 rows.
+            for (rows, cols, tokens) in [
+                (1, 1, 1),
+                (70, 33, 1),
+                (600, 40, 3),
+                (129, 17, 5),
+                (300, 512, 4),
+            ] {
                 let (m, w) = matrix(kind, rows, cols);
                 let x: Vec<f32> = (0..tokens * cols)
                     .map(|i| (i % 13) as f32 * 0.1 - 0.6)
