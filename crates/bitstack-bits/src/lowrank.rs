@@ -15,6 +15,8 @@
 //! Threads: with [`Parallelism::Auto`] and a large problem the chunks of every block are split
 //! into one contiguous share per rayon thread; each thread builds only its own tables and
 //! accumulates into its own partial `y`, and the partials are summed — no table is built twice.
+//! Where a block has fewer chunks than there are threads (up to ~1000 columns at k = 16), the
+//! rows are split instead, and each thread builds the (then small) tables itself.
 //!
 //! Entries are `f32` and every sum is an `f32` sum, so the result equals the naive product up
 //! to f32 rounding (a different summation order). On x86-64 with AVX-512 F (checked at run
@@ -24,7 +26,9 @@
 use std::cell::RefCell;
 
 use half::f16;
-use rayon::prelude::{IntoParallelIterator, ParallelIterator};
+use rayon::prelude::{
+    IndexedParallelIterator, IntoParallelIterator, ParallelIterator, ParallelSliceMut,
+};
 
 use crate::lut::use_parallel;
 use crate::{Parallelism, SignMatrixRef};
@@ -205,24 +209,36 @@ pub(crate) fn lowrank_matvec_add(
         });
     }
     let max_chunks = problems.iter().map(Problem::chunks).max().unwrap_or(0);
-    let parts = if use_parallel(par, work) {
-        rayon::current_num_threads().min(max_chunks)
+    let threads = if use_parallel(par, work) {
+        rayon::current_num_threads()
     } else {
         1
     };
+    let parts = threads.min(max_chunks);
+    if parts <= 1 && threads > 1 && m >= 2 * ROW_TILE {
+        // Too few column chunks to share (narrow matrices, e.g. 512 or 1536 columns): the
+        // rows are split instead. Each thread builds the same (small) tables and writes its
+        // own rows of y, so nothing is summed afterwards.
+        let rows = m.div_ceil(threads).next_multiple_of(ROW_TILE);
+        let problems = &problems;
+        y.par_chunks_mut(rows)
+            .enumerate()
+            .for_each(|(t, ys)| run_share(problems, 0, 1, t * rows, ys));
+        return;
+    }
     if parts <= 1 {
-        run_share(&problems, 0, 1, y);
+        run_share(&problems, 0, 1, 0, y);
         return;
     }
     let problems = &problems;
     let (_, partials) = rayon::join(
-        || run_share(problems, 0, parts, y),
+        || run_share(problems, 0, parts, 0, y),
         || {
             (1..parts)
                 .into_par_iter()
                 .map(|i| {
                     let mut part = vec![0.0f32; m];
-                    run_share(problems, i, parts, &mut part);
+                    run_share(problems, i, parts, 0, &mut part);
                     part
                 })
                 .collect::<Vec<_>>()
@@ -233,8 +249,9 @@ pub(crate) fn lowrank_matvec_add(
     }
 }
 
-/// Adds share `i` of `parts` of every block's product to `y`.
-fn run_share(problems: &[Problem<'_>], i: usize, parts: usize, y: &mut [f32]) {
+/// Adds share `i` of `parts` (of the column chunks) of every block's product to `y`, which
+/// holds the rows `row0..row0 + y.len()`.
+fn run_share(problems: &[Problem<'_>], i: usize, parts: usize, row0: usize, y: &mut [f32]) {
     with_buffers(|buffers| {
         for p in problems {
             let (g0, g1) = p.share(i, parts);
@@ -249,10 +266,10 @@ fn run_share(problems: &[Problem<'_>], i: usize, parts: usize, y: &mut [f32]) {
                 let r1 = (r0 + block_rows).min(y.len());
                 let acc = sized(&mut buffers.acc, (r1 - r0) * p.stride);
                 acc.fill(0.0);
-                run_range(p, (g0, g1), r0, r1 - r0, buffers);
+                run_range(p, (g0, g1), row0 + r0, r1 - r0, buffers);
                 apply_u(
                     p,
-                    r0,
+                    row0 + r0,
                     &buffers.acc[..(r1 - r0) * p.stride],
                     &mut buffers.widened,
                     &mut y[r0..r1],

@@ -246,6 +246,8 @@ fn lowrank_matvec_large_shapes() {
         (67, 3001, 32, 9),
         (2100, 70, 32, 10),
         (2100, 61, 40, 11),
+        // One table chunk: the rows are split between the threads.
+        (700, 512, 16, 12),
     ] {
         let s = SignMatrix::from_signs_of(&lcg_values(m * n, seed), m, n).unwrap();
         let u: Vec<f16> = lcg_values(m * k, seed ^ 1)
