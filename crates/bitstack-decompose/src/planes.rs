@@ -391,33 +391,47 @@ pub fn planes_matvec_add(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f3
     let groups = grid.groups();
     let with_mid = planes.iter().any(|p| p.plane == 0);
     let bpg = g / 8;
-    let row = |r: usize| -> f32 {
-        let mut acc = 0.0f32;
-        let row0 = r * n / 8;
+    // Rows `r0..r0 + ys.len()`: column groups outside, rows inside, so that one group's
+    // tables (`bpg` KiB) stay in L1 while every row of the range reads them (a whole row's
+    // tables are `cols / 8` KiB, more than L1 from 256 columns on). Each row still adds its
+    // groups' terms in group order, as a row-at-a-time pass would.
+    // Each plane's signs and factor, looked up once (the factor is a `powi`).
+    let plane_bits: Vec<(&[u8], f32)> = planes
+        .iter()
+        .map(|p| (p.signs.as_bytes(), p.factor()))
+        .collect();
+    let rows_of = |r0: usize, ys: &mut [f32], acc: &mut Vec<f32>| {
+        acc.clear();
+        acc.resize(ys.len(), 0.0);
         for gi in 0..groups {
-            let b0 = row0 + gi * bpg;
-            let b1 = (b0 + bpg).min(row0 + n / 8);
             let j0 = gi * bpg;
-            let lut = &table.lut[j0 * 256..(j0 + b1 - b0) * 256];
-            let mut sum = 0.0f32;
-            for p in planes {
-                sum += p.factor() * lut_dot(lut, &p.signs.as_bytes()[b0..b1]);
-            }
-            acc += grid.half[r * groups + gi].to_f32() * sum;
-            if with_mid {
-                acc += grid.mid[r * groups + gi].to_f32() * table.group_sums[gi];
+            let nb = bpg.min(n / 8 - j0);
+            let lut = &table.lut[j0 * 256..(j0 + nb) * 256];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let r = r0 + i;
+                let b0 = r * n / 8 + j0;
+                let mut sum = 0.0f32;
+                for &(bits, factor) in &plane_bits {
+                    sum += factor * lut_dot(lut, &bits[b0..b0 + nb]);
+                }
+                *a += grid.half[r * groups + gi].to_f32() * sum;
+                if with_mid {
+                    *a += grid.mid[r * groups + gi].to_f32() * table.group_sums[gi];
+                }
             }
         }
-        acc
+        for (yr, &a) in ys.iter_mut().zip(acc.iter()) {
+            *yr += a;
+        }
     };
     if m * n * planes.len() >= crate::svd::PAR_THRESHOLD * 4 && rayon::current_num_threads() > 1 {
-        y.par_iter_mut()
+        // A few row ranges per thread (of at least 16 rows).
+        let rows = m.div_ceil(4 * rayon::current_num_threads()).max(16);
+        y.par_chunks_mut(rows)
             .enumerate()
-            .for_each(|(r, yr)| *yr += row(r));
+            .for_each_init(Vec::new, |acc, (t, ys)| rows_of(t * rows, ys, acc));
     } else {
-        for (r, yr) in y.iter_mut().enumerate() {
-            *yr += row(r);
-        }
+        rows_of(0, y, &mut Vec::new());
     }
 }
 
