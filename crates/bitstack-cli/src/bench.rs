@@ -516,7 +516,8 @@ impl Throughput {
 }
 
 /// Greedy decoding (64 tokens after an 8-token prompt) and perplexity evaluation (two
-/// 512-token windows) with `ours` and `dense`, one after the other in this process.
+/// 512-token windows) with `ours` and `dense`, alternately in this process, each the best
+/// of three runs (tokens per second).
 fn decode_and_eval(ours: &CausalLm, dense: &CausalLm, quick: bool) -> Result<Throughput> {
     let prompt: Vec<u32> = (1..9).collect();
     let new_tokens = if quick { 16 } else { 64 };
@@ -526,7 +527,11 @@ fn decode_and_eval(ours: &CausalLm, dense: &CausalLm, quick: bool) -> Result<Thr
         let out = m.generate(&prompt, new_tokens, &mut sampler, &[], &mut |_| true)?;
         Ok(out.len() as f64 / t.elapsed().as_secs_f64())
     };
-    let decode = (gen(ours)?, gen(dense)?);
+    let mut decode = (0.0f64, 0.0f64);
+    for _ in 0..3 {
+        decode.0 = decode.0.max(gen(ours)?);
+        decode.1 = decode.1.max(gen(dense)?);
+    }
     let seq = if quick { 128 } else { 512 };
     let window: Vec<u32> = (0..seq as u32).map(|i| (i * 7 + 3) % 1000).collect();
     let windows = [window.as_slice(), window.as_slice()];
@@ -535,7 +540,6 @@ fn decode_and_eval(ours: &CausalLm, dense: &CausalLm, quick: bool) -> Result<Thr
         m.perplexity(&windows)?;
         Ok((2 * seq) as f64 / t.elapsed().as_secs_f64())
     };
-    // Alternately, best of three: the box is shared and one run is noisy.
     let mut eval = (0.0f64, 0.0f64);
     for _ in 0..3 {
         eval.0 = eval.0.max(timed(ours)?);
