@@ -285,6 +285,15 @@ fn export_round_trip() {
     }
     let norm = st.tensor("model.norm.weight").unwrap();
     assert_eq!(norm.shape(), &[8]);
+    // The streamed header is padded to 8 bytes and every tensor starts at a multiple of
+    // its element size in the file (as `safetensors::serialize` lays them out).
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert_eq!(header % 8, 0);
+    for (name, view) in st.tensors() {
+        let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+        assert!(start >= 8 + header);
+        assert_eq!(start % (view.dtype().bitsize() / 8), 0, "{name} at {start}");
+    }
 }
 
 /// A forward thread and a resizing thread: every read of a matrix sees it entirely before
