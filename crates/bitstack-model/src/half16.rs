@@ -168,35 +168,16 @@ impl Linear for HalfLinear {
             let wt = faer::MatRef::from_row_major_slice(&w, rows, inp).transpose();
             faer::linalg::matmul::matmul(ys, faer::Accum::Replace, xm, wt, 1.0f32, faer::Par::Seq);
         };
-        for_each_column_tile(ym, 0, tile_rows, &leaf);
+        // Tiles of `tile_rows` columns of y, in parallel.
+        use rayon::prelude::*;
+        ym.par_col_chunks_mut(tile_rows)
+            .enumerate()
+            .for_each(|(t, ys)| leaf(t * tile_rows, ys));
     }
 }
 
 /// f32 values in one widened tile of the batch product (256 kB).
 const BATCH_TILE_FLOATS: usize = 1 << 16;
-
-/// Splits `y`'s columns into tiles of `tile` columns and runs `leaf(first column, tile)` on
-/// each, tiles in parallel (rayon).
-fn for_each_column_tile(
-    y: faer::MatMut<'_, f32>,
-    col0: usize,
-    tile: usize,
-    leaf: &(dyn Fn(usize, faer::MatMut<'_, f32>) + Sync),
-) {
-    let n = y.ncols();
-    if n <= tile {
-        if n > 0 {
-            leaf(col0, y);
-        }
-        return;
-    }
-    let mid = (n.div_ceil(tile) / 2).max(1) * tile;
-    let (a, b) = y.split_at_col_mut(mid);
-    rayon::join(
-        || for_each_column_tile(a, col0, tile, leaf),
-        || for_each_column_tile(b, col0 + mid, tile, leaf),
-    );
-}
 
 #[cfg(test)]
 mod tests {

@@ -395,35 +395,16 @@ impl LoadedStack {
             let wt = MatRef::from_row_major_slice(&tile, n, cols).transpose();
             matmul(out, Accum::Replace, xm, wt, 1.0f32, Par::Seq);
         };
-        for_each_column_tile(ym, 0, tile_rows, &leaf);
+        // Tiles of `tile_rows` columns of y (rows of Ŵ), in parallel.
+        use rayon::prelude::*;
+        ym.par_col_chunks_mut(tile_rows)
+            .enumerate()
+            .for_each(|(t, ys)| leaf(t * tile_rows, ys));
     }
 }
 
 /// f32 values in one tile of the batch product (256 kB).
 const TILE_FLOATS: usize = 1 << 16;
-
-/// Splits `y`'s columns into tiles of `tile` columns and runs `leaf(first column, tile)` on
-/// each, tiles in parallel.
-fn for_each_column_tile(
-    y: MatMut<'_, f32>,
-    col0: usize,
-    tile: usize,
-    leaf: &(dyn Fn(usize, MatMut<'_, f32>) + Sync),
-) {
-    let n = y.ncols();
-    if n <= tile {
-        if n > 0 {
-            leaf(col0, y);
-        }
-        return;
-    }
-    let mid = (n.div_ceil(tile) / 2).max(1) * tile;
-    let (a, b) = y.split_at_col_mut(mid);
-    rayon::join(
-        || for_each_column_tile(a, col0, tile, leaf),
-        || for_each_column_tile(b, col0 + mid, tile, leaf),
-    );
-}
 
 fn check_available(file: &StackFile, budget: u64) -> Result<(), RuntimeError> {
     let full = file.full_layout();
