@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
-use crate::block::widen;
+use crate::block::{panel_products, widen, PANEL_COLS};
 use crate::error::ExpectedLen;
 use crate::svd::{top_k_split, PAR_THRESHOLD};
 use crate::{AvdBlock, AvdParams, DecomposeError, Significance, SvdMethod};
@@ -511,35 +511,16 @@ impl pulp::WithSimd for UpdateTile<'_> {
     }
 }
 
-/// Columns per register block of [`tile_product`].
-const COLS: usize = 64;
-
-/// `out = u_tile · v` for row-major `u_tile` (`rows × k`), `v` (`k × n`), `out` (`rows × n`).
+/// `out = u_tile · v` for row-major `u_tile` (`rows × k`), `v` (`k × n`), `out` (`rows × n`):
+/// whole column blocks through [`panel_products`], the last columns row by row.
 ///
 /// Each output entry is `Σ_r u[i, r] · v[r, j]` summed in order `r = 0, 1, …` (no FMA), so
 /// the result does not depend on the SIMD width.
 #[inline(always)]
 fn tile_product(u_tile: &[f32], v: &[f32], n: usize, k: usize, out: &mut [f32]) {
-    // Column blocks outside, rows inside: a block's `k × COLS` slice of `v` stays in L1 for
-    // all the tile's rows.
-    let whole = n - n % COLS;
-    // The block's rows of `v`, packed contiguously: rows `n` apart would share a few L1
-    // sets when `n` is a large power of two.
-    let mut panel = vec![0.0f32; k * COLS];
-    for j0 in (0..whole).step_by(COLS) {
-        for (dst, vrow) in panel.chunks_exact_mut(COLS).zip(v.chunks_exact(n)) {
-            dst.copy_from_slice(&vrow[j0..j0 + COLS]);
-        }
-        for (urow, orow) in u_tile.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
-            let mut acc = [0.0f32; COLS];
-            for (vr, &c) in panel.chunks_exact(COLS).zip(urow) {
-                for (x, &y) in acc.iter_mut().zip(vr) {
-                    *x += c * y;
-                }
-            }
-            orow[j0..j0 + COLS].copy_from_slice(&acc);
-        }
-    }
+    let whole = panel_products(u_tile, v, n, k, |i, j0, acc| {
+        out[i * n + j0..i * n + j0 + PANEL_COLS].copy_from_slice(acc);
+    });
     if whole < n {
         for (urow, orow) in u_tile.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
             let rem = &mut orow[whole..];

@@ -216,9 +216,8 @@ impl AvdBlock {
 
 /// `tile += S ⊙ (u v)` for rows of a multiple of 8 columns, run under
 /// [`pulp::Arch::dispatch`] so that its loops compile to the best available vector
-/// instructions. Columns go in blocks of [`REBUILD_COLS`] (the block's `k × REBUILD_COLS`
-/// slice of `v` stays in L1 for all rows); each entry's product is summed over the rank in
-/// order, as [`row_product`].
+/// instructions: whole column blocks through [`panel_products`], the rest eight columns at a
+/// time; each entry's product is summed over the rank in order, as [`row_product`].
 struct AddSigned<'a> {
     tile: &'a mut [f32],
     /// The tile's rows of `u` (`rows × k`) and the whole `v` (`k × n`), widened.
@@ -230,8 +229,43 @@ struct AddSigned<'a> {
     k: usize,
 }
 
-/// Columns per register block of [`AddSigned`].
-const REBUILD_COLS: usize = 64;
+/// Columns per register block of [`panel_products`].
+pub(crate) const PANEL_COLS: usize = 64;
+
+/// For every whole block of [`PANEL_COLS`] columns starting at `j0` and every row `i` of `u`
+/// (row-major `rows × k`, `v` row-major `k × n`): `sink(i, j0, Σ_r u[i, r] · v[r, j0..])`,
+/// summed over the rank in order (a multiply, then an add: no FMA, so the result does not
+/// depend on the instruction set). Column blocks go outside and rows inside, with the
+/// block's `k × PANEL_COLS` slice of `v` packed contiguously first (rows `n` apart would fall
+/// into the same few L1 sets when `n` is a large power of two). Inlined into its callers so
+/// that it compiles for their dispatched instruction set. Returns the first column of the
+/// last partial block (`n` rounded down to a multiple of [`PANEL_COLS`]).
+#[inline(always)]
+pub(crate) fn panel_products(
+    u: &[f32],
+    v: &[f32],
+    n: usize,
+    k: usize,
+    mut sink: impl FnMut(usize, usize, &[f32; PANEL_COLS]),
+) -> usize {
+    let whole = n - n % PANEL_COLS;
+    let mut panel = vec![0.0f32; k * PANEL_COLS];
+    for j0 in (0..whole).step_by(PANEL_COLS) {
+        for (dst, vrow) in panel.chunks_exact_mut(PANEL_COLS).zip(v.chunks_exact(n)) {
+            dst.copy_from_slice(&vrow[j0..j0 + PANEL_COLS]);
+        }
+        for (i, urow) in u.chunks_exact(k).enumerate() {
+            let mut acc = [0.0f32; PANEL_COLS];
+            for (&c, vr) in urow.iter().zip(panel.chunks_exact(PANEL_COLS)) {
+                for (a, &y) in acc.iter_mut().zip(vr) {
+                    *a += c * y;
+                }
+            }
+            sink(i, j0, &acc);
+        }
+    }
+    whole
+}
 
 impl pulp::WithSimd for AddSigned<'_> {
     type Output = ();
@@ -246,25 +280,11 @@ impl pulp::WithSimd for AddSigned<'_> {
             n,
             k,
         } = self;
-        let whole = n - n % REBUILD_COLS;
-        // The column block's rows of `v`, packed contiguously: rows `n` apart in `v` would
-        // fall into the same few L1 sets when `n` is a large power of two.
-        let mut panel = vec![0.0f32; k * REBUILD_COLS];
-        for j0 in (0..whole).step_by(REBUILD_COLS) {
-            for (r, dst) in panel.chunks_exact_mut(REBUILD_COLS).enumerate() {
-                dst.copy_from_slice(&v[r * n + j0..r * n + j0 + REBUILD_COLS]);
-            }
-            for (i, (urow, trow)) in u.chunks_exact(k).zip(tile.chunks_exact_mut(n)).enumerate() {
-                let mut acc = [0.0f32; REBUILD_COLS];
-                for (&c, vr) in urow.iter().zip(panel.chunks_exact(REBUILD_COLS)) {
-                    for (a, &y) in acc.iter_mut().zip(vr) {
-                        *a += c * y;
-                    }
-                }
-                let row_bits = &bits[(i * n + j0) / 8..(i * n + j0 + REBUILD_COLS) / 8];
-                add_signed(&mut trow[j0..j0 + REBUILD_COLS], &acc, row_bits);
-            }
-        }
+        let whole = panel_products(u, v, n, k, |i, j0, acc| {
+            let trow = &mut tile[i * n..(i + 1) * n];
+            let row_bits = &bits[(i * n + j0) / 8..(i * n + j0 + PANEL_COLS) / 8];
+            add_signed(&mut trow[j0..j0 + PANEL_COLS], acc, row_bits);
+        });
         // The last columns (a multiple of 8), eight at a time.
         for j0 in (whole..n).step_by(8) {
             for (i, (urow, trow)) in u.chunks_exact(k).zip(tile.chunks_exact_mut(n)).enumerate() {

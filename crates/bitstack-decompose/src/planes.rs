@@ -514,6 +514,21 @@ pub struct PlaneDecomposition {
     pub rel_err: Vec<f64>,
 }
 
+impl PlaneDecomposition {
+    /// The dense row-major reconstruction after each prefix of planes: entry `b` is the sum
+    /// of planes `0..=b` (built incrementally, one pass per plane).
+    pub fn prefix_reconstructions(&self) -> Vec<Vec<f32>> {
+        let mut dense = vec![0.0f32; self.grid.rows * self.grid.cols];
+        self.blocks
+            .iter()
+            .map(|b| {
+                b.add_to_dense(&mut dense);
+                dense.clone()
+            })
+            .collect()
+    }
+}
+
 /// Decomposes `w` (`rows × cols`, row-major) into `params.planes` nested bit planes.
 ///
 /// `row_weights` and `col_weights` (positive, one per row / column, default 1) weight the
@@ -760,10 +775,11 @@ pub(crate) fn planes_on_grid(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic pseudo-random values in [−0.5, 0.5) (an LCG), for the crate's tests.
+    pub(crate) fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);

@@ -439,21 +439,8 @@ fn gptq_pass(
 mod tests {
     use super::*;
     use crate::decompose_planes;
+    use crate::planes::tests::pseudo;
     use proptest::prelude::*;
-
-    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect()
-    }
 
     /// `H = XᵀX + 0.1·I` for a random `X` with correlated columns.
     fn hessian(cols: usize, seed: u64) -> Vec<f64> {
@@ -480,17 +467,6 @@ mod tests {
             h[i * cols + i] += 0.1;
         }
         h
-    }
-
-    fn dense_prefixes(d: &PlaneDecomposition, len: usize) -> Vec<Vec<f32>> {
-        let mut dense = vec![0.0f32; len];
-        d.blocks
-            .iter()
-            .map(|b| {
-                b.add_to_dense(&mut dense);
-                dense.clone()
-            })
-            .collect()
     }
 
     fn h_err(w: &[f32], q: &[f32], rows: usize, cols: usize, h: &[f64]) -> f64 {
@@ -526,7 +502,7 @@ mod tests {
         let factor = GptqFactor::new(&h, cols, DEFAULT_DAMP).unwrap();
         let d =
             decompose_planes_gptq(&w, rows, cols, &params, &factor, Some(&rw), Some(&cw)).unwrap();
-        let prefixes = dense_prefixes(&d, rows * cols);
+        let prefixes = d.prefix_reconstructions();
         for (p, q) in prefixes.iter().enumerate() {
             let want: f64 = (0..rows * cols)
                 .map(|i| {
@@ -538,7 +514,7 @@ mod tests {
             assert!((want - d.sq_err[p]).abs() <= 1e-9 * want.max(1e-12), "{p}");
         }
         let plain = decompose_planes(&w, rows, cols, &params, None, None).unwrap();
-        let a = dense_prefixes(&plain, rows * cols);
+        let a = plain.prefix_reconstructions();
         let (ea, eb) = (
             h_err(&w, &a[3], rows, cols, &h),
             h_err(&w, &prefixes[3], rows, cols, &h),
@@ -559,8 +535,8 @@ mod tests {
         let comp =
             decompose_planes_compensated(&w, rows, cols, &params, &h, 1, CompensationMode::Joint)
                 .unwrap();
-        let a = dense_prefixes(&plain, rows * cols);
-        let b = dense_prefixes(&comp, rows * cols);
+        let a = plain.prefix_reconstructions();
+        let b = comp.prefix_reconstructions();
         let ea = h_err(&w, &a[0], rows, cols, &h);
         let eb = h_err(&w, &b[0], rows, cols, &h);
         assert!(eb < ea, "compensated {eb} vs plain {ea}");
@@ -643,7 +619,7 @@ mod tests {
             prop_assert_eq!(comp_d.blocks.len(), planes);
             let grid = &plain.grid;
             let ng = grid.groups();
-            let prefixes = dense_prefixes(&comp_d, rows * cols);
+            let prefixes = comp_d.prefix_reconstructions();
             for (p, dense) in prefixes.iter().enumerate() {
                 for r in 0..rows {
                     for c in 0..cols {

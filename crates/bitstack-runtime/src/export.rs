@@ -88,7 +88,7 @@ impl LoadedStack {
             // Stored in another dtype than the original (e.g. an f32 norm kept as f16):
             // converted back when it is a float; otherwise written as stored.
             let convert = match ExportDtype::from_name(&t.original_dtype) {
-                Some(d) if t.dtype != t.original_dtype && t.to_f32().is_some() => Some(d),
+                Some(d) if t.dtype != t.original_dtype && t.is_float() => Some(d),
                 _ => None,
             };
             let dtype_name = if convert.is_some() {

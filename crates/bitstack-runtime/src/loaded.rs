@@ -29,6 +29,11 @@ pub struct FixedTensor {
 }
 
 impl FixedTensor {
+    /// Whether the stored dtype is a float one ([`FixedTensor::to_f32`] gives `Some`).
+    pub fn is_float(&self) -> bool {
+        matches!(self.dtype.as_str(), "F32" | "F16" | "BF16")
+    }
+
     /// The values widened to f32 (`None` for a dtype that is not a float).
     pub fn to_f32(&self) -> Option<Vec<f32>> {
         let b = &self.bytes;

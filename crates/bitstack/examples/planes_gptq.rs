@@ -17,7 +17,7 @@ use std::time::Instant;
 use bitstack::checkpoint::Checkpoint;
 use bitstack::decompose::{
     decompose_planes, decompose_planes_with_factor_limited, CompensationMode, GptqFactor,
-    PlaneDecomposition, PlaneParams, DEFAULT_DAMP,
+    PlaneParams, DEFAULT_DAMP,
 };
 use bitstack::model::{windows, CausalLm, LinearSlot, Site, TextTokenizer};
 use faer::linalg::matmul::matmul;
@@ -117,7 +117,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     };
                     decompose_time[v] += t.elapsed().as_secs_f64();
                     let t = Instant::now();
-                    let errs = h_errors(&w, &prefixes(&d, w.len()), rows, cols, &h32);
+                    let errs = h_errors(&w, &d.prefix_reconstructions(), rows, cols, &h32);
                     eval_time += t.elapsed().as_secs_f64();
                     rel.push(errs.iter().map(|e| e / norm).collect::<Vec<f64>>());
                 }
@@ -167,18 +167,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 fn short(name: &str, slot: LinearSlot) -> String {
     let layer = name.split('.').nth(2).unwrap_or("?");
     format!("L{layer}.{}", slot.short_name())
-}
-
-/// Dense reconstruction after each prefix of planes.
-fn prefixes(d: &PlaneDecomposition, len: usize) -> Vec<Vec<f32>> {
-    let mut dense = vec![0.0f32; len];
-    d.blocks
-        .iter()
-        .map(|b| {
-            b.add_to_dense(&mut dense);
-            dense.clone()
-        })
-        .collect()
 }
 
 /// `tr((W − Q) H (W − Q)ᵀ)` for each reconstruction `Q`.

@@ -35,6 +35,19 @@ fn calibration(calib_windows: usize, seq: usize) -> CalibrationOptions {
     }
 }
 
+/// Best mode on the bundled tiny model with `best`, calibrated on 4 windows of 256 tokens.
+fn compress_tiny_best(out: &std::path::Path, best: &BestOptions) -> bitstack::CompressSummary {
+    compress_best(
+        &root().join("fixtures/tiny-qwen2"),
+        out,
+        &CompressOptions::default(),
+        best,
+        &calibration(4, 256),
+        &|_| {},
+    )
+    .unwrap()
+}
+
 fn compress_tiny(dir: &std::path::Path) -> PathBuf {
     compress_tiny_ordered(dir, BestOrder::Gain)
 }
@@ -45,7 +58,6 @@ fn compress_tiny_ordered(dir: &std::path::Path, order: BestOrder) -> PathBuf {
 
 fn compress_tiny_with(dir: &std::path::Path, order: BestOrder, chains: ChainChoice) -> PathBuf {
     let out = dir.join(format!("tiny-best-{order:?}-{chains:?}.bitstack"));
-    let calibration = calibration(4, 256);
     let best = BestOptions {
         planes: bitstack::decompose::PlaneParams {
             group: 64,
@@ -55,15 +67,7 @@ fn compress_tiny_with(dir: &std::path::Path, order: BestOrder, chains: ChainChoi
         chains,
         ..BestOptions::default()
     };
-    let summary = compress_best(
-        &root().join("fixtures/tiny-qwen2"),
-        &out,
-        &CompressOptions::default(),
-        &best,
-        &calibration,
-        &|_| {},
-    )
-    .unwrap();
+    let summary = compress_tiny_best(&out, &best);
     // 28 decoder linears + the tied embedding table (once); an AVD block adds one per chain.
     assert_eq!(summary.matrices, 29);
     let avd = usize::from(chains == ChainChoice::AvdFirst);
@@ -115,7 +119,6 @@ fn avd_first_chains_mix_block_kinds_and_match_the_dense_path() {
 #[test]
 fn gptq_planes_change_bits_not_grids_and_run() {
     let dir = tempfile::tempdir().unwrap();
-    let calibration = calibration(4, 256);
     let compress = |gptq_windows: usize| {
         let out = dir.path().join(format!("gptq-{gptq_windows}.bitstack"));
         let best = BestOptions {
@@ -128,15 +131,7 @@ fn gptq_planes_change_bits_not_grids_and_run() {
             gptq_windows,
             ..BestOptions::default()
         };
-        compress_best(
-            &root().join("fixtures/tiny-qwen2"),
-            &out,
-            &CompressOptions::default(),
-            &best,
-            &calibration,
-            &|_| {},
-        )
-        .unwrap();
+        compress_tiny_best(&out, &best);
         Arc::new(StackFile::open(&out).unwrap())
     };
     let (plain, gptq) = (compress(0), compress(4));
