@@ -8,7 +8,10 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use bitstack_bits::{lowrank_matvec_add, LowRankRef, Parallelism, SignMatrix, Simd};
+use bitstack_bits::{
+    codes_matvec_add, lowrank_matvec_add, CodeGrid, LowRankRef, Parallelism, SignMatrix, Simd,
+    WeightedPlane,
+};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
 
@@ -153,12 +156,70 @@ fn bench_decode(c: &mut Criterion) {
     group.finish();
 }
 
+/// The code kernel of 8 nested bit planes (groups of 128) against a dense f32 product of the
+/// same shape: a 4096² matrix and small-llama's shapes (MLP, attention, lm_head).
+fn bench_codes(c: &mut Criterion) {
+    const PLANES: usize = 8;
+    for (m, n) in [(M, N), (1536, 512), (512, 512), (256, 512), (8192, 512)] {
+        let bits: Vec<SignMatrix> = (0..PLANES as u64)
+            .map(|p| {
+                SignMatrix::from_signs_of(&values(m * n, 40 + p), m, n)
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect();
+        let planes: Vec<WeightedPlane<'_>> = bits
+            .iter()
+            .enumerate()
+            .map(|(p, b)| WeightedPlane {
+                bits: b.as_view(),
+                weight: 128u8 >> p,
+            })
+            .collect();
+        let scales: Vec<f16> = values(m * n.div_ceil(128), 7)
+            .into_iter()
+            .map(|v| f16::from_f32(v.abs()))
+            .collect();
+        let offsets: Vec<f16> = values(m * n.div_ceil(128), 10)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let grid = CodeGrid {
+            group: 128,
+            scales: &scales,
+            offsets: Some(&offsets),
+            scale: 1.0 / 256.0,
+            shift: -1.0,
+        };
+        let x = values(n, 8);
+        let w = values(m * n, 9);
+        let mut y = vec![0.0f32; m];
+        let mut group = c.benchmark_group(format!("bits/codes_{m}x{n}_8planes"));
+        group.throughput(Throughput::Elements((m * n) as u64));
+        for (name, par, simd) in [
+            ("auto", Parallelism::Auto, Simd::Auto),
+            ("simd_1thread", Parallelism::Sequential, Simd::Auto),
+            ("portable_1thread", Parallelism::Sequential, Simd::Portable),
+        ] {
+            group.bench_function(name, |b| {
+                b.iter(|| {
+                    codes_matvec_add(&planes, &grid, black_box(&x), black_box(&mut y), par, simd)
+                })
+            });
+        }
+        group.bench_function("dense_f32_1thread", |b| {
+            b.iter(|| dense_matvec(&w, n, black_box(&x), black_box(&mut y)))
+        });
+        group.finish();
+    }
+}
+
 fn benches(c: &mut Criterion) {
     let mut c = configure(c);
     bench_pack(&mut c);
     bench_matvec(&mut c);
     bench_matmul(&mut c);
     bench_decode(&mut c);
+    bench_codes(&mut c);
 }
 
 criterion_group!(bits, benches);

@@ -27,9 +27,15 @@
 //!
 //! The decode product of a whole residual block, `y += (S ⊙ (u v)) x`
 //! ([`SignMatrixRef::lowrank_matvec_add`]), shares one table per column group between all `k`
-//! sign products; it has an AVX-512 version picked at run time (see [`Simd`]), the only
-//! `unsafe` code of the crate, checked against the portable version and the naive oracle
+//! sign products; it has an AVX-512 version picked at run time (see [`Simd`]), checked
+//! against the portable version and the naive oracle
 //! [`SignMatrixRef::lowrank_matvec_add_naive`].
+//!
+//! The decode product of nested bit planes ([`codes_matvec_add`]: integer codes stored one
+//! plane at a time on a per-group grid) builds the codes of 64 columns with one masked byte
+//! add per plane (AVX-512 BW, picked at run time) and multiplies them with `x` in f32; its
+//! portable version and a per-weight f64 definition are the tests' oracles. These two
+//! vectorized kernels are the only `unsafe` code of the crate.
 //!
 //! # Example
 //!
@@ -56,6 +62,7 @@
 #![deny(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod codes;
 mod error;
 mod lowrank;
 mod lut;
@@ -67,6 +74,7 @@ mod naive;
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+pub use codes::{codes_matvec_add, codes_simd_available, CodeGrid, WeightedPlane};
 pub use error::BitsError;
 pub use lowrank::{LowRankRef, Simd};
 

@@ -81,7 +81,23 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    // The command runs on a thread of rayon's pool, so that the kernels' parallel parts are
+    // shared with the other worker directly instead of being injected from outside the pool
+    // (a wake-up per matrix-vector product while decoding).
+    let result = rayon::scope(|_| run(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one command.
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Compress(args) => commands::compress(args),
         Command::Eval(args) => eval::eval(args),
         Command::Bench(args) => bench::bench(args),
@@ -93,14 +109,6 @@ fn main() -> ExitCode {
             budget,
             output,
         } => commands::export(&file, &budget, &output),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", describe(&e));
-            ExitCode::FAILURE
-        }
     }
 }
 

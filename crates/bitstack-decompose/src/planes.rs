@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use bitstack_bits::{SignMatrix, SignMatrixRef};
+use bitstack_bits::{SignMatrix, SignMatrixRef, Simd};
 use half::f16;
 use rayon::prelude::*;
 
@@ -300,7 +300,7 @@ impl PlaneBlock {
         assert_eq!(table.cols, n, "matvec_add_with: table for another width");
         assert_eq!(table.group, g, "matvec_add_with: table for another group");
         assert_eq!(y.len(), m, "matvec_add_with: y has the wrong length");
-        if n.is_multiple_of(8) && !table.lut.is_empty() {
+        if n.is_multiple_of(8) {
             // Whole bytes: the fused kernel, for one plane.
             planes_matvec_add(&[self], table, y);
             return;
@@ -370,16 +370,34 @@ fn lut_dot(lut: &[f32], bytes: &[u8]) -> f32 {
 /// scale is applied. Planes of different grids, or a width that is not a multiple of 8, go
 /// through [`PlaneBlock::matvec_add_with`] one at a time.
 ///
+/// On x86-64 with AVX-512 F and BW the planes of each run of 8 go through the vectorized
+/// code kernel ([`bitstack_bits::codes_matvec_add`]); elsewhere, 8-bit tables of `x` are read
+/// per byte ([`planes_matvec_add_with`] picks).
+///
 /// # Panics
 /// If the table was built for another width or group, or `y` has the wrong length.
 pub fn planes_matvec_add(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f32]) {
+    planes_matvec_add_with(planes, table, y, Simd::Auto);
+}
+
+/// [`planes_matvec_add`] with the kernel chosen: [`Simd::Portable`] always takes the
+/// table-driven path (the reference for the vectorized one in the tests).
+///
+/// # Panics
+/// As [`planes_matvec_add`].
+pub fn planes_matvec_add_with(
+    planes: &[&PlaneBlock],
+    table: &PlaneTable,
+    y: &mut [f32],
+    simd: Simd,
+) {
     let Some(first) = planes.first() else {
         return;
     };
     let grid = first.grid();
     let (m, n, g) = (grid.rows, grid.cols, grid.group);
     let shared = planes.iter().all(|p| Arc::ptr_eq(p.grid(), grid));
-    if !shared || !n.is_multiple_of(8) || table.lut.is_empty() {
+    if !shared || !n.is_multiple_of(8) {
         for p in planes {
             p.matvec_add_with(table, y);
         }
@@ -388,6 +406,9 @@ pub fn planes_matvec_add(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f3
     assert_eq!(table.cols, n, "planes_matvec_add: table for another width");
     assert_eq!(table.group, g, "planes_matvec_add: table for another group");
     assert_eq!(y.len(), m, "planes_matvec_add: y has the wrong length");
+    if simd == Simd::Auto && bitstack_bits::codes_simd_available() {
+        return planes_as_codes(planes, table, y);
+    }
     let groups = grid.groups();
     let with_mid = planes.iter().any(|p| p.plane == 0);
     let bpg = g / 8;
@@ -406,7 +427,7 @@ pub fn planes_matvec_add(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f3
         for gi in 0..groups {
             let j0 = gi * bpg;
             let nb = bpg.min(n / 8 - j0);
-            let lut = &table.lut[j0 * 256..(j0 + nb) * 256];
+            let lut = &table.lut()[j0 * 256..(j0 + nb) * 256];
             for (i, a) in acc.iter_mut().enumerate() {
                 let r = r0 + i;
                 let b0 = r * n / 8 + j0;
@@ -432,6 +453,62 @@ pub fn planes_matvec_add(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f3
             .for_each_init(Vec::new, |acc, (t, ys)| rows_of(t * rows, ys, acc));
     } else {
         rows_of(0, y, &mut Vec::new());
+    }
+}
+
+/// [`planes_matvec_add`] through the vectorized code kernel ([`bitstack_bits::codes_matvec_add`]),
+/// for planes sharing one grid and a width that is a multiple of 8.
+///
+/// With `S = 2B − 1` and `f_p = 2^{−(p+1)}`, the planes' weight is
+/// `half·Σ_p f_p S_p (+ mid) = half·(2^{−(l+7)}·q − F) (+ mid)` where
+/// `q = Σ_p 2^{l+7−p}·B_p` is an integer code of the planes `l..=l+7` (at most 255) and
+/// `F = Σ_p f_p`: the kernel's grid with scale `2^{−(l+7)}`, shift `−F` and offset `mid`
+/// (plane 0 loaded). Planes more than 8 apart (or repeated) go in several runs of codes, the
+/// shift and offset with the first.
+fn planes_as_codes(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f32]) {
+    let grid = planes[0].grid();
+    let mut sorted = planes.to_vec();
+    sorted.sort_by_key(|p| p.plane);
+    let mut shift = -planes.iter().map(|p| p.factor()).sum::<f32>();
+    let mut offsets = planes.iter().any(|p| p.plane == 0).then_some(&grid.mid[..]);
+    let mut rest = &sorted[..];
+    while let Some(first) = rest.first() {
+        let low = first.plane;
+        let mut total = 0u32;
+        let run = rest
+            .iter()
+            .take_while(|p| {
+                let ok = p.plane <= low + 7 && total + (128u32 >> (p.plane - low)) <= 255;
+                if ok {
+                    total += 128u32 >> (p.plane - low);
+                }
+                ok
+            })
+            .count();
+        let codes: Vec<bitstack_bits::WeightedPlane<'_>> = rest[..run]
+            .iter()
+            .map(|p| bitstack_bits::WeightedPlane {
+                bits: p.signs.as_view(),
+                weight: 128u8 >> (p.plane - low),
+            })
+            .collect();
+        let code_grid = bitstack_bits::CodeGrid {
+            group: grid.group,
+            scales: &grid.half,
+            offsets,
+            scale: (0.5f32).powi(low as i32 + 7),
+            shift,
+        };
+        bitstack_bits::codes_matvec_add(
+            &codes,
+            &code_grid,
+            &table.x,
+            y,
+            bitstack_bits::Parallelism::Auto,
+            Simd::Auto,
+        );
+        (shift, offsets) = (0.0, None);
+        rest = &rest[run..];
     }
 }
 
@@ -461,7 +538,8 @@ pub(crate) fn plane_factor(plane: usize) -> f32 {
 pub struct PlaneTable {
     cols: usize,
     group: usize,
-    lut: Vec<f32>,
+    /// Built on first use (the vectorized code kernel does not read it).
+    lut: std::sync::OnceLock<Vec<f32>>,
     group_sums: Vec<f32>,
     x: Vec<f32>,
 }
@@ -469,10 +547,25 @@ pub struct PlaneTable {
 impl PlaneTable {
     /// Builds the table of `x` for groups of `group` columns.
     pub fn new(x: &[f32], group: usize) -> Self {
-        let n = x.len();
-        let mut lut = Vec::new();
-        if n.is_multiple_of(8) {
-            lut = vec![0.0f32; n / 8 * 256];
+        let group_sums = x.chunks(group.max(1)).map(|c| c.iter().sum()).collect();
+        Self {
+            cols: x.len(),
+            group,
+            lut: std::sync::OnceLock::new(),
+            group_sums,
+            x: x.to_vec(),
+        }
+    }
+
+    /// For every 8 columns the 256 signed sums of `x` (empty unless the width is a multiple
+    /// of 8), built on first use.
+    fn lut(&self) -> &[f32] {
+        self.lut.get_or_init(|| {
+            let x = &self.x;
+            if !x.len().is_multiple_of(8) {
+                return Vec::new();
+            }
+            let mut lut = vec![0.0f32; x.len() / 8 * 256];
             for (chunk, table) in x.chunks_exact(8).zip(lut.chunks_exact_mut(256)) {
                 // Pattern bits MSB first: bit 7 − t is column t of the chunk.
                 let total: f32 = chunk.iter().sum();
@@ -487,15 +580,8 @@ impl PlaneTable {
                     }
                 }
             }
-        }
-        let group_sums = x.chunks(group.max(1)).map(|c| c.iter().sum()).collect();
-        Self {
-            cols: n,
-            group,
-            lut,
-            group_sums,
-            x: x.to_vec(),
-        }
+            lut
+        })
     }
 }
 
@@ -836,7 +922,7 @@ pub(crate) mod tests {
                         }
                     })
                     .sum();
-                let got = t.lut[j * 256 + pattern];
+                let got = t.lut()[j * 256 + pattern];
                 assert!((want - got).abs() < 1e-5, "{want} vs {got}");
             }
         }

@@ -3,8 +3,9 @@
 //! tiles) and a direct computation of the weighted errors.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use bitstack_bits::Simd;
 use bitstack_decompose::{
-    decompose_planes, planes_matvec_add, PlaneBlock, PlaneParams, PlaneTable,
+    decompose_planes, planes_matvec_add_with, PlaneBlock, PlaneParams, PlaneTable,
 };
 use proptest::prelude::*;
 
@@ -73,13 +74,15 @@ proptest! {
             for b in &chosen {
                 b.add_to_dense(&mut part);
             }
-            let mut y = vec![0.0f32; rows];
-            planes_matvec_add(&chosen, &table, &mut y);
-            for r in 0..rows {
-                let row = &part[r * cols..(r + 1) * cols];
-                let want: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
-                let mag: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
-                prop_assert!((y[r] - want).abs() <= 1e-5 * mag + 1e-6, "planes {}..{} row {}: {} vs {}", lo, hi, r, y[r], want);
+            for simd in [Simd::Auto, Simd::Portable] {
+                let mut y = vec![0.0f32; rows];
+                planes_matvec_add_with(&chosen, &table, &mut y, simd);
+                for r in 0..rows {
+                    let row = &part[r * cols..(r + 1) * cols];
+                    let want: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
+                    let mag: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+                    prop_assert!((y[r] - want).abs() <= 1e-5 * mag + 1e-6, "{:?} planes {}..{} row {}: {} vs {}", simd, lo, hi, r, y[r], want);
+                }
             }
         }
         // Row tiles of every size = rows of the dense reconstruction.
@@ -98,32 +101,47 @@ proptest! {
     }
 }
 
-/// The fused product on a shape large enough to split rows between threads.
+/// The fused product on a shape large enough to split rows between threads, with more planes
+/// than one run of codes holds (12: runs of 8 and 4) and subsets that skip planes.
 #[test]
 fn fused_planes_product_matches_dense_on_a_large_matrix() {
     let (rows, cols) = (300, 1000);
     let w = matrix(rows, cols, 7);
     let params = PlaneParams {
         group: 128,
-        planes: 5,
+        planes: 12,
     };
     let d = decompose_planes(&w, rows, cols, &params, None, None).unwrap();
     let x: Vec<f32> = (0..cols)
         .map(|j| ((j * 7 % 13) as f32 - 6.0) / 6.0)
         .collect();
     let table = PlaneTable::new(&x, 128);
-    let chosen: Vec<&PlaneBlock> = d.blocks.iter().collect();
-    let mut y = vec![0.0f32; rows];
-    planes_matvec_add(&chosen, &table, &mut y);
-    let mut dense = vec![0.0f32; rows * cols];
-    for b in &d.blocks {
-        b.add_to_dense(&mut dense);
-    }
-    for r in 0..rows {
-        let row = &dense[r * cols..(r + 1) * cols];
-        let want: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
-        let mag: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
-        assert!((y[r] - want).abs() <= 1e-5 * mag + 1e-6, "row {r}");
+    let subsets: [Vec<usize>; 4] = [
+        (0..12).collect(),
+        (0..5).collect(),
+        vec![0, 3, 9, 11],
+        (2..12).rev().collect(),
+    ];
+    for subset in &subsets {
+        let chosen: Vec<&PlaneBlock> = subset.iter().map(|&p| &d.blocks[p]).collect();
+        let mut dense = vec![0.0f32; rows * cols];
+        for b in &chosen {
+            b.add_to_dense(&mut dense);
+        }
+        for simd in [Simd::Auto, Simd::Portable] {
+            let mut y = vec![0.0f32; rows];
+            planes_matvec_add_with(&chosen, &table, &mut y, simd);
+            for r in 0..rows {
+                let row = &dense[r * cols..(r + 1) * cols];
+                let want: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
+                let mag: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+                assert!(
+                    (y[r] - want).abs() <= 1e-5 * mag + 1e-6,
+                    "{simd:?} planes {subset:?} row {r}: {} vs {want}",
+                    y[r]
+                );
+            }
+        }
     }
 }
 

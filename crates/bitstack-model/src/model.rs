@@ -742,7 +742,20 @@ impl CausalLm {
 
     /// Feeds `tokens` after the cached positions (batched), appends their keys/values to
     /// `cache`, and writes the logits of the last token into `logits` (`vocab_size`).
+    ///
+    /// Runs on a thread of rayon's pool (moving there once if called from outside it), so
+    /// that the parallel parts of each product are shared with the other workers directly: a
+    /// caller outside the pool would otherwise wake a worker for every matrix.
     pub fn forward_cached_into(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
+        rayon::scope(|_| self.forward_cached_in_pool(tokens, cache, logits))
+    }
+
+    fn forward_cached_in_pool(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,

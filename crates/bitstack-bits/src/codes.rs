@@ -1,0 +1,629 @@
+//! Weighted bit planes: the one-token product of a matrix whose entries are small integer
+//! codes stored one bit plane at a time, on a grid with a scale and an offset per row and
+//! group of columns.
+//!
+//! ```text
+//! q[r, c] = Σ_p weight_p · bit_p[r, c]                         (0 ≤ q ≤ 255)
+//! Ŵ[r, c] = s[r, g] · (scale · q[r, c] + shift) + o[r, g]      (g = c / group)
+//! y      += Ŵ x
+//! ```
+//!
+//! This is the product of nested bit-plane blocks (a per-group uniform grid refined one sign
+//! bit per weight): with `S = 2B − 1` their sum is an affine function of `q`. Per row and
+//! group the kernel adds `scale · s · Σ_c q·x` and `(s·shift + o) · Σ_c x`.
+//!
+//! On x86-64 with AVX-512 F and BW (checked at run time) the codes of 64 columns are built in
+//! one `zmm` register of bytes, one masked byte add per plane (the plane's 64 bits are the
+//! mask), then widened to f32 16 at a time and multiplied with `x`: no lookup tables, and
+//! every product is an exact integer times `x[c]` summed in f32. Elsewhere a portable version
+//! runs (the reference for the vectorized one in the tests).
+
+use half::f16;
+use rayon::prelude::{IndexedParallelIterator, ParallelIterator, ParallelSliceMut};
+
+use crate::lut::use_parallel;
+use crate::{Parallelism, SignMatrixRef, Simd};
+
+/// The grid of [`codes_matvec_add`]: `Ŵ[r, c] = s[r, g]·(scale·q[r, c] + shift) + o[r, g]`.
+#[derive(Debug, Clone, Copy)]
+pub struct CodeGrid<'a> {
+    /// Columns per group (a positive multiple of 8).
+    pub group: usize,
+    /// `s`: `rows × ceil(cols / group)`, row-major.
+    pub scales: &'a [f16],
+    /// `o` (same shape as `s`), or none (zero).
+    pub offsets: Option<&'a [f16]>,
+    /// Multiplies the codes.
+    pub scale: f32,
+    /// Added to the scaled codes before `s`.
+    pub shift: f32,
+}
+
+/// One bit plane of [`codes_matvec_add`]: packed bits (`1` = set, MSB first, the layout of
+/// [`SignMatrixRef`]) and the integer weight of a set bit.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightedPlane<'a> {
+    /// The bits, `rows × cols`.
+    pub bits: SignMatrixRef<'a>,
+    /// What a set bit adds to the code.
+    pub weight: u8,
+}
+
+/// Whether [`codes_matvec_add`] has a vectorized version on this CPU (with [`Simd::Auto`]);
+/// without one it runs a portable loop that is slower than a table-driven product.
+pub fn codes_simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Below this many bit-weights (`rows · cols · planes`) a product stays on one thread.
+const PARALLEL_MIN_BITS: usize = 1 << 20;
+
+/// `y += Ŵ x` with `Ŵ[r, c] = s[r, g]·(scale·q[r, c] + shift) + o[r, g]` and
+/// `q[r, c] = Σ_p weight_p·bit_p[r, c]` (see the module documentation).
+///
+/// # Panics
+/// If a plane is not `y.len() × x.len()`, the scales or offsets have the wrong length, the
+/// group is not a positive multiple of 8, `cols` is not a multiple of 8, or the weights sum
+/// to more than 255.
+pub fn codes_matvec_add(
+    planes: &[WeightedPlane<'_>],
+    grid: &CodeGrid<'_>,
+    x: &[f32],
+    y: &mut [f32],
+    par: Parallelism,
+    simd: Simd,
+) {
+    let (m, n) = (y.len(), x.len());
+    let group = grid.group;
+    assert!(
+        group > 0 && group.is_multiple_of(8) && n.is_multiple_of(8),
+        "codes_matvec_add: group {group} and width {n} must be multiples of 8"
+    );
+    let groups = n.div_ceil(group);
+    for (part, len) in [
+        ("scales", Some(grid.scales.len())),
+        ("offsets", grid.offsets.map(<[f16]>::len)),
+    ] {
+        if let Some(len) = len {
+            assert_eq!(
+                Some(len),
+                m.checked_mul(groups),
+                "codes_matvec_add: {len} {part} for {m} rows of {groups} groups"
+            );
+        }
+    }
+    for (i, p) in planes.iter().enumerate() {
+        assert!(
+            p.bits.rows() == m && p.bits.cols() == n,
+            "codes_matvec_add: plane {i} is {}x{}, x has {n} and y {m} values",
+            p.bits.rows(),
+            p.bits.cols()
+        );
+    }
+    let total: u32 = planes.iter().map(|p| u32::from(p.weight)).sum();
+    assert!(
+        total <= 255,
+        "codes_matvec_add: weights sum to {total} > 255"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    let vector = simd == Simd::Auto && codes_simd_available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let vector = false;
+    // The vectorized rows read `x` rearranged: a mask's bit `t` is its byte's column `7 − t`;
+    // with every group a whole number of 64-column chunks and at most 8 planes (the unrolled
+    // rows) byte `4i + j` of a chunk's codes also goes to lane `i` of its `j`-th vector.
+    let unrolled = vector
+        && group.is_multiple_of(64)
+        && n.is_multiple_of(64)
+        && (1..=8).contains(&planes.len());
+    let mut xr = Vec::new();
+    if vector {
+        xr = vec![0.0f32; n.next_multiple_of(64)];
+        let column = |lane: usize| 8 * (lane / 8) + 7 - lane % 8;
+        for (dst, src) in xr.chunks_exact_mut(64).zip(x.chunks(64)) {
+            for (at, d) in dst.iter_mut().enumerate() {
+                let lane = if unrolled {
+                    4 * (at % 16) + at / 16
+                } else {
+                    at
+                };
+                *d = src.get(column(lane)).copied().unwrap_or(0.0);
+            }
+        }
+    }
+    let shape = Shape {
+        n,
+        group,
+        groups,
+        scale: grid.scale,
+        shift: grid.shift,
+        group_sums: x.chunks(group).map(|c| c.iter().sum()).collect(),
+        xr,
+        unrolled,
+    };
+    let run = |row0: usize, ys: &mut [f32]| {
+        let rows = row0 * groups..(row0 + ys.len()) * groups;
+        let s = &grid.scales[rows.clone()];
+        let o = grid.offsets.map(|o| &o[rows]);
+        #[cfg(target_arch = "x86_64")]
+        if vector {
+            return avx512::rows(planes, &shape, s, o, row0, ys);
+        }
+        rows_portable(planes, &shape, s, o, x, row0, ys);
+    };
+    let work = m.saturating_mul(n).saturating_mul(planes.len().max(1));
+    let threads = rayon::current_num_threads();
+    if use_parallel(par, work) && work >= PARALLEL_MIN_BITS && threads > 1 && m >= 2 * 8 {
+        // Two ranges of rows per thread (one each measured slower while decoding: a worker
+        // that wakes late leaves its half to the other).
+        let rows = m.div_ceil(2 * threads).next_multiple_of(8);
+        y.par_chunks_mut(rows)
+            .enumerate()
+            .for_each(|(t, ys)| run(t * rows, ys));
+    } else {
+        run(0, y);
+    }
+}
+
+/// The shape and grid constants shared by every row.
+struct Shape {
+    n: usize,
+    group: usize,
+    groups: usize,
+    scale: f32,
+    shift: f32,
+    /// `Σ_{c∈g} x[c]` per group.
+    group_sums: Vec<f32>,
+    /// `x` rearranged for the vectorized rows (empty for the portable ones).
+    xr: Vec<f32>,
+    /// Whether the vectorized rows take the unrolled path (and `xr` is in its order).
+    unrolled: bool,
+}
+
+impl Shape {
+    /// `Σ_g (s[g]·shift + o[g])·X[g]` for one row's scales and offsets (`o` empty: zero).
+    fn row_constant(&self, s: &[f16], o: Option<&[f16]>) -> f32 {
+        let mut sum = 0.0f32;
+        for (g, (sg, &xg)) in s.iter().zip(&self.group_sums).enumerate() {
+            let og = o.map_or(0.0, |o| o[g].to_f32());
+            sum += (sg.to_f32() * self.shift + og) * xg;
+        }
+        sum
+    }
+}
+
+/// The portable rows `row0..row0 + y.len()` (`s`, `o`: their group scales and offsets).
+fn rows_portable(
+    planes: &[WeightedPlane<'_>],
+    shape: &Shape,
+    s: &[f16],
+    o: Option<&[f16]>,
+    x: &[f32],
+    row0: usize,
+    y: &mut [f32],
+) {
+    let (n, groups) = (shape.n, shape.groups);
+    let bpr = n / 8;
+    let mut codes = vec![0u8; n];
+    for (i, yr) in y.iter_mut().enumerate() {
+        let r = row0 + i;
+        codes.fill(0);
+        for p in planes {
+            let bytes = &p.bits.as_bytes()[r * bpr..(r + 1) * bpr];
+            for (q8, &b) in codes.chunks_exact_mut(8).zip(bytes) {
+                for (t, q) in q8.iter_mut().enumerate() {
+                    if (b >> (7 - t)) & 1 == 1 {
+                        *q += p.weight;
+                    }
+                }
+            }
+        }
+        let s = &s[i * groups..(i + 1) * groups];
+        let mut acc = 0.0f32;
+        for ((qg, xg), sg) in codes.chunks(shape.group).zip(x.chunks(shape.group)).zip(s) {
+            let dot: f32 = qg.iter().zip(xg).map(|(&q, &x)| f32::from(q) * x).sum();
+            acc += sg.to_f32() * dot;
+        }
+        let o = o.map(|o| &o[i * groups..(i + 1) * groups]);
+        *yr += shape.scale * acc + shape.row_constant(s, o);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512 {
+    use std::arch::x86_64::{
+        __m512, __m512i, _mm512_add_ps, _mm512_and_si512, _mm512_castsi512_si128,
+        _mm512_cvtepi32_ps, _mm512_cvtepu8_epi32, _mm512_extracti32x4_epi32, _mm512_fmadd_ps,
+        _mm512_loadu_ps, _mm512_mask_add_epi8, _mm512_maskz_loadu_ps, _mm512_reduce_add_ps,
+        _mm512_set1_epi32, _mm512_set1_epi8, _mm512_set1_ps, _mm512_setzero_ps,
+        _mm512_setzero_si512, _mm512_srli_epi32, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32,
+    };
+
+    use half::f16;
+
+    use super::{Shape, WeightedPlane};
+
+    /// The rows `row0..row0 + y.len()` with AVX-512 (the caller checked F and BW).
+    pub(super) fn rows(
+        planes: &[WeightedPlane<'_>],
+        shape: &Shape,
+        s: &[f16],
+        o: Option<&[f16]>,
+        row0: usize,
+        y: &mut [f32],
+    ) {
+        let xr = &shape.xr[..];
+        let bytes: Vec<(&[u8], u8)> = planes
+            .iter()
+            .map(|p| (p.bits.as_bytes(), p.weight))
+            .collect();
+        let bpr = shape.n / 8;
+        assert!(
+            xr.len() >= shape.n.next_multiple_of(64)
+                && s.len() == y.len() * shape.groups
+                && bytes.iter().all(|(b, _)| b.len() >= (row0 + y.len()) * bpr),
+            "codes: short buffers"
+        );
+        if shape.unrolled {
+            // Whole 64-column chunks only, `xr` in their lane order: the planes unrolled.
+            macro_rules! whole {
+                ($($p:literal)*) => {
+                    match bytes.len() {
+                        $($p => {
+                            let mut ptrs = [std::ptr::null::<u8>(); $p];
+                            let mut weights = [0u8; $p];
+                            for ((ptr, w), &(b, bw)) in ptrs.iter_mut().zip(&mut weights).zip(&bytes) {
+                                *ptr = b.as_ptr();
+                                *w = bw;
+                            }
+                            // SAFETY: the caller checked AVX-512 F and BW at run time; every
+                            // plane holds the rows' bytes and `xr` the padded columns
+                            // (asserted above).
+                            return unsafe { rows_whole::<$p>(ptrs, weights, shape, s, o, row0, y) };
+                        })*
+                        _ => {}
+                    }
+                };
+            }
+            whole!(1 2 3 4 5 6 7 8);
+        }
+        // SAFETY: the caller checked AVX-512 F and BW at run time.
+        unsafe { rows_impl(&bytes, shape, s, o, row0, y) }
+    }
+
+    /// The rows with every group a whole number of 64-column chunks and `P` planes.
+    ///
+    /// Per chunk and row: `P` masked byte adds build the codes, and four (and, shift,
+    /// convert, multiply-add) steps take them to f32. (Two rows at a time, sharing the loads
+    /// of `x`, measured no faster: the vector pipes are the limit.)
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and F16C must be available; every `bits[p]` must hold the bytes of rows
+    /// `..row0 + y.len()` (`cols / 8` per row), `xr` at least `cols` floats and `s`
+    /// `y.len() · groups` scales.
+    #[target_feature(enable = "avx512f,avx512bw,f16c")]
+    unsafe fn rows_whole<const P: usize>(
+        bits: [*const u8; P],
+        weights: [u8; P],
+        shape: &Shape,
+        s: &[f16],
+        o: Option<&[f16]>,
+        row0: usize,
+        y: &mut [f32],
+    ) {
+        let xr = &shape.xr[..];
+        let (n, groups) = (shape.n, shape.groups);
+        let group_chunks = shape.group / 64;
+        let bpr = n / 8;
+        let wv: [__m512i; P] = weights.map(|w| _mm512_set1_epi8(w as i8));
+        let low = _mm512_set1_epi32(0xff);
+        let xp = xr.as_ptr();
+        // One f16 to f32 with F16C (enabled here), without a call per value.
+        let widen = |h: f16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))));
+        for (i, yr) in y.iter_mut().enumerate() {
+            let mut byte = (row0 + i) * bpr;
+            let mut col = 0usize;
+            let mut acc = _mm512_setzero_ps();
+            let mut constant = 0.0f32;
+            for gi in 0..groups {
+                let mut d = [_mm512_setzero_ps(); 4];
+                // The last group may be shorter (whole chunks still: `n % 64 == 0`).
+                let chunks = group_chunks.min((n - col) / 64);
+                for _ in 0..chunks {
+                    let mut q = _mm512_setzero_si512();
+                    for p in 0..P {
+                        // SAFETY: `byte + 8 <= (row0 + i + 1)·bpr`, within the plane.
+                        let mask = unsafe { bits[p].add(byte).cast::<u64>().read_unaligned() };
+                        q = _mm512_mask_add_epi8(q, u64::from_le(mask), q, wv[p]);
+                    }
+                    // Byte `j` of every 32-bit lane (columns `4i + j`, `xr`'s order).
+                    let codes = [
+                        _mm512_and_si512(q, low),
+                        _mm512_and_si512(_mm512_srli_epi32::<8>(q), low),
+                        _mm512_and_si512(_mm512_srli_epi32::<16>(q), low),
+                        _mm512_srli_epi32::<24>(q),
+                    ];
+                    for (j, (dj, cj)) in d.iter_mut().zip(codes).enumerate() {
+                        // SAFETY: `col + 64 <= n <= xr.len()`.
+                        let xj = unsafe { _mm512_loadu_ps(xp.add(col + 16 * j)) };
+                        *dj = _mm512_fmadd_ps(_mm512_cvtepi32_ps(cj), xj, *dj);
+                    }
+                    byte += 8;
+                    col += 64;
+                }
+                let at = i * groups + gi;
+                let sg = widen(s[at]);
+                let og = o.map_or(0.0, |o| widen(o[at]));
+                constant += (sg * shape.shift + og) * shape.group_sums[gi];
+                let [d0, d1, d2, d3] = d;
+                let dot = _mm512_add_ps(_mm512_add_ps(d0, d1), _mm512_add_ps(d2, d3));
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(sg), dot, acc);
+            }
+            *yr += shape.scale * _mm512_reduce_add_ps(acc) + constant;
+        }
+    }
+
+    /// # Safety
+    /// AVX-512 F and BW must be available. The lengths are asserted.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn rows_impl(
+        planes: &[(&[u8], u8)],
+        shape: &Shape,
+        s: &[f16],
+        o: Option<&[f16]>,
+        row0: usize,
+        y: &mut [f32],
+    ) {
+        let xr = &shape.xr[..];
+        let (n, group, groups) = (shape.n, shape.group, shape.groups);
+        let bpr = n / 8;
+        assert!(
+            xr.len() >= n.next_multiple_of(64)
+                && s.len() == y.len() * groups
+                && planes
+                    .iter()
+                    .all(|(b, _)| b.len() >= (row0 + y.len()) * bpr),
+            "codes: short buffers"
+        );
+        let weights: Vec<__m512i> = planes
+            .iter()
+            .map(|&(_, w)| _mm512_set1_epi8(w as i8))
+            .collect();
+        let xp = xr.as_ptr();
+        for (i, yr) in y.iter_mut().enumerate() {
+            let row_byte = (row0 + i) * bpr;
+            let mut acc = _mm512_setzero_ps();
+            for (gi, sg) in s[i * groups..(i + 1) * groups].iter().enumerate() {
+                let c0 = gi * group;
+                let c1 = (c0 + group).min(n);
+                let mut dots = [_mm512_setzero_ps(); 4];
+                let mut c = c0;
+                while c < c1 {
+                    let width = (c1 - c).min(64);
+                    let at = row_byte + c / 8;
+                    let mut q = _mm512_setzero_si512();
+                    for (&(bits, _), &w) in planes.iter().zip(&weights) {
+                        let mask = if width == 64 {
+                            // SAFETY: `at + 8 <= (row0 + y.len())·bpr <= bits.len()`
+                            // (asserted): the 8 bytes lie within this row.
+                            u64::from_le_bytes(unsafe {
+                                bits.as_ptr().add(at).cast::<[u8; 8]>().read_unaligned()
+                            })
+                        } else {
+                            let mut b = [0u8; 8];
+                            b[..width / 8].copy_from_slice(&bits[at..at + width / 8]);
+                            u64::from_le_bytes(b)
+                        };
+                        q = _mm512_mask_add_epi8(q, mask, q, w);
+                    }
+                    // Lanes beyond `width` have code 0; their `x` is not read.
+                    let lanes = [
+                        _mm512_castsi512_si128(q),
+                        _mm512_extracti32x4_epi32::<1>(q),
+                        _mm512_extracti32x4_epi32::<2>(q),
+                        _mm512_extracti32x4_epi32::<3>(q),
+                    ];
+                    for (j, (lane, dot)) in lanes.iter().zip(dots.iter_mut()).enumerate() {
+                        let from = 16 * j;
+                        if from >= width {
+                            break;
+                        }
+                        let qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(*lane));
+                        // SAFETY: `c + from + 16 <= xr.len()` (padded to 64), and the
+                        // masked load reads only the lanes below `width`.
+                        let xv: __m512 = unsafe {
+                            if width - from >= 16 {
+                                _mm512_loadu_ps(xp.add(c + from))
+                            } else {
+                                _mm512_maskz_loadu_ps(0x00ff, xp.add(c + from))
+                            }
+                        };
+                        *dot = _mm512_fmadd_ps(qf, xv, *dot);
+                    }
+                    c += width;
+                }
+                let dot = _mm512_add_ps(
+                    _mm512_add_ps(dots[0], dots[1]),
+                    _mm512_add_ps(dots[2], dots[3]),
+                );
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(sg.to_f32()), dot, acc);
+            }
+            let row = i * groups..(i + 1) * groups;
+            let o = o.map(|o| &o[row.clone()]);
+            *yr += shape.scale * _mm512_reduce_add_ps(acc) + shape.row_constant(&s[row], o);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::SignMatrix;
+
+    /// The definition, one weight at a time, in f64: each row's sum and the sum of its
+    /// terms' magnitudes.
+    fn naive(planes: &[(SignMatrix, u8)], grid: &CodeGrid<'_>, x: &[f32]) -> Vec<(f64, f64)> {
+        let n = x.len();
+        let m = planes.first().map_or(0, |p| p.0.rows());
+        let groups = n.div_ceil(grid.group);
+        (0..m)
+            .map(|r| {
+                let (mut y, mut mag) = (0.0f64, 0.0f64);
+                for (c, &xc) in x.iter().enumerate() {
+                    let q: u32 = planes
+                        .iter()
+                        .filter(|(b, _)| b.as_view().get(r, c))
+                        .map(|&(_, w)| u32::from(w))
+                        .sum();
+                    let at = r * groups + c / grid.group;
+                    let o = grid.offsets.map_or(0.0, |o| f64::from(o[at].to_f32()));
+                    let w = f64::from(grid.scales[at].to_f32())
+                        * (f64::from(grid.scale) * f64::from(q) + f64::from(grid.shift))
+                        + o;
+                    y += w * f64::from(xc);
+                    mag += (w * f64::from(xc)).abs();
+                }
+                (y, mag)
+            })
+            .collect()
+    }
+
+    fn pseudo(len: usize, seed: u64) -> Vec<f32> {
+        let mut st = seed | 1;
+        (0..len)
+            .map(|_| {
+                st ^= st << 13;
+                st ^= st >> 7;
+                st ^= st << 17;
+                (st >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn check(rows: usize, cols: usize, group: usize, weights: &[u8], seed: u64, par: Parallelism) {
+        let planes: Vec<(SignMatrix, u8)> = weights
+            .iter()
+            .enumerate()
+            .map(|(p, &w)| {
+                let v = pseudo(rows * cols, seed + 7 * p as u64);
+                (SignMatrix::from_signs_of(&v, rows, cols).unwrap(), w)
+            })
+            .collect();
+        let groups = cols.div_ceil(group);
+        let scales: Vec<f16> = pseudo(rows * groups, seed ^ 0x55)
+            .iter()
+            .map(|&v| f16::from_f32(v.abs() + 0.01))
+            .collect();
+        let offsets: Vec<f16> = pseudo(rows * groups, seed ^ 0x33)
+            .iter()
+            .map(|&v| f16::from_f32(v))
+            .collect();
+        let x = pseudo(cols, seed ^ 0xAA);
+        let refs: Vec<WeightedPlane<'_>> = planes
+            .iter()
+            .map(|(b, w)| WeightedPlane {
+                bits: b.as_view(),
+                weight: *w,
+            })
+            .collect();
+        for offsets in [None, Some(&offsets[..])] {
+            let grid = CodeGrid {
+                group,
+                scales: &scales,
+                offsets,
+                scale: 0.125,
+                shift: -3.5,
+            };
+            let want = naive(&planes, &grid, &x);
+            for simd in [Simd::Auto, Simd::Portable] {
+                let mut y = vec![1.0f32; rows];
+                codes_matvec_add(&refs, &grid, &x, &mut y, par, simd);
+                for (r, (&got, &(w, mag))) in y.iter().zip(&want).enumerate() {
+                    // f32 rounding of a sum of `cols` terms (in another order).
+                    assert!(
+                        (f64::from(got) - 1.0 - w).abs() <= 1e-5 * mag + 1e-5,
+                        "{simd:?} row {r}: {got} vs {}",
+                        w + 1.0
+                    );
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Both versions equal the definition: widths and groups that are and are not
+        /// multiples of 64 (partial chunks, half-filled lanes), 1 to 8 planes.
+        #[test]
+        fn codes_match_the_definition(
+            rows in 1usize..24,
+            cols8 in 1usize..40,
+            group8 in 1usize..24,
+            weights in prop::collection::vec(0u8..32, 1..9),
+            seed in any::<u64>(),
+        ) {
+            check(rows, 8 * cols8, 8 * group8, &weights, seed, Parallelism::Sequential);
+        }
+
+        /// Widths and groups of whole 64-column chunks (the unrolled path, 1 to 8 planes).
+        #[test]
+        fn whole_chunk_codes_match_the_definition(
+            rows in 1usize..12,
+            chunks in 1usize..6,
+            group_chunks in 1usize..4,
+            weights in prop::collection::vec(0u8..32, 1..9),
+            seed in any::<u64>(),
+        ) {
+            check(rows, 64 * chunks, 64 * group_chunks, &weights, seed, Parallelism::Sequential);
+        }
+    }
+
+    /// Large enough to split rows between threads; weights of 8 nested planes (sum 255).
+    #[test]
+    fn codes_match_on_a_parallel_shape() {
+        let weights: Vec<u8> = (0..8).map(|p| 128u8 >> p).collect();
+        check(300, 1024, 128, &weights, 3, Parallelism::Auto);
+        check(77, 520, 64, &weights, 4, Parallelism::Auto);
+    }
+
+    #[test]
+    #[should_panic(expected = "weights sum to 256")]
+    fn codes_reject_a_weight_sum_above_255() {
+        let b = SignMatrix::from_signs_of(&[1.0; 8], 1, 8).unwrap();
+        let p = WeightedPlane {
+            bits: b.as_view(),
+            weight: 128,
+        };
+        let mut y = [0.0];
+        let grid = CodeGrid {
+            group: 8,
+            scales: &[f16::ONE],
+            offsets: None,
+            scale: 1.0,
+            shift: 0.0,
+        };
+        codes_matvec_add(
+            &[p, p],
+            &grid,
+            &[1.0; 8],
+            &mut y,
+            Parallelism::Sequential,
+            Simd::Auto,
+        );
+    }
+}
