@@ -21,7 +21,7 @@
 use half::f16;
 use rayon::prelude::{IndexedParallelIterator, ParallelIterator, ParallelSliceMut};
 
-use crate::lut::use_parallel;
+use crate::lut::{line_offset, sized_aligned, use_parallel};
 use crate::{Parallelism, SignMatrixRef, Simd};
 
 /// The grid of [`codes_matvec_add`]: `Ŵ[r, c] = s[r, g]·(scale·q[r, c] + shift) + o[r, g]`.
@@ -83,36 +83,7 @@ pub fn codes_matvec_add(
 ) {
     let (m, n) = (y.len(), x.len());
     let group = grid.group;
-    assert!(
-        group > 0 && group.is_multiple_of(8) && n.is_multiple_of(8),
-        "codes_matvec_add: group {group} and width {n} must be multiples of 8"
-    );
-    let groups = n.div_ceil(group);
-    for (part, len) in [
-        ("scales", Some(grid.scales.len())),
-        ("offsets", grid.offsets.map(<[f16]>::len)),
-    ] {
-        if let Some(len) = len {
-            assert_eq!(
-                Some(len),
-                m.checked_mul(groups),
-                "codes_matvec_add: {len} {part} for {m} rows of {groups} groups"
-            );
-        }
-    }
-    for (i, p) in planes.iter().enumerate() {
-        assert!(
-            p.bits.rows() == m && p.bits.cols() == n,
-            "codes_matvec_add: plane {i} is {}x{}, x has {n} and y {m} values",
-            p.bits.rows(),
-            p.bits.cols()
-        );
-    }
-    let total: u32 = planes.iter().map(|p| u32::from(p.weight)).sum();
-    assert!(
-        total <= 255,
-        "codes_matvec_add: weights sum to {total} > 255"
-    );
+    let groups = validate(planes, grid, m, n, "codes_matvec_add");
     if m == 0 || n == 0 {
         return;
     }
@@ -129,9 +100,10 @@ pub fn codes_matvec_add(
         && (1..=8).contains(&planes.len());
     let mut xr = Vec::new();
     if vector {
-        xr = vec![0.0f32; n.next_multiple_of(64)];
+        // On a cache line boundary: every 16-lane load of `x` is one line.
+        let aligned = sized_aligned(&mut xr, n.next_multiple_of(64));
         let column = |lane: usize| 8 * (lane / 8) + 7 - lane % 8;
-        for (dst, src) in xr.chunks_exact_mut(64).zip(x.chunks(64)) {
+        for (dst, src) in aligned.chunks_exact_mut(64).zip(x.chunks(64)) {
             for (at, d) in dst.iter_mut().enumerate() {
                 let lane = if unrolled {
                     4 * (at % 16) + at / 16
@@ -149,6 +121,7 @@ pub fn codes_matvec_add(
         scale: grid.scale,
         shift: grid.shift,
         group_sums: x.chunks(group).map(|c| c.iter().sum()).collect(),
+        xr_at: line_offset(&xr),
         xr,
         unrolled,
     };
@@ -176,6 +149,128 @@ pub fn codes_matvec_add(
     }
 }
 
+/// Checks the shapes shared by the code kernels; returns the groups per row.
+fn validate(
+    planes: &[WeightedPlane<'_>],
+    grid: &CodeGrid<'_>,
+    m: usize,
+    n: usize,
+    what: &str,
+) -> usize {
+    let group = grid.group;
+    assert!(
+        group > 0 && group.is_multiple_of(8) && n.is_multiple_of(8),
+        "{what}: group {group} and width {n} must be multiples of 8"
+    );
+    let groups = n.div_ceil(group);
+    for (part, len) in [
+        ("scales", Some(grid.scales.len())),
+        ("offsets", grid.offsets.map(<[f16]>::len)),
+    ] {
+        if let Some(len) = len {
+            assert_eq!(
+                Some(len),
+                m.checked_mul(groups),
+                "{what}: {len} {part} for {m} rows of {groups} groups"
+            );
+        }
+    }
+    for (i, p) in planes.iter().enumerate() {
+        assert!(
+            p.bits.rows() == m && p.bits.cols() == n,
+            "{what}: plane {i} is {}x{}, the product is {m}x{n}",
+            p.bits.rows(),
+            p.bits.cols()
+        );
+    }
+    let total: u32 = planes.iter().map(|p| u32::from(p.weight)).sum();
+    assert!(total <= 255, "{what}: weights sum to {total} > 255");
+    groups
+}
+
+/// Adds rows `row0..row0 + tile.len() / cols` of `Ŵ` (the grid applied to the codes of
+/// `planes`) to `tile`, row-major: the batch product's tile rebuild. All planes of a row are
+/// read once and each weight is written once (the codes of 64 columns built in one register
+/// as in [`codes_matvec_add`], then widened and scaled 16 at a time). Runs on the calling
+/// thread.
+///
+/// # Panics
+/// If `tile` is not whole rows of the planes' width, reaches past their last row, or the
+/// grid or weights are invalid (as in [`codes_matvec_add`]).
+pub fn codes_rows_to_dense(
+    planes: &[WeightedPlane<'_>],
+    grid: &CodeGrid<'_>,
+    row0: usize,
+    tile: &mut [f32],
+    simd: Simd,
+) {
+    let Some(first) = planes.first() else {
+        return;
+    };
+    let (m, n) = (first.bits.rows(), first.bits.cols());
+    let groups = validate(planes, grid, m, n, "codes_rows_to_dense");
+    assert!(
+        n > 0 && tile.len().is_multiple_of(n),
+        "codes_rows_to_dense: the tile is not whole rows of {n} columns"
+    );
+    let rows = tile.len() / n;
+    assert!(
+        row0 + rows <= m,
+        "codes_rows_to_dense: rows {row0}..{} of {m}",
+        row0 + rows
+    );
+    let at = row0 * groups..(row0 + rows) * groups;
+    let s = &grid.scales[at.clone()];
+    let o = grid.offsets.map(|o| &o[at]);
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Auto && codes_simd_available() {
+        return avx512::rows_to_dense(planes, grid, groups, s, o, row0, tile);
+    }
+    let _ = simd;
+    rows_to_dense_portable(planes, grid, groups, s, o, row0, tile);
+}
+
+/// The portable tile rebuild (`s`, `o`: the tile rows' scales and offsets).
+fn rows_to_dense_portable(
+    planes: &[WeightedPlane<'_>],
+    grid: &CodeGrid<'_>,
+    groups: usize,
+    s: &[f16],
+    o: Option<&[f16]>,
+    row0: usize,
+    tile: &mut [f32],
+) {
+    let n = planes[0].bits.cols();
+    let bpr = n / 8;
+    let mut codes = vec![0u8; n];
+    for (i, out) in tile.chunks_exact_mut(n).enumerate() {
+        let r = row0 + i;
+        codes.fill(0);
+        for p in planes {
+            let bytes = &p.bits.as_bytes()[r * bpr..(r + 1) * bpr];
+            for (q8, &b) in codes.chunks_exact_mut(8).zip(bytes) {
+                for (t, q) in q8.iter_mut().enumerate() {
+                    if (b >> (7 - t)) & 1 == 1 {
+                        *q += p.weight;
+                    }
+                }
+            }
+        }
+        for (g, (out, q)) in out
+            .chunks_mut(grid.group)
+            .zip(codes.chunks(grid.group))
+            .enumerate()
+        {
+            let sg = s[i * groups + g].to_f32();
+            let a = sg * grid.scale;
+            let b = sg * grid.shift + o.map_or(0.0, |o| o[i * groups + g].to_f32());
+            for (w, &q) in out.iter_mut().zip(q) {
+                *w += a * f32::from(q) + b;
+            }
+        }
+    }
+}
+
 /// The shape and grid constants shared by every row.
 struct Shape {
     n: usize,
@@ -187,11 +282,18 @@ struct Shape {
     group_sums: Vec<f32>,
     /// `x` rearranged for the vectorized rows (empty for the portable ones).
     xr: Vec<f32>,
+    /// Where `xr`'s values start (a cache line boundary).
+    xr_at: usize,
     /// Whether the vectorized rows take the unrolled path (and `xr` is in its order).
     unrolled: bool,
 }
 
 impl Shape {
+    /// `x` rearranged (see [`Shape::xr`]'s field).
+    fn xr(&self) -> &[f32] {
+        &self.xr[self.xr_at..]
+    }
+
     /// `Σ_g (s[g]·shift + o[g])·X[g]` for one row's scales and offsets (`o` empty: zero).
     fn row_constant(&self, s: &[f16], o: Option<&[f16]>) -> f32 {
         let mut sum = 0.0f32;
@@ -244,16 +346,18 @@ fn rows_portable(
 #[allow(unsafe_code)]
 mod avx512 {
     use std::arch::x86_64::{
-        __m512, __m512i, _mm512_add_ps, _mm512_and_si512, _mm512_castsi512_si128,
+        __m512, __m512i, __mmask16, _mm512_add_ps, _mm512_and_si512, _mm512_castsi512_si128,
         _mm512_cvtepi32_ps, _mm512_cvtepu8_epi32, _mm512_extracti32x4_epi32, _mm512_fmadd_ps,
-        _mm512_loadu_ps, _mm512_mask_add_epi8, _mm512_maskz_loadu_ps, _mm512_reduce_add_ps,
-        _mm512_set1_epi32, _mm512_set1_epi8, _mm512_set1_ps, _mm512_setzero_ps,
-        _mm512_setzero_si512, _mm512_srli_epi32, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32,
+        _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_add_epi8, _mm512_mask_storeu_ps,
+        _mm512_maskz_loadu_ps, _mm512_reduce_add_ps, _mm512_set1_epi32, _mm512_set1_epi8,
+        _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_shuffle_epi8,
+        _mm512_srli_epi32, _mm512_storeu_ps, _mm512_storeu_si512, _mm_cvtph_ps, _mm_cvtsi32_si128,
+        _mm_cvtss_f32, _mm_loadu_si128,
     };
 
     use half::f16;
 
-    use super::{Shape, WeightedPlane};
+    use super::{CodeGrid, Shape, WeightedPlane};
 
     /// The rows `row0..row0 + y.len()` with AVX-512 (the caller checked F and BW).
     pub(super) fn rows(
@@ -264,7 +368,7 @@ mod avx512 {
         row0: usize,
         y: &mut [f32],
     ) {
-        let xr = &shape.xr[..];
+        let xr = shape.xr();
         let bytes: Vec<(&[u8], u8)> = planes
             .iter()
             .map(|p| (p.bits.as_bytes(), p.weight))
@@ -323,7 +427,7 @@ mod avx512 {
         row0: usize,
         y: &mut [f32],
     ) {
-        let xr = &shape.xr[..];
+        let xr = shape.xr();
         let (n, groups) = (shape.n, shape.groups);
         let group_chunks = shape.group / 64;
         let bpr = n / 8;
@@ -375,6 +479,126 @@ mod avx512 {
         }
     }
 
+    /// The tile rebuild of [`super::codes_rows_to_dense`] (the caller checked F and BW and
+    /// the shapes; `s`, `o`: the tile rows' scales and offsets).
+    pub(super) fn rows_to_dense(
+        planes: &[WeightedPlane<'_>],
+        grid: &CodeGrid<'_>,
+        groups: usize,
+        s: &[f16],
+        o: Option<&[f16]>,
+        row0: usize,
+        tile: &mut [f32],
+    ) {
+        let n = planes[0].bits.cols();
+        let bpr = n / 8;
+        let rows = tile.len() / n;
+        let bytes: Vec<(&[u8], u8)> = planes
+            .iter()
+            .map(|p| (p.bits.as_bytes(), p.weight))
+            .collect();
+        assert!(
+            tile.len() == rows * n
+                && s.len() == rows * groups
+                && o.is_none_or(|o| o.len() == s.len())
+                && groups == n.div_ceil(grid.group)
+                && bytes.iter().all(|(b, _)| b.len() >= (row0 + rows) * bpr),
+            "codes: short buffers"
+        );
+        // SAFETY: the caller checked AVX-512 F and BW (and F16C comes with them on every
+        // CPU that has them; `codes_simd_available` is the caller's check); the buffer
+        // lengths are asserted above.
+        unsafe { rows_to_dense_impl(&bytes, grid, n, groups, s, o, row0, tile) }
+    }
+
+    /// # Safety
+    /// AVX-512 F, BW and F16C must be available; `tile` whole rows of `cols` floats, each
+    /// plane the bytes of rows `..row0 + rows`, `s` (and `o`) `rows · groups` values.
+    #[target_feature(enable = "avx512f,avx512bw,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_to_dense_impl(
+        planes: &[(&[u8], u8)],
+        grid: &CodeGrid<'_>,
+        n: usize,
+        groups: usize,
+        s: &[f16],
+        o: Option<&[f16]>,
+        row0: usize,
+        tile: &mut [f32],
+    ) {
+        let bpr = n / 8;
+        let weights: Vec<__m512i> = planes
+            .iter()
+            .map(|&(_, w)| _mm512_set1_epi8(w as i8))
+            .collect();
+        // A mask's bit `t` is its byte's column `7 − t`: reverse the bytes of every
+        // 8-byte word to put the codes in column order.
+        let mut control = [0u8; 64];
+        for (p, c) in control.iter_mut().enumerate() {
+            *c = ((p & 8) | (7 - (p & 7))) as u8;
+        }
+        // SAFETY: 64 bytes.
+        let reverse = unsafe { _mm512_loadu_si512(control.as_ptr().cast()) };
+        // One row's codes in column order (16 bytes of slack for the last 16-lane read).
+        let mut codes = vec![0u8; n.next_multiple_of(64) + 16];
+        let cp = codes.as_mut_ptr();
+        let widen = |h: f16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))));
+        for (i, out) in tile.chunks_exact_mut(n).enumerate() {
+            let row_byte = (row0 + i) * bpr;
+            let mut c = 0;
+            while c < n {
+                let width = (n - c).min(64);
+                let at = row_byte + c / 8;
+                let mut q = _mm512_setzero_si512();
+                for (&(bits, _), &w) in planes.iter().zip(&weights) {
+                    let mask = if width == 64 {
+                        // SAFETY: `at + 8 <= (row0 + rows)·bpr <= bits.len()` (asserted).
+                        u64::from_le_bytes(unsafe {
+                            bits.as_ptr().add(at).cast::<[u8; 8]>().read_unaligned()
+                        })
+                    } else {
+                        let mut b = [0u8; 8];
+                        b[..width / 8].copy_from_slice(&bits[at..at + width / 8]);
+                        u64::from_le_bytes(b)
+                    };
+                    q = _mm512_mask_add_epi8(q, mask, q, w);
+                }
+                let q = _mm512_shuffle_epi8(q, reverse);
+                // SAFETY: `c + 64 <= codes.len()`.
+                unsafe { _mm512_storeu_si512(cp.add(c).cast(), q) };
+                c += 64;
+            }
+            let op = out.as_mut_ptr();
+            for g in 0..groups {
+                let at = i * groups + g;
+                let sg = widen(s[at]);
+                let og = o.map_or(0.0, |o| widen(o[at]));
+                let a = _mm512_set1_ps(sg * grid.scale);
+                let b = _mm512_set1_ps(sg * grid.shift + og);
+                let (c0, c1) = (g * grid.group, ((g + 1) * grid.group).min(n));
+                let mut c = c0;
+                while c < c1 {
+                    let width = (c1 - c).min(16);
+                    // SAFETY: `c + 16 <= codes.len()`; the tile lanes touched are below
+                    // `c1 <= n` (masked when fewer than 16 remain).
+                    unsafe {
+                        let q8 = _mm_loadu_si128(cp.add(c).cast());
+                        let v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q8)), a, b);
+                        if width == 16 {
+                            let t = _mm512_loadu_ps(op.add(c));
+                            _mm512_storeu_ps(op.add(c), _mm512_add_ps(t, v));
+                        } else {
+                            let k: __mmask16 = (1u16 << width) - 1;
+                            let t = _mm512_maskz_loadu_ps(k, op.add(c));
+                            _mm512_mask_storeu_ps(op.add(c), k, _mm512_add_ps(t, v));
+                        }
+                    }
+                    c += 16;
+                }
+            }
+        }
+    }
+
     /// # Safety
     /// AVX-512 F and BW must be available. The lengths are asserted.
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -386,7 +610,7 @@ mod avx512 {
         row0: usize,
         y: &mut [f32],
     ) {
-        let xr = &shape.xr[..];
+        let xr = shape.xr();
         let (n, group, groups) = (shape.n, shape.group, shape.groups);
         let bpr = n / 8;
         assert!(
@@ -477,29 +701,39 @@ mod tests {
     /// The definition, one weight at a time, in f64: each row's sum and the sum of its
     /// terms' magnitudes.
     fn naive(planes: &[(SignMatrix, u8)], grid: &CodeGrid<'_>, x: &[f32]) -> Vec<(f64, f64)> {
-        let n = x.len();
         let m = planes.first().map_or(0, |p| p.0.rows());
-        let groups = n.div_ceil(grid.group);
         (0..m)
             .map(|r| {
                 let (mut y, mut mag) = (0.0f64, 0.0f64);
                 for (c, &xc) in x.iter().enumerate() {
-                    let q: u32 = planes
-                        .iter()
-                        .filter(|(b, _)| b.as_view().get(r, c))
-                        .map(|&(_, w)| u32::from(w))
-                        .sum();
-                    let at = r * groups + c / grid.group;
-                    let o = grid.offsets.map_or(0.0, |o| f64::from(o[at].to_f32()));
-                    let w = f64::from(grid.scales[at].to_f32())
-                        * (f64::from(grid.scale) * f64::from(q) + f64::from(grid.shift))
-                        + o;
+                    let w = naive_weight(planes, grid, r, c).0;
                     y += w * f64::from(xc);
                     mag += (w * f64::from(xc)).abs();
                 }
                 (y, mag)
             })
             .collect()
+    }
+
+    /// `Ŵ[r, c]` by the definition, in f64, and the sum of its terms' magnitudes.
+    fn naive_weight(
+        planes: &[(SignMatrix, u8)],
+        grid: &CodeGrid<'_>,
+        r: usize,
+        c: usize,
+    ) -> (f64, f64) {
+        let groups = planes[0].0.cols().div_ceil(grid.group);
+        let q: u32 = planes
+            .iter()
+            .filter(|(b, _)| b.as_view().get(r, c))
+            .map(|&(_, w)| u32::from(w))
+            .sum();
+        let at = r * groups + c / grid.group;
+        let o = grid.offsets.map_or(0.0, |o| f64::from(o[at].to_f32()));
+        let s = f64::from(grid.scales[at].to_f32());
+        let scaled = s * f64::from(grid.scale) * f64::from(q);
+        let shifted = s * f64::from(grid.shift);
+        (scaled + shifted + o, scaled.abs() + shifted.abs() + o.abs())
     }
 
     fn pseudo(len: usize, seed: u64) -> Vec<f32> {
@@ -514,7 +748,15 @@ mod tests {
             .collect()
     }
 
-    fn check(rows: usize, cols: usize, group: usize, weights: &[u8], seed: u64, par: Parallelism) {
+    /// Random planes, scales, offsets for a `rows × cols` grid of `group` columns.
+    #[allow(clippy::type_complexity)]
+    fn random_grid(
+        rows: usize,
+        cols: usize,
+        group: usize,
+        weights: &[u8],
+        seed: u64,
+    ) -> (Vec<(SignMatrix, u8)>, Vec<f16>, Vec<f16>) {
         let planes: Vec<(SignMatrix, u8)> = weights
             .iter()
             .enumerate()
@@ -532,6 +774,11 @@ mod tests {
             .iter()
             .map(|&v| f16::from_f32(v))
             .collect();
+        (planes, scales, offsets)
+    }
+
+    fn check(rows: usize, cols: usize, group: usize, weights: &[u8], seed: u64, par: Parallelism) {
+        let (planes, scales, offsets) = random_grid(rows, cols, group, weights, seed);
         let x = pseudo(cols, seed ^ 0xAA);
         let refs: Vec<WeightedPlane<'_>> = planes
             .iter()
@@ -564,8 +811,67 @@ mod tests {
         }
     }
 
+    /// Rows `row0..row0 + rows` of `Ŵ` added to a tile of random values: both versions of
+    /// [`codes_rows_to_dense`] against the definition.
+    fn check_tile(
+        (rows, cols, group): (usize, usize, usize),
+        (row0, tile_rows): (usize, usize),
+        weights: &[u8],
+        seed: u64,
+    ) {
+        let (planes, scales, offsets) = random_grid(rows, cols, group, weights, seed);
+        let refs: Vec<WeightedPlane<'_>> = planes
+            .iter()
+            .map(|(b, w)| WeightedPlane {
+                bits: b.as_view(),
+                weight: *w,
+            })
+            .collect();
+        let start = pseudo(tile_rows * cols, seed ^ 0x77);
+        for offsets in [None, Some(&offsets[..])] {
+            let grid = CodeGrid {
+                group,
+                scales: &scales,
+                offsets,
+                scale: 0.125,
+                shift: -3.5,
+            };
+            for simd in [Simd::Auto, Simd::Portable] {
+                let mut tile = start.clone();
+                codes_rows_to_dense(&refs, &grid, row0, &mut tile, simd);
+                for (i, (&got, &was)) in tile.iter().zip(&start).enumerate() {
+                    let (r, c) = (row0 + i / cols, i % cols);
+                    let (w, mag) = naive_weight(&planes, &grid, r, c);
+                    let want = f64::from(was) + w;
+                    // A few f32 roundings of terms of magnitude `mag + |was|`.
+                    assert!(
+                        (f64::from(got) - want).abs() <= 1e-6 * (mag + f64::from(was.abs())),
+                        "{simd:?} ({r}, {c}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The tile rebuild: any rows of widths and groups that are and are not multiples of
+        /// 64, 1 to 9 planes (weights summing to at most 255).
+        #[test]
+        fn tile_rows_match_the_definition(
+            rows in 1usize..20,
+            cols8 in 1usize..40,
+            group8 in 1usize..24,
+            weights in prop::collection::vec(0u8..28, 1..10),
+            at in 0.0f64..1.0,
+            len in 0.0f64..1.0,
+            seed in any::<u64>(),
+        ) {
+            let row0 = ((rows as f64 * at) as usize).min(rows - 1);
+            let tile_rows = 1 + ((rows - row0 - 1) as f64 * len) as usize;
+            check_tile((rows, 8 * cols8, 8 * group8), (row0, tile_rows), &weights, seed);
+        }
 
         /// Both versions equal the definition: widths and groups that are and are not
         /// multiples of 64 (partial chunks, half-filled lanes), 1 to 8 planes.

@@ -74,7 +74,9 @@ mod naive;
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-pub use codes::{codes_matvec_add, codes_simd_available, CodeGrid, WeightedPlane};
+pub use codes::{
+    codes_matvec_add, codes_rows_to_dense, codes_simd_available, CodeGrid, WeightedPlane,
+};
 pub use error::BitsError;
 pub use lowrank::{LowRankRef, Simd};
 

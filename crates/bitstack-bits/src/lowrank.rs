@@ -30,7 +30,7 @@ use rayon::prelude::{
     IndexedParallelIterator, IntoParallelIterator, ParallelIterator, ParallelSliceMut,
 };
 
-use crate::lut::use_parallel;
+use crate::lut::{sized_aligned, use_parallel};
 use crate::{Parallelism, SignMatrixRef};
 
 /// Bytes of tables built at once per thread (they should stay in the L2 cache).
@@ -264,16 +264,22 @@ fn run_share(problems: &[Problem<'_>], i: usize, parts: usize, row0: usize, y: &
             let mut r0 = 0;
             while r0 < y.len() {
                 let r1 = (r0 + block_rows).min(y.len());
-                let acc = sized(&mut buffers.acc, (r1 - r0) * p.stride);
+                let rows = r1 - r0;
+                let Buffers {
+                    acc,
+                    z,
+                    tables,
+                    widened,
+                    scratch,
+                } = &mut *buffers;
+                let acc = sized_aligned(acc, rows * p.stride);
                 acc.fill(0.0);
-                run_range(p, (g0, g1), row0 + r0, r1 - r0, buffers);
-                apply_u(
-                    p,
-                    row0 + r0,
-                    &buffers.acc[..(r1 - r0) * p.stride],
-                    &mut buffers.widened,
-                    &mut y[r0..r1],
-                );
+                let z = sized(z, 8 * p.chunk_groups * p.stride);
+                let tables = sized_aligned(tables, ENTRIES * p.chunk_groups * p.stride);
+                let scratch = sized(scratch, ROW_TILE * p.chunk_groups);
+                let wide = sized(widened, 8 * p.chunk_groups);
+                run_range(p, (g0, g1), row0 + r0, acc, (z, tables, scratch, wide));
+                apply_u(p, row0 + r0, acc, widened, &mut y[r0..r1]);
                 r0 = r1;
             }
         }
@@ -301,22 +307,19 @@ fn apply_u(p: &Problem<'_>, first_row: usize, acc: &[f32], widened: &mut Vec<f32
     }
 }
 
-/// Adds the sign products of column groups `g0..g1` and rows `first_row..first_row + rows` to
-/// the accumulators `buffers.acc` (`rows × stride`:
-/// `acc[i·stride + j] += Σ_c S[first_row + i, c]·z_j[c]`).
+/// Adds the sign products of column groups `g0..g1` and rows `first_row..` to the
+/// accumulators `acc` (`rows × stride`: `acc[i·stride + j] += Σ_c S[first_row + i, c]·z_j[c]`),
+/// with scratch for `z`, the tables, the rows' sign bytes and widened factors (sized for a
+/// chunk).
+#[allow(clippy::type_complexity)]
 fn run_range(
     p: &Problem<'_>,
     (g0, g1): (usize, usize),
     first_row: usize,
-    rows: usize,
-    buffers: &mut Buffers,
+    acc: &mut [f32],
+    (z, tables, scratch, widened): (&mut [f32], &mut [f32], &mut [u8], &mut [f32]),
 ) {
     let (stride, cg) = (p.stride, p.chunk_groups);
-    let acc = &mut buffers.acc[..rows * stride];
-    let z = sized(&mut buffers.z, 8 * cg * stride);
-    let tables = sized(&mut buffers.tables, ENTRIES * cg * stride);
-    let scratch = sized(&mut buffers.scratch, ROW_TILE * cg);
-    let widened = sized(&mut buffers.widened, 8 * cg);
     let mut c0 = g0;
     while c0 < g1 {
         let c1 = (c0 + cg).min(g1);
@@ -346,6 +349,10 @@ fn run_range(
 /// `z[(c - col0)·stride + j] = v[j, c] · x[c]` for the chunk's columns; columns `>= n` and
 /// padding lanes `j >= k` are zero.
 fn fill_z(p: &Problem<'_>, col0: usize, z: &mut [f32], widened: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(p.kernel, Kernel::Avx512 { .. }) && avx512::fill_z(p, col0, z) {
+        return;
+    }
     let n = p.s.cols();
     let stride = p.stride;
     let cols = z.len() / stride;
@@ -475,6 +482,107 @@ mod avx512 {
         }
         for (s, d) in src[whole..].iter().zip(&mut dst[whole..]) {
             *d = s.to_f32();
+        }
+    }
+
+    /// [`super::fill_z`] with AVX-512 F: 16 columns of 16 rows of `v` widened, scaled by `x`
+    /// and transposed in registers (the portable loop writes one float at a time, strided).
+    /// `false` (nothing written) without AVX-512 F or for a stride that is not a multiple of
+    /// 16.
+    pub(super) fn fill_z(p: &Problem<'_>, col0: usize, z: &mut [f32]) -> bool {
+        let (n, k, stride) = (p.s.cols(), p.k, p.stride);
+        if !std::arch::is_x86_feature_detected!("avx512f")
+            || !stride.is_multiple_of(16)
+            || k > stride
+            || !z.len().is_multiple_of(stride)
+            || col0 > n
+            || p.v.len() != k * n
+            || p.x.len() != n
+        {
+            return false;
+        }
+        // SAFETY: AVX-512 F was detected just above; the shapes were checked with it.
+        unsafe { fill_z_avx512(p.v, p.x, (n, k, stride), col0, z) };
+        true
+    }
+
+    /// # Safety
+    /// AVX-512 F must be available, `v` `k × n`, `x` `n` values, `stride` a multiple of 16
+    /// with `k <= stride`, `z` whole entries of `stride` floats and `col0 <= n`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fill_z_avx512(
+        v: &[half::f16],
+        x: &[f32],
+        (n, k, stride): (usize, usize, usize),
+        col0: usize,
+        z: &mut [f32],
+    ) {
+        use std::arch::x86_64::{
+            __m256i, _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_maskz_loadu_ps,
+            _mm512_shuffle_f32x4, _mm512_shuffle_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
+        };
+        let cols = z.len() / stride;
+        let present = (n - col0).min(cols);
+        z.fill(0.0);
+        let zp = z.as_mut_ptr();
+        let mut c = 0;
+        while c < present {
+            let width = (present - c).min(16);
+            let keep: u16 = if width == 16 {
+                u16::MAX
+            } else {
+                (1 << width) - 1
+            };
+            // SAFETY: `col0 + c + width <= n = x.len()`; masked lanes are not read.
+            let xv = unsafe { _mm512_maskz_loadu_ps(keep, x.as_ptr().add(col0 + c)) };
+            for j0 in (0..k).step_by(16) {
+                // Rows `j0..j0 + 16` of `v·x` over columns `c..c + 16` (zero past `k` and
+                // past the present columns).
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (i, ri) in r.iter_mut().enumerate().take((k - j0).min(16)) {
+                    let at = (j0 + i) * n + col0 + c;
+                    let h = if width == 16 {
+                        // SAFETY: `at + 16 <= (j0 + i)·n + n <= v.len()`.
+                        unsafe { _mm256_loadu_si256(v.as_ptr().add(at).cast::<__m256i>()) }
+                    } else {
+                        let mut part = [half::f16::ZERO; 16];
+                        part[..width].copy_from_slice(&v[at..at + width]);
+                        // SAFETY: 16 f16 (32 bytes).
+                        unsafe { _mm256_loadu_si256(part.as_ptr().cast::<__m256i>()) }
+                    };
+                    *ri = _mm512_mul_ps(_mm512_cvtph_ps(h), xv);
+                }
+                // 16×16 transpose: pairs, then quads within 128-bit lanes, then the lanes.
+                let mut a = [_mm512_setzero_ps(); 16];
+                for i in 0..8 {
+                    a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+                    a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+                }
+                let mut b = [_mm512_setzero_ps(); 16];
+                for i in 0..4 {
+                    b[4 * i] = _mm512_shuffle_ps::<0x44>(a[4 * i], a[4 * i + 2]);
+                    b[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(a[4 * i], a[4 * i + 2]);
+                    b[4 * i + 2] = _mm512_shuffle_ps::<0x44>(a[4 * i + 1], a[4 * i + 3]);
+                    b[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(a[4 * i + 1], a[4 * i + 3]);
+                }
+                // `b[4i + e]`, lane `L`: column `4L + e` of rows `4i..4i + 4`.
+                let mut out = [_mm512_setzero_ps(); 16];
+                for e in 0..4 {
+                    let c0 = _mm512_shuffle_f32x4::<0x44>(b[e], b[4 + e]);
+                    let c1 = _mm512_shuffle_f32x4::<0xEE>(b[e], b[4 + e]);
+                    let c2 = _mm512_shuffle_f32x4::<0x44>(b[8 + e], b[12 + e]);
+                    let c3 = _mm512_shuffle_f32x4::<0xEE>(b[8 + e], b[12 + e]);
+                    out[e] = _mm512_shuffle_f32x4::<0x88>(c0, c2);
+                    out[4 + e] = _mm512_shuffle_f32x4::<0xDD>(c0, c2);
+                    out[8 + e] = _mm512_shuffle_f32x4::<0x88>(c1, c3);
+                    out[12 + e] = _mm512_shuffle_f32x4::<0xDD>(c1, c3);
+                }
+                for (i, column) in out.iter().enumerate().take(width) {
+                    // SAFETY: `c + i < present <= cols` and `j0 + 16 <= stride`: within `z`.
+                    unsafe { _mm512_storeu_ps(zp.add((c + i) * stride + j0), *column) };
+                }
+            }
+            c += 16;
         }
     }
 

@@ -33,6 +33,25 @@ const MATMUL_ROW_BLOCK: usize = 64;
 /// Below this many multiply-adds (`m·n·k`) the kernels stay on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 
+/// `len` floats of `v` starting on a 64-byte boundary (a cache line: every table entry and
+/// accumulator row of the AVX-512 kernel is then one whole line, never split across two);
+/// contents are unspecified.
+pub(crate) fn sized_aligned(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len + LINE_FLOATS {
+        v.resize(len + LINE_FLOATS, 0.0);
+    }
+    let at = line_offset(v);
+    &mut v[at..at + len]
+}
+
+/// Floats per 64-byte cache line.
+const LINE_FLOATS: usize = 64 / std::mem::size_of::<f32>();
+
+/// Where the first 64-byte boundary of `v` is (at most one line in).
+pub(crate) fn line_offset(v: &[f32]) -> usize {
+    v.as_ptr().align_offset(64).min(LINE_FLOATS).min(v.len())
+}
+
 pub(crate) fn use_parallel(par: Parallelism, work: usize) -> bool {
     match par {
         Parallelism::Sequential => false,

@@ -466,7 +466,28 @@ pub fn planes_matvec_add_with(
 /// (plane 0 loaded). Planes more than 8 apart (or repeated) go in several runs of codes, the
 /// shift and offset with the first.
 fn planes_as_codes(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f32]) {
-    let grid = planes[0].grid();
+    for_each_code_run(planes, |codes, grid| {
+        bitstack_bits::codes_matvec_add(
+            codes,
+            grid,
+            &table.x,
+            y,
+            bitstack_bits::Parallelism::Auto,
+            Simd::Auto,
+        );
+    });
+}
+
+/// Calls `f` with each run of codes of `planes` (which share one grid, sorted by plane)
+/// and its grid, as [`planes_as_codes`] describes.
+fn for_each_code_run(
+    planes: &[&PlaneBlock],
+    mut f: impl FnMut(&[bitstack_bits::WeightedPlane<'_>], &bitstack_bits::CodeGrid<'_>),
+) {
+    let Some(first) = planes.first() else {
+        return;
+    };
+    let grid = first.grid();
     let mut sorted = planes.to_vec();
     sorted.sort_by_key(|p| p.plane);
     let mut shift = -planes.iter().map(|p| p.factor()).sum::<f32>();
@@ -499,17 +520,49 @@ fn planes_as_codes(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f32]) {
             scale: (0.5f32).powi(low as i32 + 7),
             shift,
         };
-        bitstack_bits::codes_matvec_add(
-            &codes,
-            &code_grid,
-            &table.x,
-            y,
-            bitstack_bits::Parallelism::Auto,
-            Simd::Auto,
-        );
+        f(&codes, &code_grid);
         (shift, offsets) = (0.0, None);
         rest = &rest[run..];
     }
+}
+
+/// `tile += rows row0.. of Σ Δ` over `planes` (a row-major tile of whole rows): the batch
+/// product's tile rebuild. Planes sharing one grid (the planes of one matrix) are read
+/// together as integer codes ([`bitstack_bits::codes_rows_to_dense`], each weight written
+/// once); others, or a width that is not a multiple of 8, go one plane at a time through
+/// [`PlaneBlock::add_rows_to_dense`].
+///
+/// # Panics
+/// If the tile is not whole rows or reaches past the last row.
+pub fn planes_rows_to_dense(planes: &[&PlaneBlock], row0: usize, tile: &mut [f32]) {
+    planes_rows_to_dense_with(planes, row0, tile, Simd::Auto);
+}
+
+/// [`planes_rows_to_dense`] with the kernel chosen ([`Simd::Portable`]: the portable code
+/// loop).
+///
+/// # Panics
+/// As [`planes_rows_to_dense`].
+pub fn planes_rows_to_dense_with(
+    planes: &[&PlaneBlock],
+    row0: usize,
+    tile: &mut [f32],
+    simd: Simd,
+) {
+    let Some(first) = planes.first() else {
+        return;
+    };
+    let grid = first.grid();
+    let shared = planes.iter().all(|p| Arc::ptr_eq(p.grid(), grid));
+    if !shared || !grid.cols.is_multiple_of(8) {
+        for p in planes {
+            p.add_rows_to_dense(row0, tile);
+        }
+        return;
+    }
+    for_each_code_run(planes, |codes, code_grid| {
+        bitstack_bits::codes_rows_to_dense(codes, code_grid, row0, tile, simd);
+    });
 }
 
 /// For each packed byte (MSB first = first weight), its eight signs as ±1.0.

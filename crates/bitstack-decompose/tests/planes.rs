@@ -5,9 +5,39 @@
 
 use bitstack_bits::Simd;
 use bitstack_decompose::{
-    decompose_planes, planes_matvec_add_with, PlaneBlock, PlaneParams, PlaneTable,
+    decompose_planes, planes_matvec_add_with, planes_rows_to_dense_with, PlaneBlock, PlaneGrid,
+    PlaneParams, PlaneTable,
 };
 use proptest::prelude::*;
+
+/// `Σ Δ` of `planes` rebuilt `tile` rows at a time with [`planes_rows_to_dense_with`].
+fn rebuilt_in_tiles(
+    planes: &[&PlaneBlock],
+    rows: usize,
+    cols: usize,
+    tile: usize,
+    simd: Simd,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; rows * cols];
+    for (t, chunk) in out.chunks_mut(tile * cols).enumerate() {
+        planes_rows_to_dense_with(planes, t * tile, chunk, simd);
+    }
+    out
+}
+
+/// The rebuilt weights against the sum of the planes' own reconstructions: equal up to f32
+/// rounding of terms no larger than `|mid| + 2·half` of the weight's group.
+fn check_rebuilt(got: &[f32], want: &[f32], grid: &PlaneGrid, cols: usize) -> Result<(), String> {
+    let groups = cols.div_ceil(grid.group());
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let at = (i / cols) * groups + (i % cols) / grid.group();
+        let size = grid.mid()[at].to_f32().abs() + 2.0 * grid.half()[at].to_f32();
+        if (g - w).abs() > 4e-6 * size + 1e-7 {
+            return Err(format!("weight {i}: {g} vs {w}"));
+        }
+    }
+    Ok(())
+}
 
 fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -83,6 +113,9 @@ proptest! {
                     let mag: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
                     prop_assert!((y[r] - want).abs() <= 1e-5 * mag + 1e-6, "{:?} planes {}..{} row {}: {} vs {}", simd, lo, hi, r, y[r], want);
                 }
+                // The tile rebuild of the same planes, in tiles of 3 rows.
+                let tiles = rebuilt_in_tiles(&chosen, rows, cols, 3, simd);
+                check_rebuilt(&tiles, &part, &d.grid, cols).map_err(|e| TestCaseError::fail(format!("{simd:?} planes {lo}..{hi}: {e}")))?;
             }
         }
         // Row tiles of every size = rows of the dense reconstruction.
@@ -129,6 +162,10 @@ fn fused_planes_product_matches_dense_on_a_large_matrix() {
             b.add_to_dense(&mut dense);
         }
         for simd in [Simd::Auto, Simd::Portable] {
+            let tiles = rebuilt_in_tiles(&chosen, rows, cols, 7, simd);
+            if let Err(e) = check_rebuilt(&tiles, &dense, &d.grid, cols) {
+                panic!("{simd:?} tiles of planes {subset:?}: {e}");
+            }
             let mut y = vec![0.0f32; rows];
             planes_matvec_add_with(&chosen, &table, &mut y, simd);
             for r in 0..rows {

@@ -157,6 +157,20 @@ impl Block {
     }
 }
 
+/// `tile += rows row0.. of Σ Δ` over `blocks` (the blocks of one matrix): AVD blocks one at
+/// a time, the planes together as integer codes ([`bitstack_decompose::planes_rows_to_dense`]:
+/// each weight written once, not once per plane).
+pub(crate) fn blocks_rows_to_dense(blocks: &[Arc<Block>], row0: usize, tile: &mut [f32]) {
+    let mut planes = Vec::new();
+    for block in blocks {
+        match block.as_ref() {
+            Block::Avd(b) => b.add_rows_to_dense(row0, tile),
+            Block::Plane(p) => planes.push(p),
+        }
+    }
+    bitstack_decompose::planes_rows_to_dense(&planes, row0, tile);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

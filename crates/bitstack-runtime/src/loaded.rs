@@ -11,7 +11,7 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use half::{bf16, f16};
 
-use crate::block::Block;
+use crate::block::{blocks_rows_to_dense, Block};
 use crate::file::StackFile;
 use crate::RuntimeError;
 
@@ -297,9 +297,7 @@ impl LoadedStack {
             "reconstruct_into: wrong output length"
         );
         out.fill(0.0);
-        for block in self.read_blocks(m).iter() {
-            block.add_to_dense(out);
-        }
+        blocks_rows_to_dense(&self.read_blocks(m), 0, out);
     }
 
     /// `Ŵ` of matrix `m` as a new row-major f32 vector.
@@ -351,9 +349,7 @@ impl LoadedStack {
             "row_into: bad row or length"
         );
         out.fill(0.0);
-        for block in self.read_blocks(m).iter() {
-            block.add_rows_to_dense(row, out);
-        }
+        blocks_rows_to_dense(&self.read_blocks(m), row, out);
     }
 
     /// `Y = X Ŵᵀ` for `tokens` row vectors `X` (`tokens × cols`, row-major) into `Y`
@@ -394,9 +390,7 @@ impl LoadedStack {
         let leaf = |row0: usize, out: MatMut<'_, f32>| {
             let n = out.ncols();
             let mut tile = vec![0.0f32; n * cols];
-            for block in blocks.iter() {
-                block.add_rows_to_dense(row0, &mut tile);
-            }
+            blocks_rows_to_dense(&blocks, row0, &mut tile);
             let wt = MatRef::from_row_major_slice(&tile, n, cols).transpose();
             matmul(out, Accum::Replace, xm, wt, 1.0f32, Par::Seq);
         };

@@ -214,23 +214,63 @@ fn plane_rows_and_products_match_the_reconstruction() {
     assert!(matches!(block, Block::Plane(_)));
 }
 
+/// The loaded matrices rebuilt block by block with each block's own `add_to_dense` (one
+/// plane at a time: independent of the code kernels the runtime uses).
+fn block_by_block(file: &StackFile, stack: &LoadedStack) -> Vec<Vec<f32>> {
+    let mut chains: Vec<Vec<Arc<Block>>> = vec![Vec::new(); file.matrix_count()];
+    let mut dense: Vec<Vec<f32>> = (0..file.matrix_count())
+        .map(|m| vec![0.0; file.shape(m).0 * file.shape(m).1])
+        .collect();
+    let manifest = file.container().manifest();
+    for (position, entry) in manifest.blocks.iter().enumerate() {
+        let m = entry.matrix;
+        if chains[m].len() < stack.blocks_of(m) {
+            let (block, _) = file.read_block(position, &chains[m]).unwrap();
+            block.add_to_dense(&mut dense[m]);
+            chains[m].push(Arc::new(block));
+        }
+    }
+    dense
+}
+
 fn products_and_rows_match_the_reconstruction(file: &Arc<StackFile>) {
     let layout = file.layout().clone();
     let budget = (layout.min_memory() + layout.max_memory()) / 2;
     let stack = LoadedStack::load(file.clone(), budget).unwrap();
-    for m in 0..file.matrix_count() {
+    let oracle = block_by_block(file, &stack);
+    for (m, want) in oracle.iter().enumerate() {
         let (rows, cols) = file.shape(m);
         let dense = stack.reconstruct_f32(m);
-        let x: Vec<f32> = (0..cols)
+        let size = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (i, (&got, &w)) in dense.iter().zip(want).enumerate() {
+            assert!(
+                (got - w).abs() <= 1e-5 * size,
+                "{m} weight {i}: {got} vs {w}"
+            );
+        }
+        let tokens = 3;
+        let x: Vec<f32> = (0..tokens * cols)
             .map(|j| ((j * 7 % 13) as f32 - 6.0) / 6.0)
             .collect();
         let mut y = vec![0.0f32; rows];
-        stack.matvec(m, &x, &mut y);
-        for (r, &yr) in y.iter().enumerate() {
-            let row = &dense[r * cols..(r + 1) * cols];
-            let want: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
-            let mag: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
-            assert!((yr - want).abs() <= 1e-4 * mag + 1e-6, "{m} row {r}");
+        stack.matvec(m, &x[..cols], &mut y);
+        let mut batch = vec![0.0f32; tokens * rows];
+        stack.matmul(m, &x, tokens, &mut batch);
+        for t in 0..tokens {
+            let xt = &x[t * cols..(t + 1) * cols];
+            for r in 0..rows {
+                let row = &want[r * cols..(r + 1) * cols];
+                let want: f32 = row.iter().zip(xt).map(|(a, b)| a * b).sum();
+                let mag: f32 = row.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum();
+                let got = batch[t * rows + r];
+                assert!(
+                    (got - want).abs() <= 1e-4 * mag + 1e-6,
+                    "{m} token {t} row {r}"
+                );
+                if t == 0 {
+                    assert!((y[r] - want).abs() <= 1e-4 * mag + 1e-6, "{m} row {r}");
+                }
+            }
         }
         let mut row = vec![0.0f32; cols];
         for r in [0, rows / 2, rows - 1] {
