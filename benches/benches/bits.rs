@@ -9,8 +9,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use bitstack_bits::{
-    codes_matvec_add, lowrank_matvec_add, CodeGrid, LowRankRef, Parallelism, SignMatrix, Simd,
-    WeightedPlane,
+    codes_matvec_add, codes_rows_to_dense, lowrank_matvec_add, CodeGrid, LowRankRef, Parallelism,
+    SignMatrix, Simd, WeightedPlane,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
@@ -209,6 +209,24 @@ fn bench_codes(c: &mut Criterion) {
         group.bench_function("dense_f32_1thread", |b| {
             b.iter(|| dense_matvec(&w, n, black_box(&x), black_box(&mut y)))
         });
+        if (m, n) == (M, N) {
+            // The batch product's tile rebuild: the whole matrix through one 256 kB tile.
+            let rows = (1 << 16) / n;
+            let mut tile = vec![0.0f32; rows * n];
+            for (name, simd) in [
+                ("tiles_simd_1thread", Simd::Auto),
+                ("tiles_portable_1thread", Simd::Portable),
+            ] {
+                group.bench_function(name, |b| {
+                    b.iter(|| {
+                        for row0 in (0..m).step_by(rows) {
+                            tile.fill(0.0);
+                            codes_rows_to_dense(&planes, &grid, row0, black_box(&mut tile), simd);
+                        }
+                    })
+                });
+            }
+        }
         group.finish();
     }
 }
