@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bitstack::best::{compress_best, BestOptions, BestOrder};
+use bitstack::calibrate::CalibrationOptions;
+use bitstack::chain::ChainChoice;
 use bitstack::compress::{compress as run_compress, CompressOptions};
 use bitstack::decompose::{decompose, AvdParams, SvdMethod};
 use bitstack::engine::model_of;
@@ -328,7 +331,8 @@ fn bench_model_dir(model: Option<PathBuf>, quick: bool, rows: &str) -> Result<Pa
     Ok(model_dir)
 }
 
-/// End to end: the model at 4 blocks per matrix against the dense f32 model.
+/// End to end: the model at 4 blocks per matrix (paper mode), and best mode at the same
+/// budget, against the dense f32 model.
 fn e2e_group(
     model: Option<PathBuf>,
     quick: bool,
@@ -338,10 +342,16 @@ fn e2e_group(
 ) -> Result<()> {
     let model_dir = bench_model_dir(model, quick, "end-to-end")?;
     note(&format!("end to end on {}", model_dir.display()));
-    let (decode_ratio, eval_ratio, e2e_rows) = end_to_end(&model_dir, quick)?;
+    let (e2e, e2e_rows) = end_to_end(&model_dir, quick)?;
     rows.extend(e2e_rows);
-    keys.insert("e2e_decode_speedup".into(), json!(decode_ratio));
-    keys.insert("e2e_eval_ratio".into(), json!(eval_ratio));
+    let ratios = |t: &Throughput| (t.decode.0 / t.decode.1, t.eval.0 / t.eval.1);
+    let (paper_decode, paper_eval) = ratios(&e2e.paper);
+    let (best_decode, best_eval) = ratios(&e2e.best);
+    keys.insert("e2e_budget_bytes".into(), json!(e2e.budget));
+    keys.insert("e2e_decode_speedup".into(), json!(paper_decode));
+    keys.insert("e2e_eval_ratio".into(), json!(paper_eval));
+    keys.insert("e2e_best_decode_speedup".into(), json!(best_decode));
+    keys.insert("e2e_best_eval_ratio".into(), json!(best_eval));
     Ok(())
 }
 
@@ -487,8 +497,6 @@ fn print_results(as_json: bool, rows: &[Row], keys: &Map<String, Value>) -> Resu
     Ok(())
 }
 
-/// (decode tokens/s ratio, eval tokens/s ratio, table rows) of the stack at about 4 blocks
-/// per matrix against the dense f32 model.
 /// Tokens per second, (ours, dense), of greedy decoding and of perplexity evaluation.
 struct Throughput {
     decode: (f64, f64),
@@ -548,24 +556,96 @@ fn decode_and_eval(ours: &CausalLm, dense: &CausalLm, quick: bool) -> Result<Thr
     Ok(Throughput { decode, eval })
 }
 
-fn end_to_end(dir: &Path, quick: bool) -> Result<(f64, f64, Vec<Row>)> {
-    let tmp = std::env::temp_dir().join(format!("bitstack-bench-{}.bitstack", std::process::id()));
+fn end_to_end(dir: &Path, quick: bool) -> Result<(E2e, Vec<Row>)> {
+    let tmp = |what: &str| {
+        std::env::temp_dir().join(format!(
+            "bitstack-bench-{}-{what}.bitstack",
+            std::process::id()
+        ))
+    };
+    let (paper_path, best_path) = (tmp("paper"), tmp("best"));
     let mut options = CompressOptions::default();
     options.avd.k = 16;
     options.avd.niter = 4;
-    let result = (|| -> Result<(f64, f64, Vec<Row>)> {
-        run_compress(dir, &tmp, &options, &|_| {}).context("compressing for the benchmark")?;
-        let file = Arc::new(StackFile::open(&tmp)?);
-        let stack = Arc::new(LoadedStack::load(file, u64::MAX)?);
-        let ours = model_of(&stack)?;
+    let result = (|| -> Result<(E2e, Vec<Row>)> {
         let dense = CausalLm::load(dir)?;
-        let t = decode_and_eval(&ours, &dense, quick)?;
+        run_compress(dir, &paper_path, &options, &|_| {})
+            .context("compressing for the benchmark")?;
+        let file = Arc::new(StackFile::open(&paper_path)?);
+        // The budget of 4 blocks per matrix: the whole paper-mode stack.
+        let budget = file.layout().max_memory();
+        let stack = Arc::new(LoadedStack::load(file, budget)?);
+        let paper = decode_and_eval(&model_of(&stack)?, &dense, quick)?;
+        drop(stack);
+        // Best mode at the same budget (which planes are loaded at this budget does not
+        // depend on the order: a quick data-free order and a few calibration windows).
+        let data = bench_data_dir(dir)?;
+        let best_options = BestOptions {
+            order: BestOrder::OutputError,
+            chains: ChainChoice::Planes,
+            ..BestOptions::default()
+        };
+        let calibration = CalibrationOptions {
+            calib_text: data.join("calib.txt"),
+            calib_windows: if quick { 2 } else { 8 },
+            score_text: data.join("score.txt"),
+            score_windows: 1,
+            seq: 256,
+        };
+        compress_best(
+            dir,
+            &best_path,
+            &CompressOptions::default(),
+            &best_options,
+            &calibration,
+            &|_| {},
+        )
+        .context("compressing in best mode for the benchmark")?;
+        let stack = Arc::new(LoadedStack::load(
+            Arc::new(StackFile::open(&best_path)?),
+            budget,
+        )?);
+        let loaded = stack.plan().memory_bytes;
+        let best = decode_and_eval(&model_of(&stack)?, &dense, quick)?;
+        let mut rows = paper.rows(&format!("paper mode, 4 blocks/matrix ({budget} B)"));
+        rows.extend(best.rows(&format!("best mode at {budget} B ({loaded} B loaded)")));
         Ok((
-            t.decode.0 / t.decode.1,
-            t.eval.0 / t.eval.1,
-            t.rows("e2e, 4 blocks/matrix"),
+            E2e {
+                budget,
+                paper,
+                best,
+            },
+            rows,
         ))
     })();
-    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_file(&paper_path);
+    let _ = std::fs::remove_file(&best_path);
     result
+}
+
+/// The end-to-end measurements: the budget of 4 AVD blocks per matrix and both modes there.
+struct E2e {
+    budget: u64,
+    paper: Throughput,
+    best: Throughput,
+}
+
+/// The calibration and scoring texts for the best-mode end-to-end rows: a `data` directory
+/// beside the model's (the bundled `fixtures/data`) or one level up (../shared/data), else
+/// `fixtures/data` or ../shared/data from here.
+fn bench_data_dir(model_dir: &Path) -> Result<PathBuf> {
+    let mut candidates = Vec::new();
+    for up in [1, 2] {
+        if let Some(d) = model_dir.ancestors().nth(up) {
+            candidates.push(d.join("data"));
+        }
+    }
+    candidates.extend(["fixtures/data", "../shared/data"].map(PathBuf::from));
+    candidates
+        .into_iter()
+        .find(|d| d.join("calib.txt").exists() && d.join("score.txt").exists())
+        .context(
+            "no calibration text for the best-mode end-to-end rows (fixtures/data/calib.txt): \
+             run from the repository root",
+        )
 }

@@ -27,6 +27,9 @@ fn quick_bench_reports_every_key() {
         "batch_vs_dense_f32",
         "e2e_decode_speedup",
         "e2e_eval_ratio",
+        "e2e_best_decode_speedup",
+        "e2e_best_eval_ratio",
+        "e2e_budget_bytes",
     ] {
         let x = v[key]
             .as_f64()
