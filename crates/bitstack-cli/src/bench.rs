@@ -12,7 +12,10 @@ use bitstack::best::{compress_best, BestOptions, BestOrder};
 use bitstack::calibrate::CalibrationOptions;
 use bitstack::chain::ChainChoice;
 use bitstack::compress::{compress as run_compress, CompressOptions};
-use bitstack::decompose::{decompose, AvdParams, SvdMethod};
+use bitstack::decompose::{
+    decompose, decompose_planes, planes_matvec_add, AvdParams, PlaneBlock, PlaneParams, PlaneTable,
+    SvdMethod,
+};
 use bitstack::engine::model_of;
 use bitstack::format::ContainerWriter;
 use bitstack::model::{dense_forward, matvec, CausalLm, Sampler};
@@ -253,7 +256,11 @@ fn avd_full_and_quality(
 
 type BenchStack = (usize, usize, Vec<f32>, LoadedStack);
 
-/// Decode (one token) and batch (512 tokens), 4 blocks, against dense f32.
+/// Columns per group of the bit planes measured beside the AVD blocks (best mode's default).
+const PLANE_GROUP: usize = 128;
+
+/// Decode (one token) and batch (512 tokens), 4 blocks, against dense f32; and the one-token
+/// product of as many bit planes (best mode) as fit in the 4 blocks' bytes.
 fn kernels(
     stacks: &[BenchStack],
     blocks: usize,
@@ -263,6 +270,7 @@ fn kernels(
     note: &dyn Fn(&str),
 ) {
     let mut decode = Vec::new();
+    let mut planes_decode = Vec::new();
     let mut batch = Vec::new();
     for (r, c, w, stack) in stacks {
         let (r, c) = (*r, *c);
@@ -294,6 +302,37 @@ fn kernels(
             format!("decode_vs_bandwidth_floor_{r}x{c}"),
             json!(ours / floor),
         );
+        // Best mode's format in no more bytes: as many bit planes (groups of 128) as fit.
+        let plane_bytes = |p: usize| -> u64 {
+            (0..p)
+                .map(|i| PlaneBlock::byte_size(r, c, PLANE_GROUP, i))
+                .sum()
+        };
+        let p = (1..=8).take_while(|&p| plane_bytes(p) <= packed).last();
+        if let Some(p) = p {
+            let params = PlaneParams {
+                group: PLANE_GROUP,
+                planes: p,
+            };
+            if let Ok(d) = decompose_planes(w, r, c, &params, None, None) {
+                let planes: Vec<&PlaneBlock> = d.blocks.iter().collect();
+                let time = best_of(10, || {
+                    y.fill(0.0);
+                    let table = PlaneTable::new(&x, PLANE_GROUP);
+                    planes_matvec_add(&planes, &table, &mut y);
+                });
+                planes_decode.push(time / dense);
+                rows.push(Row {
+                    what: format!(
+                        "decode matvec {r}x{c}, {p} bit planes ({} B)",
+                        plane_bytes(p)
+                    ),
+                    ours: time,
+                    baseline: dense,
+                    unit: "s",
+                });
+            }
+        }
         let tokens = if quick { 128 } else { 512 };
         let xb: Vec<f32> = (0..tokens * c)
             .map(|i| ((i % 23) as f32 - 11.0) / 11.0)
@@ -311,6 +350,15 @@ fn kernels(
     }
     keys.insert("decode_vs_dense_f32".into(), json!(decode[0]));
     keys.insert("decode_vs_dense_f32_large".into(), json!(decode[1]));
+    for (key, ratio) in [
+        "decode_vs_dense_f32_planes",
+        "decode_vs_dense_f32_planes_large",
+    ]
+    .into_iter()
+    .zip(planes_decode)
+    {
+        keys.insert(key.into(), json!(ratio));
+    }
     keys.insert("batch_vs_dense_f32".into(), json!(batch[0]));
 }
 

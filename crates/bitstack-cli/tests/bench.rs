@@ -24,6 +24,7 @@ fn quick_bench_reports_every_key() {
         "avd_full_seconds_3584x1024",
         "avd_error_ratio_fast_vs_exact_512",
         "decode_vs_dense_f32",
+        "decode_vs_dense_f32_planes",
         "batch_vs_dense_f32",
         "e2e_decode_speedup",
         "e2e_eval_ratio",
