@@ -230,6 +230,21 @@ pub fn codes_rows_to_dense(
     rows_to_dense_portable(planes, grid, groups, s, o, row0, tile);
 }
 
+/// The codes of row `r` (`bpr` bytes per plane row), one weight at a time.
+fn row_codes(planes: &[WeightedPlane<'_>], r: usize, bpr: usize, codes: &mut [u8]) {
+    codes.fill(0);
+    for p in planes {
+        let bytes = &p.bits.as_bytes()[r * bpr..(r + 1) * bpr];
+        for (q8, &b) in codes.chunks_exact_mut(8).zip(bytes) {
+            for (t, q) in q8.iter_mut().enumerate() {
+                if (b >> (7 - t)) & 1 == 1 {
+                    *q += p.weight;
+                }
+            }
+        }
+    }
+}
+
 /// The portable tile rebuild (`s`, `o`: the tile rows' scales and offsets).
 fn rows_to_dense_portable(
     planes: &[WeightedPlane<'_>],
@@ -244,18 +259,7 @@ fn rows_to_dense_portable(
     let bpr = n / 8;
     let mut codes = vec![0u8; n];
     for (i, out) in tile.chunks_exact_mut(n).enumerate() {
-        let r = row0 + i;
-        codes.fill(0);
-        for p in planes {
-            let bytes = &p.bits.as_bytes()[r * bpr..(r + 1) * bpr];
-            for (q8, &b) in codes.chunks_exact_mut(8).zip(bytes) {
-                for (t, q) in q8.iter_mut().enumerate() {
-                    if (b >> (7 - t)) & 1 == 1 {
-                        *q += p.weight;
-                    }
-                }
-            }
-        }
+        row_codes(planes, row0 + i, bpr, &mut codes);
         for (g, (out, q)) in out
             .chunks_mut(grid.group)
             .zip(codes.chunks(grid.group))
@@ -319,18 +323,7 @@ fn rows_portable(
     let bpr = n / 8;
     let mut codes = vec![0u8; n];
     for (i, yr) in y.iter_mut().enumerate() {
-        let r = row0 + i;
-        codes.fill(0);
-        for p in planes {
-            let bytes = &p.bits.as_bytes()[r * bpr..(r + 1) * bpr];
-            for (q8, &b) in codes.chunks_exact_mut(8).zip(bytes) {
-                for (t, q) in q8.iter_mut().enumerate() {
-                    if (b >> (7 - t)) & 1 == 1 {
-                        *q += p.weight;
-                    }
-                }
-            }
-        }
+        row_codes(planes, row0 + i, bpr, &mut codes);
         let s = &s[i * groups..(i + 1) * groups];
         let mut acc = 0.0f32;
         for ((qg, xg), sg) in codes.chunks(shape.group).zip(x.chunks(shape.group)).zip(s) {
@@ -549,20 +542,9 @@ mod avx512 {
             while c < n {
                 let width = (n - c).min(64);
                 let at = row_byte + c / 8;
-                let mut q = _mm512_setzero_si512();
-                for (&(bits, _), &w) in planes.iter().zip(&weights) {
-                    let mask = if width == 64 {
-                        // SAFETY: `at + 8 <= (row0 + rows)·bpr <= bits.len()` (asserted).
-                        u64::from_le_bytes(unsafe {
-                            bits.as_ptr().add(at).cast::<[u8; 8]>().read_unaligned()
-                        })
-                    } else {
-                        let mut b = [0u8; 8];
-                        b[..width / 8].copy_from_slice(&bits[at..at + width / 8]);
-                        u64::from_le_bytes(b)
-                    };
-                    q = _mm512_mask_add_epi8(q, mask, q, w);
-                }
+                // SAFETY: AVX-512 F and BW are enabled here; `at + width / 8` bytes lie
+                // within row `row0 + i` of every plane (asserted by the caller).
+                let q = unsafe { chunk_codes(planes, &weights, at, width) };
                 let q = _mm512_shuffle_epi8(q, reverse);
                 // SAFETY: `c + 64 <= codes.len()`.
                 unsafe { _mm512_storeu_si512(cp.add(c).cast(), q) };
@@ -597,6 +579,38 @@ mod avx512 {
                 }
             }
         }
+    }
+
+    /// The codes of `width` (64, or a multiple of 8 below it) columns starting at byte `at`
+    /// of every plane, one masked byte add per plane (lanes past `width` stay 0; a mask's bit
+    /// `t` is its byte's column `7 − t`).
+    ///
+    /// # Safety
+    /// AVX-512 F and BW must be available; `at + 8 <= bits.len()` for every plane when
+    /// `width == 64` (else `at + width / 8 <= bits.len()` is checked).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn chunk_codes(
+        planes: &[(&[u8], u8)],
+        weights: &[__m512i],
+        at: usize,
+        width: usize,
+    ) -> __m512i {
+        let mut q = _mm512_setzero_si512();
+        for (&(bits, _), &w) in planes.iter().zip(weights) {
+            let mask = if width == 64 {
+                // SAFETY: `at + 8 <= bits.len()` (the caller's contract).
+                u64::from_le_bytes(unsafe {
+                    bits.as_ptr().add(at).cast::<[u8; 8]>().read_unaligned()
+                })
+            } else {
+                let mut b = [0u8; 8];
+                b[..width / 8].copy_from_slice(&bits[at..at + width / 8]);
+                u64::from_le_bytes(b)
+            };
+            q = _mm512_mask_add_epi8(q, mask, q, w);
+        }
+        q
     }
 
     /// # Safety
@@ -637,21 +651,9 @@ mod avx512 {
                 while c < c1 {
                     let width = (c1 - c).min(64);
                     let at = row_byte + c / 8;
-                    let mut q = _mm512_setzero_si512();
-                    for (&(bits, _), &w) in planes.iter().zip(&weights) {
-                        let mask = if width == 64 {
-                            // SAFETY: `at + 8 <= (row0 + y.len())·bpr <= bits.len()`
-                            // (asserted): the 8 bytes lie within this row.
-                            u64::from_le_bytes(unsafe {
-                                bits.as_ptr().add(at).cast::<[u8; 8]>().read_unaligned()
-                            })
-                        } else {
-                            let mut b = [0u8; 8];
-                            b[..width / 8].copy_from_slice(&bits[at..at + width / 8]);
-                            u64::from_le_bytes(b)
-                        };
-                        q = _mm512_mask_add_epi8(q, mask, q, w);
-                    }
+                    // SAFETY: AVX-512 F and BW are enabled here; `at + width / 8 <=
+                    // (row0 + y.len())·bpr <= bits.len()` for every plane (asserted).
+                    let q = unsafe { chunk_codes(planes, &weights, at, width) };
                     // Lanes beyond `width` have code 0; their `x` is not read.
                     let lanes = [
                         _mm512_castsi512_si128(q),
