@@ -529,7 +529,8 @@ fn for_each_code_run(
 /// `tile += rows row0.. of Σ Δ` over `planes` (a row-major tile of whole rows): the batch
 /// product's tile rebuild. Planes sharing one grid (the planes of one matrix) are read
 /// together as integer codes ([`bitstack_bits::codes_rows_to_dense`], each weight written
-/// once); others, or a width that is not a multiple of 8, go one plane at a time through
+/// once) where the CPU has the vectorized code kernel; others, a width that is not a multiple
+/// of 8, or a CPU without AVX-512 BW, go one plane at a time through
 /// [`PlaneBlock::add_rows_to_dense`].
 ///
 /// # Panics
@@ -554,7 +555,10 @@ pub fn planes_rows_to_dense_with(
     };
     let grid = first.grid();
     let shared = planes.iter().all(|p| Arc::ptr_eq(p.grid(), grid));
-    if !shared || !grid.cols.is_multiple_of(8) {
+    // Without the vectorized code kernel, one plane at a time through the ±1 byte table
+    // (which vectorizes) is faster than the portable code loop (kept as its oracle).
+    let codes = simd == Simd::Portable || bitstack_bits::codes_simd_available();
+    if !shared || !grid.cols.is_multiple_of(8) || !codes {
         for p in planes {
             p.add_rows_to_dense(row0, tile);
         }
