@@ -147,6 +147,7 @@ fn bench_decode(c: &mut Criterion) {
     for (name, par, simd) in [
         ("auto", Parallelism::Auto, Simd::Auto),
         ("simd_1thread", Parallelism::Sequential, Simd::Auto),
+        ("avx2_1thread", Parallelism::Sequential, Simd::Avx2),
         ("portable_1thread", Parallelism::Sequential, Simd::Portable),
     ] {
         group.bench_function(name, |b| {

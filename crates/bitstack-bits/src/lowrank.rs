@@ -19,9 +19,11 @@
 //! rows are split instead, and each thread builds the (then small) tables itself.
 //!
 //! Entries are `f32` and every sum is an `f32` sum, so the result equals the naive product up
-//! to f32 rounding (a different summation order). On x86-64 with AVX-512 F (checked at run
-//! time) an entry is padded to 16 (or 32) floats and handled as whole `zmm` registers, four
-//! rows at a time; elsewhere, or for `k > 32`, a portable version with the same tables runs.
+//! to f32 rounding (a different summation order). On x86-64 (features checked at run time)
+//! an entry of `k <= 8` floats is padded to 8 and handled as one `ymm` register (AVX2), a
+//! larger one padded to 16 or 32 floats in `zmm` registers (AVX-512 F; on CPUs without it,
+//! to 16, 24 or 32 in `ymm` registers), four rows at a time; elsewhere, or for `k > 32`, a
+//! portable version with the same tables runs.
 
 use std::cell::RefCell;
 
@@ -53,6 +55,10 @@ pub enum Simd {
     Auto,
     /// The portable version (no explicit SIMD): the reference for the vectorized one.
     Portable,
+    /// The AVX2 version of the residual-block decode kernel ([`crate::lowrank_matvec_add`]: what
+    /// CPUs without AVX-512 run) where the CPU has AVX2, even if it has AVX-512; the portable
+    /// version elsewhere and for the other kernels. For tests and comparisons.
+    Avx2,
 }
 
 /// One residual block `S ⊙ (u v)` as the decode kernel reads it: packed signs `S`
@@ -78,13 +84,33 @@ enum Kernel {
     Avx512 {
         nz: usize,
     },
+    /// AVX2 with `ny` ymm registers (8 floats each) per table entry.
+    #[cfg(target_arch = "x86_64")]
+    Avx2 {
+        ny: usize,
+    },
 }
 
 impl Kernel {
     fn choose(k: usize, simd: Simd) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Auto && k <= 32 && std::arch::is_x86_feature_detected!("avx512f") {
-            return Kernel::Avx512 { nz: k.div_ceil(16) };
+        if simd == Simd::Avx2 && k <= 32 && std::arch::is_x86_feature_detected!("avx2") {
+            return Kernel::Avx2 { ny: k.div_ceil(8) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if simd == Simd::Auto && k <= 32 {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2");
+            // Up to 8 vectors an entry of 8 floats wastes no lanes: two ymm adds per cycle
+            // do the work of two zmm adds padded from `k` to 16.
+            if avx2 && k <= 8 {
+                return Kernel::Avx2 { ny: 1 };
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Kernel::Avx512 { nz: k.div_ceil(16) };
+            }
+            if avx2 {
+                return Kernel::Avx2 { ny: k.div_ceil(8) };
+            }
         }
         let _ = (k, simd);
         Kernel::Portable
@@ -96,6 +122,8 @@ impl Kernel {
             Kernel::Portable => k,
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 { nz } => 16 * nz,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 { ny } => 8 * ny,
         }
     }
 }
@@ -341,6 +369,10 @@ fn run_range(
             Kernel::Avx512 { nz } => {
                 avx512::range(nz, p, z, tables, (c0, c1), first_row, acc, scratch);
             }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 { ny } => {
+                avx2::range(ny, p, z, tables, (c0, c1), first_row, acc, scratch);
+            }
         }
         c0 = c1;
     }
@@ -414,6 +446,60 @@ fn build_half(table: &mut [f32], z: &[f32], stride: usize) {
     }
 }
 
+/// The row sweep of the vectorized kernels over a chunk's built tables: tiles of
+/// [`ROW_TILE`] rows (their sign bytes gathered into `scratch`), each swept over the tables
+/// [`SUB_TABLE_BYTES`] at a time; `lookup(tables, rows, groups, out)` adds the entries of
+/// 4 rows (or 1, for the last rows of a tile) over `groups` to their accumulators `out`.
+/// (Inlined into each kernel, so that its lookups compile with the kernel's features.)
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn sweep_tiles(
+    p: &Problem<'_>,
+    tables: &[f32],
+    (c0, c1): (usize, usize),
+    first_row: usize,
+    acc: &mut [f32],
+    scratch: &mut [u8],
+    mut lookup: impl FnMut(&[f32], &[&[u8]], std::ops::Range<usize>, &mut [f32]),
+) {
+    let stride = p.stride;
+    let count = c1 - c0;
+    let m = acc.len() / stride;
+    let sub = (SUB_TABLE_BYTES / (ENTRIES * stride * 4)).max(1);
+    let mut r0 = 0;
+    while r0 < m {
+        let r1 = (r0 + ROW_TILE).min(m);
+        // The tile's sign bytes (they stay in L1 while the sub-chunks sweep them).
+        let mut rows: [&[u8]; ROW_TILE] = [&[]; ROW_TILE];
+        for ((r, row), buf) in (r0..r1)
+            .zip(rows.iter_mut())
+            .zip(scratch.chunks_exact_mut(count))
+        {
+            *row = p.s.row_group_bytes(first_row + r, c0, c1, buf);
+        }
+        let rows = &rows[..r1 - r0];
+        let tile_acc = &mut acc[r0 * stride..r1 * stride];
+        let mut g0 = 0;
+        while g0 < count {
+            let g1 = (g0 + sub).min(count);
+            let mut quads = tile_acc.chunks_exact_mut(4 * stride);
+            let mut row_quads = rows.chunks_exact(4);
+            for (out, quad) in (&mut quads).zip(&mut row_quads) {
+                lookup(tables, quad, g0..g1, out);
+            }
+            for (out, row) in quads
+                .into_remainder()
+                .chunks_exact_mut(stride)
+                .zip(row_quads.remainder().chunks(1))
+            {
+                lookup(tables, row, g0..g1, out);
+            }
+            g0 = g1;
+        }
+        r0 = r1;
+    }
+}
+
 /// The portable sweep: every row of the chunk, one table read per byte.
 fn sweep_portable(
     p: &Problem<'_>,
@@ -448,7 +534,7 @@ mod avx512 {
         _mm512_storeu_ps, _mm512_sub_ps,
     };
 
-    use super::{Problem, ENTRIES, ROW_TILE, SUB_TABLE_BYTES};
+    use super::{sweep_tiles, Problem, ENTRIES, ROW_TILE};
 
     /// `dst = src` widened to f32 with AVX-512 F; `false` (nothing written) without it.
     ///
@@ -665,45 +751,25 @@ mod avx512 {
             // and `zg` `8·16·NZ` (checked above).
             unsafe { build_table::<NZ>(table, zg) };
         }
-        let tables: &[f32] = tables;
-        let sub = (SUB_TABLE_BYTES / (table_len * 4)).max(1);
-        let mut r0 = 0;
-        while r0 < m {
-            let r1 = (r0 + ROW_TILE).min(m);
-            // The tile's sign bytes (they stay in L1 while the sub-chunks sweep them).
-            let mut rows: [&[u8]; ROW_TILE] = [&[]; ROW_TILE];
-            for ((r, row), buf) in (r0..r1)
-                .zip(rows.iter_mut())
-                .zip(scratch.chunks_exact_mut(count))
-            {
-                *row = p.s.row_group_bytes(first_row + r, c0, c1, buf);
-            }
-            let rows = &rows[..r1 - r0];
-            let tile_acc = &mut acc[r0 * stride..r1 * stride];
-            let mut g0 = 0;
-            while g0 < count {
-                let g1 = (g0 + sub).min(count);
-                let mut quads = tile_acc.chunks_exact_mut(4 * stride);
-                let mut row_quads = rows.chunks_exact(4);
-                for (out, quad) in (&mut quads).zip(&mut row_quads) {
-                    // SAFETY: AVX-512 F is enabled here; `out` holds 4 rows of `stride`
-                    // accumulators and every row slice has `count >= g1` bytes.
-                    unsafe {
-                        lookup::<NZ, 4>(tables, [quad[0], quad[1], quad[2], quad[3]], g0, g1, out)
-                    };
+        sweep_tiles(
+            p,
+            tables,
+            (c0, c1),
+            first_row,
+            acc,
+            scratch,
+            |tables, rows, g, out| {
+                // SAFETY: AVX-512 F is enabled on this function (the closure inherits it); `out`
+                // holds `rows.len()` rows of `stride` accumulators and every row slice has at
+                // least `g.end` bytes (`sweep_tiles`).
+                unsafe {
+                    match *rows {
+                        [a, b, c, d] => lookup::<NZ, 4>(tables, [a, b, c, d], g.start, g.end, out),
+                        _ => lookup::<NZ, 1>(tables, [rows[0]], g.start, g.end, out),
+                    }
                 }
-                for (out, &row) in quads
-                    .into_remainder()
-                    .chunks_exact_mut(stride)
-                    .zip(row_quads.remainder())
-                {
-                    // SAFETY: as above, for one row.
-                    unsafe { lookup::<NZ, 1>(tables, [row], g0, g1, out) };
-                }
-                g0 = g1;
-            }
-            r0 = r1;
-        }
+            },
+        );
     }
 
     /// `out[i] += Σ_{g0 <= g < g1} (table_g[hi(b)] + table_g[16 + lo(b)])` for the `R` rows,
@@ -804,6 +870,227 @@ mod avx512 {
                         unsafe {
                             let lo = _mm512_loadu_ps(t.add(from));
                             _mm512_storeu_ps(t.add(to), _mm512_add_ps(lo, add));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The AVX2 version of the table kernel: entries of `8·NY` floats in ymm registers (for
+/// `k <= 8` on every AVX2 CPU, and for larger `k` where AVX-512 is missing).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use std::arch::x86_64::{
+        _mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
+        _mm256_storeu_ps, _mm256_sub_ps,
+    };
+
+    use super::{sweep_tiles, Problem, ENTRIES, ROW_TILE};
+
+    /// Tables and the row sweep of column groups `c0..c1` with `ny` (1 to 4) ymm per entry;
+    /// falls back to the portable code if AVX2 is missing after all.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn range(
+        ny: usize,
+        p: &Problem<'_>,
+        z: &[f32],
+        tables: &mut [f32],
+        (c0, c1): (usize, usize),
+        first_row: usize,
+        acc: &mut [f32],
+        scratch: &mut [u8],
+    ) {
+        let count = c1 - c0;
+        let usable = std::arch::is_x86_feature_detected!("avx2")
+            && (1..=4).contains(&ny)
+            && p.stride == 8 * ny
+            && tables.len() == count * ENTRIES * p.stride
+            && z.len() >= count * 8 * p.stride
+            && scratch.len() >= ROW_TILE * count
+            && acc.len().is_multiple_of(p.stride)
+            && first_row + acc.len() / p.stride <= p.s.rows();
+        if !usable {
+            for (table, zg) in tables
+                .chunks_exact_mut(ENTRIES * p.stride)
+                .zip(z.chunks_exact(8 * p.stride))
+            {
+                super::build_table(table, zg, p.stride);
+            }
+            return super::sweep_portable(p, tables, (c0, c1), first_row, acc, scratch);
+        }
+        let args = (p, z, tables, (c0, c1), first_row, acc, scratch);
+        // SAFETY: AVX2 was detected just above, and the buffer lengths the kernels require
+        // were checked with it.
+        unsafe {
+            match ny {
+                1 => range_ny::<1>(args),
+                2 => range_ny::<2>(args),
+                3 => range_ny::<3>(args),
+                _ => range_ny::<4>(args),
+            }
+        }
+    }
+
+    type RangeArgs<'a, 'b> = (
+        &'a Problem<'b>,
+        &'a [f32],
+        &'a mut [f32],
+        (usize, usize),
+        usize,
+        &'a mut [f32],
+        &'a mut [u8],
+    );
+
+    /// Tables and the row sweep with `NY` ymm per entry (as the AVX-512 `range_nz`).
+    ///
+    /// # Safety
+    /// AVX2 must be available (the buffer lengths are asserted).
+    #[target_feature(enable = "avx2")]
+    unsafe fn range_ny<const NY: usize>(
+        (p, z, tables, (c0, c1), first_row, acc, scratch): RangeArgs<'_, '_>,
+    ) {
+        let stride = 8 * NY;
+        let count = c1 - c0;
+        let table_len = ENTRIES * stride;
+        let m = acc.len() / stride;
+        assert!(
+            p.stride == stride
+                && tables.len() == count * table_len
+                && z.len() >= count * 8 * stride
+                && scratch.len() >= ROW_TILE * count
+                && acc.len() == m * stride
+                && first_row + m <= p.s.rows(),
+            "avx2::range: inconsistent buffers"
+        );
+        for (table, zg) in tables
+            .chunks_exact_mut(table_len)
+            .zip(z.chunks_exact(8 * stride))
+        {
+            // SAFETY: AVX2 is enabled on this function; `table` has `32·8·NY` floats and
+            // `zg` `8·8·NY` (checked above).
+            unsafe { build_table::<NY>(table, zg) };
+        }
+        sweep_tiles(
+            p,
+            tables,
+            (c0, c1),
+            first_row,
+            acc,
+            scratch,
+            |tables, rows, g, out| {
+                // SAFETY: AVX2 is enabled on this function (the closure inherits it); `out`
+                // holds `rows.len()` rows of `stride` accumulators and every row slice has at
+                // least `g.end` bytes (`sweep_tiles`).
+                unsafe {
+                    match *rows {
+                        [a, b, c, d] => lookup::<NY, 4>(tables, [a, b, c, d], g.start, g.end, out),
+                        _ => lookup::<NY, 1>(tables, [rows[0]], g.start, g.end, out),
+                    }
+                }
+            },
+        );
+    }
+
+    /// `out[i] += Σ_{g0 <= g < g1} (table_g[hi(b)] + table_g[16 + lo(b)])` for the `R` rows,
+    /// `b = rows[i][g]`, the `8·NY` accumulators of each row held in registers.
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn lookup<const NY: usize, const R: usize>(
+        tables: &[f32],
+        rows: [&[u8]; R],
+        g0: usize,
+        g1: usize,
+        out: &mut [f32],
+    ) {
+        let stride = 8 * NY;
+        let table_len = ENTRIES * stride;
+        assert!(
+            out.len() >= R * stride
+                && tables.len() >= g1 * table_len
+                && rows.iter().all(|r| r.len() >= g1),
+            "lookup: short buffers"
+        );
+        let o = out.as_mut_ptr();
+        let base = tables.as_ptr();
+        let mut sums = [[_mm256_setzero_ps(); NY]; R];
+        for (i, sum) in sums.iter_mut().enumerate() {
+            for (q, sq) in sum.iter_mut().enumerate() {
+                // SAFETY: `(i·NY + q)·8 + 8 <= R·stride <= out.len()` (asserted).
+                *sq = unsafe { _mm256_loadu_ps(o.add((i * NY + q) * 8)) };
+            }
+        }
+        for g in g0..g1 {
+            let t = g * table_len;
+            for (sum, bytes) in sums.iter_mut().zip(&rows) {
+                // SAFETY: `g < g1 <= bytes.len()` (asserted).
+                let b = unsafe { *bytes.get_unchecked(g) };
+                let hi = t + usize::from(b >> 4) * stride;
+                let lo = t + (16 + usize::from(b & 15)) * stride;
+                for (q, sq) in sum.iter_mut().enumerate() {
+                    // SAFETY: both entry indices are `< 32 = ENTRIES` and `g < g1`, so
+                    // `hi + 8·q + 8` and `lo + 8·q + 8` are at most
+                    // `g1·table_len <= tables.len()` (asserted).
+                    let (eh, el) = unsafe {
+                        (
+                            _mm256_loadu_ps(base.add(hi + 8 * q)),
+                            _mm256_loadu_ps(base.add(lo + 8 * q)),
+                        )
+                    };
+                    *sq = _mm256_add_ps(*sq, _mm256_add_ps(eh, el));
+                }
+            }
+        }
+        for (i, sum) in sums.iter().enumerate() {
+            for (q, sq) in sum.iter().enumerate() {
+                // SAFETY: as for the loads above.
+                unsafe { _mm256_storeu_ps(o.add((i * NY + q) * 8), *sq) };
+            }
+        }
+    }
+
+    /// [`super::build_table`] for `stride = 8·NY`.
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[target_feature(enable = "avx2")]
+    unsafe fn build_table<const NY: usize>(table: &mut [f32], z: &[f32]) {
+        let stride = 8 * NY;
+        assert!(table.len() == ENTRIES * stride && z.len() >= 8 * stride);
+        let t = table.as_mut_ptr();
+        let zp = z.as_ptr();
+        let two = _mm256_set1_ps(2.0);
+        for half_table in 0..2 {
+            // Table `half_table` covers columns `4·half_table..4·half_table + 4`.
+            let t = t.wrapping_add(16 * stride * half_table);
+            let zp = zp.wrapping_add(4 * stride * half_table);
+            for q in 0..NY {
+                let mut base = _mm256_setzero_ps();
+                for c in 0..4 {
+                    // SAFETY: `(4·half_table + c)·stride + 8·q + 8 <= 8·stride <= z.len()`.
+                    base =
+                        _mm256_sub_ps(base, unsafe { _mm256_loadu_ps(zp.add(c * stride + 8 * q)) });
+                }
+                // SAFETY: `16·half_table·stride + 8·q + 8 <= 32·stride = table.len()`.
+                unsafe { _mm256_storeu_ps(t.add(8 * q), base) };
+                for i in 0..4 {
+                    let half = 1usize << i;
+                    // SAFETY: column `3 - i` of this half lies in `z` (as above).
+                    let zc = unsafe { _mm256_loadu_ps(zp.add((3 - i) * stride + 8 * q)) };
+                    let add = _mm256_mul_ps(two, zc);
+                    for b in 0..half {
+                        let from = b * stride + 8 * q;
+                        let to = from + half * stride;
+                        // SAFETY: `b + half < 16`, so `to + 8` stays within this half's
+                        // `16·stride` floats of `table`.
+                        unsafe {
+                            let lo = _mm256_loadu_ps(t.add(from));
+                            _mm256_storeu_ps(t.add(to), _mm256_add_ps(lo, add));
                         }
                     }
                 }
