@@ -199,6 +199,7 @@ fn bench_codes(c: &mut Criterion) {
         for (name, par, simd) in [
             ("auto", Parallelism::Auto, Simd::Auto),
             ("simd_1thread", Parallelism::Sequential, Simd::Auto),
+            ("avx2_1thread", Parallelism::Sequential, Simd::Avx2),
             ("portable_1thread", Parallelism::Sequential, Simd::Portable),
         ] {
             group.bench_function(name, |b| {
@@ -216,6 +217,7 @@ fn bench_codes(c: &mut Criterion) {
             let mut tile = vec![0.0f32; rows * n];
             for (name, simd) in [
                 ("tiles_simd_1thread", Simd::Auto),
+                ("tiles_avx2_1thread", Simd::Avx2),
                 ("tiles_portable_1thread", Simd::Portable),
             ] {
                 group.bench_function(name, |b| {

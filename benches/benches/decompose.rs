@@ -14,7 +14,11 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use bitstack_decompose::{decompose, AvdParams, SvdMethod};
+use bitstack_bits::Simd;
+use bitstack_decompose::{
+    decompose, decompose_planes, planes_matvec_add_with, planes_rows_to_dense_with, AvdParams,
+    PlaneBlock, PlaneParams, PlaneTable, SvdMethod,
+};
 use criterion::{criterion_group, Criterion};
 use rand::{Rng, SeedableRng};
 
@@ -132,7 +136,58 @@ fn exact_single_shot() {
     }
 }
 
-criterion_group!(benches, small, large_randomized);
+/// Best mode's planes of a 4096² matrix (8 planes, groups of 128) through the runtime's
+/// paths: the one-token product (8-bit tables of `x`, the AVX-512 code kernel, the AVX2 one)
+/// and the batch tile rebuild (one plane at a time, or all planes as codes), whole matrix
+/// through one 256 kB tile.
+fn planes(c: &mut Criterion) {
+    let (m, n, group) = (4096, 4096, 128);
+    let w = synthetic(m, n, 3);
+    let d = decompose_planes(&w, m, n, &PlaneParams { group, planes: 8 }, None, None).unwrap();
+    let planes: Vec<&PlaneBlock> = d.blocks.iter().collect();
+    let x: Vec<f32> = (0..n).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+    let table = PlaneTable::new(&x, group);
+    let mut y = vec![0.0f32; m];
+    let mut g = c.benchmark_group("planes_4096x4096_8planes");
+    g.sample_size(20);
+    for (name, simd) in [
+        ("matvec_tables", Simd::Portable),
+        ("matvec_codes", Simd::Auto),
+        ("matvec_codes_avx2", Simd::Avx2),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| planes_matvec_add_with(&planes, &table, black_box(&mut y), simd))
+        });
+    }
+    let rows = (1 << 16) / n;
+    let mut tile = vec![0.0f32; rows * n];
+    g.bench_function("tiles_per_plane", |b| {
+        b.iter(|| {
+            for row0 in (0..m).step_by(rows) {
+                tile.fill(0.0);
+                for p in &planes {
+                    p.add_rows_to_dense(row0, black_box(&mut tile));
+                }
+            }
+        })
+    });
+    for (name, simd) in [
+        ("tiles_codes", Simd::Auto),
+        ("tiles_codes_avx2", Simd::Avx2),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                for row0 in (0..m).step_by(rows) {
+                    tile.fill(0.0);
+                    planes_rows_to_dense_with(&planes, row0, black_box(&mut tile), simd);
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, small, large_randomized, planes);
 
 fn main() {
     benches();

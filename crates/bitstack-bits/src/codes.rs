@@ -15,8 +15,10 @@
 //! On x86-64 with AVX-512 F and BW (checked at run time) the codes of 64 columns are built in
 //! one `zmm` register of bytes, one masked byte add per plane (the plane's 64 bits are the
 //! mask), then widened to f32 16 at a time and multiplied with `x`: no lookup tables, and
-//! every product is an exact integer times `x[c]` summed in f32. Elsewhere a portable version
-//! runs (the reference for the vectorized one in the tests).
+//! every product is an exact integer times `x[c]` summed in f32. With AVX2 (and FMA) the
+//! codes of 32 columns are built in a `ymm` register, each plane's bits spread to bytes and
+//! compared. Elsewhere a portable version runs (the reference for the vectorized ones in the
+//! tests).
 
 use half::f16;
 use rayon::prelude::{IndexedParallelIterator, ParallelIterator, ParallelSliceMut};
@@ -49,17 +51,44 @@ pub struct WeightedPlane<'a> {
     pub weight: u8,
 }
 
-/// Whether [`codes_matvec_add`] has a vectorized version on this CPU (with [`Simd::Auto`]);
-/// without one it runs a portable loop that is slower than a table-driven product.
+/// Whether [`codes_matvec_add`] has a vectorized version on this CPU (with [`Simd::Auto`]:
+/// AVX-512 F and BW, or AVX2); without one it runs a portable loop that is slower than a
+/// table-driven product.
 pub fn codes_simd_available() -> bool {
+    CodeKernel::choose(Simd::Auto) != CodeKernel::Portable
+}
+
+/// Which implementation of the code kernels runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CodeKernel {
+    Portable,
+    /// AVX-512 F and BW: 64 columns a register, one masked byte add per plane.
     #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    Avx512,
+    /// AVX2: 32 columns a register, each plane's bits spread to bytes and compared.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl CodeKernel {
+    fn choose(simd: Simd) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+            match simd {
+                Simd::Auto
+                    if std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512bw") =>
+                {
+                    return CodeKernel::Avx512
+                }
+                Simd::Auto | Simd::Avx2 if avx2 => return CodeKernel::Avx2,
+                _ => {}
+            }
+        }
+        let _ = simd;
+        CodeKernel::Portable
     }
 }
 
@@ -87,8 +116,9 @@ pub fn codes_matvec_add(
     if m == 0 || n == 0 {
         return;
     }
+    let kernel = CodeKernel::choose(simd);
     #[cfg(target_arch = "x86_64")]
-    let vector = simd == Simd::Auto && codes_simd_available();
+    let vector = kernel == CodeKernel::Avx512;
     #[cfg(not(target_arch = "x86_64"))]
     let vector = false;
     // The vectorized rows read `x` rearranged: a mask's bit `t` is its byte's column `7 − t`;
@@ -130,8 +160,10 @@ pub fn codes_matvec_add(
         let s = &grid.scales[rows.clone()];
         let o = grid.offsets.map(|o| &o[rows]);
         #[cfg(target_arch = "x86_64")]
-        if vector {
-            return avx512::rows(planes, &shape, s, o, row0, ys);
+        match kernel {
+            CodeKernel::Avx512 => return avx512::rows(planes, &shape, s, o, row0, ys),
+            CodeKernel::Avx2 => return avx2::rows(planes, &shape, s, o, x, row0, ys),
+            CodeKernel::Portable => {}
         }
         rows_portable(planes, &shape, s, o, x, row0, ys);
     };
@@ -223,10 +255,13 @@ pub fn codes_rows_to_dense(
     let s = &grid.scales[at.clone()];
     let o = grid.offsets.map(|o| &o[at]);
     #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Auto && codes_simd_available() {
-        return avx512::rows_to_dense(planes, grid, groups, s, o, row0, tile);
+    match CodeKernel::choose(simd) {
+        CodeKernel::Avx512 => {
+            return avx512::rows_to_dense(planes, grid, groups, s, o, row0, tile);
+        }
+        CodeKernel::Avx2 => return avx2::rows_to_dense(planes, grid, groups, s, o, row0, tile),
+        CodeKernel::Portable => {}
     }
-    let _ = simd;
     rows_to_dense_portable(planes, grid, groups, s, o, row0, tile);
 }
 
@@ -693,6 +728,293 @@ mod avx512 {
     }
 }
 
+/// The AVX2 code kernels: 32 columns of codes a `ymm` register. A plane's 32 bits are
+/// broadcast, each byte of them spread to 8 byte lanes, masked to its lane's bit and compared:
+/// the lanes of set bits add the plane's weight. The codes come out in column order (the
+/// first column in a byte's MSB), so `x` is read as it is.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use std::arch::x86_64::{
+        __m128i, __m256, __m256i, _mm256_add_epi8, _mm256_add_ps, _mm256_and_si256,
+        _mm256_castps256_ps128, _mm256_castsi256_si128, _mm256_cmpeq_epi8, _mm256_cvtepi32_ps,
+        _mm256_cvtepu8_epi32, _mm256_extractf128_ps, _mm256_extracti128_si256, _mm256_fmadd_ps,
+        _mm256_loadu_ps, _mm256_loadu_si256, _mm256_set1_epi32, _mm256_set1_epi8, _mm256_set1_ps,
+        _mm256_setzero_ps, _mm256_setzero_si256, _mm256_shuffle_epi8, _mm256_storeu_ps, _mm_add_ps,
+        _mm_cvtss_f32, _mm_hadd_ps, _mm_srli_si128,
+    };
+
+    use half::f16;
+
+    use super::{CodeGrid, Shape, WeightedPlane};
+
+    /// The byte shuffle that spreads byte `i / 8` of a broadcast 32-bit word to lane `i`,
+    /// and the bit each lane keeps (`128 >> (i % 8)`: the first column is the MSB).
+    struct Spread {
+        spread: __m256i,
+        select: __m256i,
+    }
+
+    impl Spread {
+        /// # Safety
+        /// AVX2 must be available.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn new() -> Self {
+            let mut spread = [0u8; 32];
+            let mut select = [0u8; 32];
+            for i in 0..32 {
+                // Indices are within each 128-bit lane; the word is in both lanes.
+                spread[i] = (i / 8) as u8;
+                select[i] = 128u8 >> (i % 8);
+            }
+            // SAFETY: 32 bytes each.
+            unsafe {
+                Spread {
+                    spread: _mm256_loadu_si256(spread.as_ptr().cast()),
+                    select: _mm256_loadu_si256(select.as_ptr().cast()),
+                }
+            }
+        }
+    }
+
+    /// The codes of `width` (a multiple of 8, at most 32) columns starting at byte `at` of
+    /// every plane, in column order; lanes past `width` are 0.
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn chunk_codes(
+        planes: &[(&[u8], u8)],
+        weights: &[__m256i],
+        spread: &Spread,
+        at: usize,
+        width: usize,
+    ) -> __m256i {
+        let mut q = _mm256_setzero_si256();
+        for (&(bits, _), &w) in planes.iter().zip(weights) {
+            let word = match bits.get(at..at + width / 8) {
+                Some(&[a, b, c, d]) => i32::from_le_bytes([a, b, c, d]),
+                Some(part) => {
+                    let mut b = [0u8; 4];
+                    b[..part.len()].copy_from_slice(part);
+                    i32::from_le_bytes(b)
+                }
+                None => panic!("codes: plane bytes {at}.. out of range"),
+            };
+            let v = _mm256_shuffle_epi8(_mm256_set1_epi32(word), spread.spread);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(v, spread.select), spread.select);
+            q = _mm256_add_epi8(q, _mm256_and_si256(set, w));
+        }
+        q
+    }
+
+    /// The 32 codes of `q` as four vectors of 8 floats (columns `0..8`, `8..16`, ...).
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn widen(q: __m256i) -> [__m256; 4] {
+        let lo: __m128i = _mm256_castsi256_si128(q);
+        let hi: __m128i = _mm256_extracti128_si256::<1>(q);
+        [
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(lo))),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(hi))),
+        ]
+    }
+
+    /// The sum of the 8 lanes.
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn lane_sum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_hadd_ps(s, s);
+        _mm_cvtss_f32(_mm_hadd_ps(s, s))
+    }
+
+    fn plane_bytes<'a>(planes: &[WeightedPlane<'a>]) -> Vec<(&'a [u8], u8)> {
+        planes
+            .iter()
+            .map(|p| (p.bits.as_bytes(), p.weight))
+            .collect()
+    }
+
+    /// The rows `row0..row0 + y.len()` of [`super::codes_matvec_add`] (the caller checked
+    /// AVX2 and the shapes; `s`, `o`: the rows' scales and offsets).
+    pub(super) fn rows(
+        planes: &[WeightedPlane<'_>],
+        shape: &Shape,
+        s: &[f16],
+        o: Option<&[f16]>,
+        x: &[f32],
+        row0: usize,
+        y: &mut [f32],
+    ) {
+        let bytes = plane_bytes(planes);
+        let bpr = shape.n / 8;
+        assert!(
+            x.len() == shape.n
+                && s.len() == y.len() * shape.groups
+                && o.is_none_or(|o| o.len() == s.len())
+                && bytes.iter().all(|(b, _)| b.len() >= (row0 + y.len()) * bpr),
+            "codes: short buffers"
+        );
+        // SAFETY: the caller checked AVX2 and FMA (`CodeKernel::choose`); the lengths are
+        // asserted.
+        unsafe { rows_impl(&bytes, shape, s, o, x, row0, y) }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; the lengths as asserted in [`rows`].
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_impl(
+        planes: &[(&[u8], u8)],
+        shape: &Shape,
+        s: &[f16],
+        o: Option<&[f16]>,
+        x: &[f32],
+        row0: usize,
+        y: &mut [f32],
+    ) {
+        let (n, group, groups) = (shape.n, shape.group, shape.groups);
+        let bpr = n / 8;
+        // SAFETY: AVX2 is enabled on this function.
+        let spread = unsafe { Spread::new() };
+        let weights: Vec<__m256i> = planes
+            .iter()
+            .map(|&(_, w)| _mm256_set1_epi8(w as i8))
+            .collect();
+        let xp = x.as_ptr();
+        for (i, yr) in y.iter_mut().enumerate() {
+            let row_byte = (row0 + i) * bpr;
+            let mut acc = _mm256_setzero_ps();
+            for (gi, sg) in s[i * groups..(i + 1) * groups].iter().enumerate() {
+                let (c0, c1) = (gi * group, ((gi + 1) * group).min(n));
+                let mut dots = [_mm256_setzero_ps(); 4];
+                let mut c = c0;
+                while c < c1 {
+                    let width = (c1 - c).min(32);
+                    // SAFETY: AVX2 is enabled here; the plane bytes are sliced (checked).
+                    let q =
+                        unsafe { chunk_codes(planes, &weights, &spread, row_byte + c / 8, width) };
+                    // SAFETY: as above.
+                    let codes = unsafe { widen(q) };
+                    for (j, (qf, dot)) in codes.iter().zip(dots.iter_mut()).enumerate() {
+                        if 8 * j >= width {
+                            break;
+                        }
+                        // SAFETY: `c + 8j + 8 <= c + width <= c1 <= n = x.len()` (widths
+                        // are multiples of 8).
+                        let xv = unsafe { _mm256_loadu_ps(xp.add(c + 8 * j)) };
+                        *dot = _mm256_fmadd_ps(*qf, xv, *dot);
+                    }
+                    c += width;
+                }
+                let dot = _mm256_add_ps(
+                    _mm256_add_ps(dots[0], dots[1]),
+                    _mm256_add_ps(dots[2], dots[3]),
+                );
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(sg.to_f32()), dot, acc);
+            }
+            let row = i * groups..(i + 1) * groups;
+            let o = o.map(|o| &o[row.clone()]);
+            // SAFETY: AVX2 is enabled here.
+            let sum = unsafe { lane_sum(acc) };
+            *yr += shape.scale * sum + shape.row_constant(&s[row], o);
+        }
+    }
+
+    /// The tile rebuild of [`super::codes_rows_to_dense`] (the caller checked AVX2 and the
+    /// shapes; `s`, `o`: the tile rows' scales and offsets).
+    pub(super) fn rows_to_dense(
+        planes: &[WeightedPlane<'_>],
+        grid: &CodeGrid<'_>,
+        groups: usize,
+        s: &[f16],
+        o: Option<&[f16]>,
+        row0: usize,
+        tile: &mut [f32],
+    ) {
+        let n = planes[0].bits.cols();
+        let bpr = n / 8;
+        let rows = tile.len() / n;
+        let bytes = plane_bytes(planes);
+        assert!(
+            tile.len() == rows * n
+                && n.is_multiple_of(8)
+                && grid.group.is_multiple_of(8)
+                && s.len() == rows * groups
+                && o.is_none_or(|o| o.len() == s.len())
+                && groups == n.div_ceil(grid.group)
+                && bytes.iter().all(|(b, _)| b.len() >= (row0 + rows) * bpr),
+            "codes: short buffers"
+        );
+        // SAFETY: the caller checked AVX2 and FMA (`CodeKernel::choose`); the lengths are
+        // asserted.
+        unsafe { rows_to_dense_impl(&bytes, grid, n, groups, s, o, row0, tile) }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; the lengths as asserted in [`rows_to_dense`].
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_to_dense_impl(
+        planes: &[(&[u8], u8)],
+        grid: &CodeGrid<'_>,
+        n: usize,
+        groups: usize,
+        s: &[f16],
+        o: Option<&[f16]>,
+        row0: usize,
+        tile: &mut [f32],
+    ) {
+        let bpr = n / 8;
+        // SAFETY: AVX2 is enabled on this function.
+        let spread = unsafe { Spread::new() };
+        let weights: Vec<__m256i> = planes
+            .iter()
+            .map(|&(_, w)| _mm256_set1_epi8(w as i8))
+            .collect();
+        for (i, out) in tile.chunks_exact_mut(n).enumerate() {
+            let row_byte = (row0 + i) * bpr;
+            let op = out.as_mut_ptr();
+            for g in 0..groups {
+                let at = i * groups + g;
+                let sg = s[at].to_f32();
+                let og = o.map_or(0.0, |o| o[at].to_f32());
+                let a = _mm256_set1_ps(sg * grid.scale);
+                let b = _mm256_set1_ps(sg * grid.shift + og);
+                let (c0, c1) = (g * grid.group, ((g + 1) * grid.group).min(n));
+                let mut c = c0;
+                while c < c1 {
+                    let width = (c1 - c).min(32);
+                    // SAFETY: AVX2 is enabled here; the plane bytes are sliced (checked).
+                    let q =
+                        unsafe { chunk_codes(planes, &weights, &spread, row_byte + c / 8, width) };
+                    // SAFETY: as above.
+                    let codes = unsafe { widen(q) };
+                    for (j, qf) in codes.iter().enumerate().take(width / 8) {
+                        // SAFETY: `c + 8j + 8 <= c + width <= n`: within the tile row.
+                        unsafe {
+                            let t = _mm256_loadu_ps(op.add(c + 8 * j));
+                            let v = _mm256_fmadd_ps(*qf, a, b);
+                            _mm256_storeu_ps(op.add(c + 8 * j), _mm256_add_ps(t, v));
+                        }
+                    }
+                    c += width;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -798,7 +1120,7 @@ mod tests {
                 shift: -3.5,
             };
             let want = naive(&planes, &grid, &x);
-            for simd in [Simd::Auto, Simd::Portable] {
+            for simd in [Simd::Auto, Simd::Avx2, Simd::Portable] {
                 let mut y = vec![1.0f32; rows];
                 codes_matvec_add(&refs, &grid, &x, &mut y, par, simd);
                 for (r, (&got, &(w, mag))) in y.iter().zip(&want).enumerate() {
@@ -838,7 +1160,7 @@ mod tests {
                 scale: 0.125,
                 shift: -3.5,
             };
-            for simd in [Simd::Auto, Simd::Portable] {
+            for simd in [Simd::Auto, Simd::Avx2, Simd::Portable] {
                 let mut tile = start.clone();
                 codes_rows_to_dense(&refs, &grid, row0, &mut tile, simd);
                 for (i, (&got, &was)) in tile.iter().zip(&start).enumerate() {

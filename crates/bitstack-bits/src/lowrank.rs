@@ -55,9 +55,11 @@ pub enum Simd {
     Auto,
     /// The portable version (no explicit SIMD): the reference for the vectorized one.
     Portable,
-    /// The AVX2 version of the residual-block decode kernel ([`crate::lowrank_matvec_add`]: what
-    /// CPUs without AVX-512 run) where the CPU has AVX2, even if it has AVX-512; the portable
-    /// version elsewhere and for the other kernels. For tests and comparisons.
+    /// The AVX2 version of a kernel (what CPUs without AVX-512 run: the residual-block
+    /// decode kernel [`crate::lowrank_matvec_add`] and the code kernels
+    /// [`crate::codes_matvec_add`], [`crate::codes_rows_to_dense`]) where the CPU has AVX2,
+    /// even if it has AVX-512; the portable version elsewhere and for the other kernels. For
+    /// tests and comparisons.
     Avx2,
 }
 

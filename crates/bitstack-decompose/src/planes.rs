@@ -370,9 +370,9 @@ fn lut_dot(lut: &[f32], bytes: &[u8]) -> f32 {
 /// scale is applied. Planes of different grids, or a width that is not a multiple of 8, go
 /// through [`PlaneBlock::matvec_add_with`] one at a time.
 ///
-/// On x86-64 with AVX-512 F and BW the planes of each run of 8 go through the vectorized
-/// code kernel ([`bitstack_bits::codes_matvec_add`]); elsewhere, 8-bit tables of `x` are read
-/// per byte ([`planes_matvec_add_with`] picks).
+/// On x86-64 with AVX-512 F and BW, or AVX2, the planes of each run of 8 go through the
+/// vectorized code kernel ([`bitstack_bits::codes_matvec_add`]); elsewhere, 8-bit tables of
+/// `x` are read per byte ([`planes_matvec_add_with`] picks).
 ///
 /// # Panics
 /// If the table was built for another width or group, or `y` has the wrong length.
@@ -381,7 +381,8 @@ pub fn planes_matvec_add(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f3
 }
 
 /// [`planes_matvec_add`] with the kernel chosen: [`Simd::Portable`] always takes the
-/// table-driven path (the reference for the vectorized one in the tests).
+/// table-driven path (the reference for the vectorized one in the tests), [`Simd::Avx2`] the
+/// AVX2 code kernel where the CPU has it.
 ///
 /// # Panics
 /// As [`planes_matvec_add`].
@@ -406,8 +407,8 @@ pub fn planes_matvec_add_with(
     assert_eq!(table.cols, n, "planes_matvec_add: table for another width");
     assert_eq!(table.group, g, "planes_matvec_add: table for another group");
     assert_eq!(y.len(), m, "planes_matvec_add: y has the wrong length");
-    if simd == Simd::Auto && bitstack_bits::codes_simd_available() {
-        return planes_as_codes(planes, table, y);
+    if simd != Simd::Portable && bitstack_bits::codes_simd_available() {
+        return planes_as_codes(planes, table, y, simd);
     }
     let groups = grid.groups();
     let with_mid = planes.iter().any(|p| p.plane == 0);
@@ -465,7 +466,7 @@ pub fn planes_matvec_add_with(
 /// `F = Σ_p f_p`: the kernel's grid with scale `2^{−(l+7)}`, shift `−F` and offset `mid`
 /// (plane 0 loaded). Planes more than 8 apart (or repeated) go in several runs of codes, the
 /// shift and offset with the first.
-fn planes_as_codes(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f32]) {
+fn planes_as_codes(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f32], simd: Simd) {
     for_each_code_run(planes, |codes, grid| {
         bitstack_bits::codes_matvec_add(
             codes,
@@ -473,7 +474,7 @@ fn planes_as_codes(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f32]) {
             &table.x,
             y,
             bitstack_bits::Parallelism::Auto,
-            Simd::Auto,
+            simd,
         );
     });
 }
@@ -529,8 +530,8 @@ fn for_each_code_run(
 /// `tile += rows row0.. of Σ Δ` over `planes` (a row-major tile of whole rows): the batch
 /// product's tile rebuild. Planes sharing one grid (the planes of one matrix) are read
 /// together as integer codes ([`bitstack_bits::codes_rows_to_dense`], each weight written
-/// once) where the CPU has the vectorized code kernel; others, a width that is not a multiple
-/// of 8, or a CPU without AVX-512 BW, go one plane at a time through
+/// once) where the CPU has a vectorized code kernel (AVX-512 BW or AVX2); others, a width
+/// that is not a multiple of 8, or a CPU without either, go one plane at a time through
 /// [`PlaneBlock::add_rows_to_dense`].
 ///
 /// # Panics
@@ -540,7 +541,7 @@ pub fn planes_rows_to_dense(planes: &[&PlaneBlock], row0: usize, tile: &mut [f32
 }
 
 /// [`planes_rows_to_dense`] with the kernel chosen ([`Simd::Portable`]: the portable code
-/// loop).
+/// loop; [`Simd::Avx2`]: the AVX2 one where the CPU has it).
 ///
 /// # Panics
 /// As [`planes_rows_to_dense`].
