@@ -4,7 +4,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::fastmath::softmax_in_place;
-use crate::linear::{axpy, dot};
+use crate::linear::{strided_dots, strided_weighted_sum};
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -61,16 +61,10 @@ pub(crate) fn attention(
                 let g = h / group;
                 let qh = &q[h * d..(h + 1) * d];
                 let sc = &mut sc[lo..keys];
-                for (j, sj) in sc.iter_mut().enumerate() {
-                    let kr = (lo + j) * kv_dim + g * d;
-                    *sj = dot(qh, &k[kr..kr + d]) * scale;
-                }
+                let rows = (lo * kv_dim + g * d, kv_dim);
+                strided_dots(qh, k, rows, scale, sc);
                 softmax_in_place(sc);
-                o.fill(0.0);
-                for (j, &p) in sc.iter().enumerate() {
-                    let vr = (lo + j) * kv_dim + g * d;
-                    axpy(p, &v[vr..vr + d], o);
-                }
+                strided_weighted_sum(sc, v, rows, o);
             });
         return;
     }

@@ -203,11 +203,76 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
-/// `y += a * x`, SIMD when available.
+/// `y += a * x`.
 pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     debug_assert_eq!(x.len(), y.len());
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;
+    }
+}
+
+/// `out[j] = scale · (q · rows[j])` where row `j` is `m[offset + j·stride..][..q.len()]`
+/// (one head's keys in a KV cache), SIMD when available.
+///
+/// # Panics
+/// If a row reaches past the end of `m`.
+pub(crate) fn strided_dots(
+    q: &[f32],
+    m: &[f32],
+    (offset, stride): (usize, usize),
+    scale: f32,
+    out: &mut [f32],
+) {
+    let d = q.len();
+    if let Some(last) = out.len().checked_sub(1) {
+        assert!(
+            offset + last * stride + d <= m.len(),
+            "strided_dots: rows past the end"
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        for (j, o) in out.iter_mut().enumerate() {
+            let row = &m[offset + j * stride..offset + j * stride + d];
+            // SAFETY: the required CPU features were detected just above.
+            *o = scale * unsafe { simd::dot_avx2(q, row) };
+        }
+        return;
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = scale * dot_portable(q, &m[offset + j * stride..offset + j * stride + d]);
+    }
+}
+
+/// `out = Σ_j p[j] · rows[j]` where row `j` is `m[offset + j·stride..][..out.len()]` (one
+/// head's values in a KV cache, weighted by its attention), SIMD when available: the sums of
+/// up to 64 columns stay in registers over all rows.
+///
+/// # Panics
+/// If a row reaches past the end of `m`.
+pub(crate) fn strided_weighted_sum(
+    p: &[f32],
+    m: &[f32],
+    (offset, stride): (usize, usize),
+    out: &mut [f32],
+) {
+    let d = out.len();
+    if let Some(last) = p.len().checked_sub(1) {
+        assert!(
+            offset + last * stride + d <= m.len(),
+            "strided_weighted_sum: rows past the end"
+        );
+    }
+    out.fill(0.0);
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the required CPU features were detected just above; the rows lie within
+        // `m` (asserted).
+        unsafe { simd::strided_weighted_sum_avx2(p, m, (offset, stride), out) };
+        return;
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        axpy(pj, &m[offset + j * stride..offset + j * stride + d], out);
     }
 }
 
@@ -266,6 +331,68 @@ mod simd {
             i += 1;
         }
         total
+    }
+
+    /// `out += Σ_j p[j] · m[offset + j·stride..][..out.len()]`: columns in blocks of 64 (8
+    /// accumulators) swept over all rows, the last block narrower, a tail of fewer than 8
+    /// columns scalar.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; every row must lie within `m`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn strided_weighted_sum_avx2(
+        p: &[f32],
+        m: &[f32],
+        (offset, stride): (usize, usize),
+        out: &mut [f32],
+    ) {
+        use std::arch::x86_64::_mm256_set1_ps;
+        let d = out.len();
+        let d8 = d / 8 * 8;
+        let pm = m.as_ptr();
+        let mut c0 = 0;
+        while c0 < d8 {
+            let lanes = ((d8 - c0) / 8).min(8);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (j, &pj) in p.iter().enumerate() {
+                let pv = _mm256_set1_ps(pj);
+                let row = offset + j * stride + c0;
+                if lanes == 8 {
+                    for (a, acc) in acc.iter_mut().enumerate() {
+                        // SAFETY: `row + 8a + 8 <= offset + j·stride + d`, within `m`.
+                        *acc = _mm256_fmadd_ps(
+                            pv,
+                            unsafe { _mm256_loadu_ps(pm.add(row + 8 * a)) },
+                            *acc,
+                        );
+                    }
+                } else {
+                    for (a, acc) in acc.iter_mut().enumerate().take(lanes) {
+                        // SAFETY: as above.
+                        *acc = _mm256_fmadd_ps(
+                            pv,
+                            unsafe { _mm256_loadu_ps(pm.add(row + 8 * a)) },
+                            *acc,
+                        );
+                    }
+                }
+            }
+            for (a, acc) in acc.iter().enumerate().take(lanes) {
+                let o = &mut out[c0 + 8 * a..c0 + 8 * a + 8];
+                // SAFETY: `o` holds 8 floats.
+                unsafe {
+                    let was = _mm256_loadu_ps(o.as_ptr());
+                    _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(was, *acc));
+                }
+            }
+            c0 += 8 * lanes;
+        }
+        for (j, &pj) in p.iter().enumerate() {
+            let row = offset + j * stride;
+            for (o, &v) in out[d8..].iter_mut().zip(&m[row + d8..row + d]) {
+                *o += pj * v;
+            }
+        }
     }
 
     /// `y[r] = w[r, :] · x` for every row, 4 rows at a time sharing the loads of `x`.
@@ -327,6 +454,51 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
+    }
+
+    /// The strided row products of attention against one-row-at-a-time loops in f64, at
+    /// head sizes that are and are not multiples of 8 or 64.
+    #[test]
+    fn strided_rows_match_naive() {
+        for (d, rows, stride, offset) in [
+            (64, 37, 256, 64),
+            (128, 5, 128, 0),
+            (72, 9, 80, 3),
+            (13, 4, 20, 7),
+            (200, 3, 200, 0),
+            (8, 1, 8, 0),
+            (64, 0, 64, 0),
+        ] {
+            let m = pseudo(offset + rows * stride + d, d as u64);
+            let q = pseudo(d, 7);
+            let p = pseudo(rows, 11);
+            let mut dots = vec![0.0f32; rows];
+            strided_dots(&q, &m, (offset, stride), 0.5, &mut dots);
+            let mut sum = vec![1.0f32; d];
+            strided_weighted_sum(&p, &m, (offset, stride), &mut sum);
+            for j in 0..rows {
+                let row = &m[offset + j * stride..offset + j * stride + d];
+                let want: f64 = 0.5
+                    * row
+                        .iter()
+                        .zip(&q)
+                        .map(|(a, b)| f64::from(a * b))
+                        .sum::<f64>();
+                assert!(
+                    (f64::from(dots[j]) - want).abs() <= 1e-5 * d as f64,
+                    "{d} dot {j}"
+                );
+            }
+            for c in 0..d {
+                let want: f64 = (0..rows)
+                    .map(|j| f64::from(p[j]) * f64::from(m[offset + j * stride + c]))
+                    .sum();
+                assert!(
+                    (f64::from(sum[c]) - want).abs() <= 1e-5 * rows.max(1) as f64,
+                    "{d} sum {c}"
+                );
+            }
+        }
     }
 
     fn naive(w: &[f32], out: usize, inp: usize, x: &[f32], tokens: usize) -> Vec<f32> {
