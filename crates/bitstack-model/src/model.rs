@@ -879,9 +879,22 @@ impl CausalLm {
         s.q.resize(t * qd, 0.0);
         s.k.resize(t * kvd, 0.0);
         s.v.resize(t * kvd, 0.0);
-        self.project(l, LinearSlot::QProj, &s.xn, t, &mut s.q);
-        self.project(l, LinearSlot::KProj, &s.xn, t, &mut s.k);
-        self.project(l, LinearSlot::VProj, &s.xn, t, &mut s.v);
+        if t == 1 {
+            // One token: the three products side by side (q against k and v, about half the
+            // work each with grouped-query attention), one fork and join instead of three.
+            let (xn, q, k, v) = (&s.xn, &mut s.q, &mut s.k, &mut s.v);
+            rayon::join(
+                || self.project(l, LinearSlot::QProj, xn, t, q),
+                || {
+                    self.project(l, LinearSlot::KProj, xn, t, k);
+                    self.project(l, LinearSlot::VProj, xn, t, v);
+                },
+            );
+        } else {
+            self.project(l, LinearSlot::QProj, &s.xn, t, &mut s.q);
+            self.project(l, LinearSlot::KProj, &s.xn, t, &mut s.k);
+            self.project(l, LinearSlot::VProj, &s.xn, t, &mut s.v);
+        }
         self.rope.apply(&mut s.q, t, c.num_heads, pos0);
         self.rope.apply(&mut s.k, t, c.num_kv_heads, pos0);
         s.attn.resize(t * qd, 0.0);
@@ -913,8 +926,16 @@ impl CausalLm {
         }
         s.gate.resize(t * im, 0.0);
         s.up.resize(t * im, 0.0);
-        self.project(l, LinearSlot::GateProj, &s.xn, t, &mut s.gate);
-        self.project(l, LinearSlot::UpProj, &s.xn, t, &mut s.up);
+        if t == 1 {
+            let (xn, gate, up) = (&s.xn, &mut s.gate, &mut s.up);
+            rayon::join(
+                || self.project(l, LinearSlot::GateProj, xn, t, gate),
+                || self.project(l, LinearSlot::UpProj, xn, t, up),
+            );
+        } else {
+            self.project(l, LinearSlot::GateProj, &s.xn, t, &mut s.gate);
+            self.project(l, LinearSlot::UpProj, &s.xn, t, &mut s.up);
+        }
         crate::fastmath::silu_mul(&mut s.gate, &s.up);
         if let Some(o) = obs.as_deref_mut() {
             o(li, Site::DownInput, &s.gate, t);
