@@ -138,6 +138,16 @@ impl Linear for HalfLinear {
         if tokens == 1 {
             use rayon::prelude::*;
             // One token: each thread widens and multiplies its own tiles.
+            if self.weight.kind == HalfKind::F16 && crate::linear::dot_f16_available() {
+                // Each row read once as f16 and widened in registers.
+                y.par_chunks_mut(TILE_ROWS).enumerate().for_each(|(t, ys)| {
+                    for (i, yi) in ys.iter_mut().enumerate() {
+                        let at = (t * TILE_ROWS + i) * inp * 2;
+                        *yi = crate::linear::dot_f16(&self.weight.bytes[at..at + 2 * inp], x);
+                    }
+                });
+                return;
+            }
             y.par_chunks_mut(TILE_ROWS).enumerate().for_each_init(
                 || vec![0.0f32; TILE_ROWS * inp],
                 |tile, (t, ys)| {
