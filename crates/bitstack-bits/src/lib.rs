@@ -27,15 +27,17 @@
 //!
 //! The decode product of a whole residual block, `y += (S ⊙ (u v)) x`
 //! ([`SignMatrixRef::lowrank_matvec_add`]), shares one table per column group between all `k`
-//! sign products; it has an AVX-512 version picked at run time (see [`Simd`]), checked
-//! against the portable version and the naive oracle
+//! sign products; it has AVX-512 and AVX2 versions picked at run time (see [`Simd`]),
+//! checked against the portable version and the naive oracle
 //! [`SignMatrixRef::lowrank_matvec_add_naive`].
 //!
 //! The decode product of nested bit planes ([`codes_matvec_add`]: integer codes stored one
 //! plane at a time on a per-group grid) builds the codes of 64 columns with one masked byte
-//! add per plane (AVX-512 BW, picked at run time) and multiplies them with `x` in f32; its
-//! portable version and a per-weight f64 definition are the tests' oracles. These two
-//! vectorized kernels are the only `unsafe` code of the crate.
+//! add per plane (AVX-512 BW; AVX2: 32 columns, bits spread to bytes by a shuffle and a
+//! compare; picked at run time) and multiplies them with `x` in f32;
+//! [`codes_rows_to_dense`] writes the same codes out as dense rows (the batch product's tile
+//! rebuild). Their portable versions and a per-weight f64 definition are the tests' oracles.
+//! These vectorized kernels are the only `unsafe` code of the crate.
 //!
 //! # Example
 //!
