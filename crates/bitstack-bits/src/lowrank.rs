@@ -368,12 +368,8 @@ fn run_range(
                 sweep_portable(p, tables, (c0, c1), first_row, acc, scratch);
             }
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 { nz } => {
-                avx512::range(nz, p, z, tables, (c0, c1), first_row, acc, scratch);
-            }
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 { ny } => {
-                avx2::range(ny, p, z, tables, (c0, c1), first_row, acc, scratch);
+            kernel @ (Kernel::Avx512 { .. } | Kernel::Avx2 { .. }) => {
+                tables::range(kernel, p, z, tables, (c0, c1), first_row, acc, scratch);
             }
         }
         c0 = c1;
@@ -531,12 +527,9 @@ fn sweep_portable(
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx512 {
-    use std::arch::x86_64::{
-        _mm512_add_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_ps, _mm512_setzero_ps,
-        _mm512_storeu_ps, _mm512_sub_ps,
-    };
+    use std::arch::x86_64::{_mm512_mul_ps, _mm512_setzero_ps, _mm512_storeu_ps};
 
-    use super::{sweep_tiles, Problem, ENTRIES, ROW_TILE};
+    use super::Problem;
 
     /// `dst = src` widened to f32 with AVX-512 F; `false` (nothing written) without it.
     ///
@@ -673,230 +666,31 @@ mod avx512 {
             c += 16;
         }
     }
-
-    /// Tables and the row sweep of column groups `c0..c1` with `nz` (1 or 2) zmm per entry;
-    /// falls back to the portable code if AVX-512 F is missing after all.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn range(
-        nz: usize,
-        p: &Problem<'_>,
-        z: &[f32],
-        tables: &mut [f32],
-        (c0, c1): (usize, usize),
-        first_row: usize,
-        acc: &mut [f32],
-        scratch: &mut [u8],
-    ) {
-        let count = c1 - c0;
-        let usable = std::arch::is_x86_feature_detected!("avx512f")
-            && (nz == 1 || nz == 2)
-            && p.stride == 16 * nz
-            && tables.len() == count * ENTRIES * p.stride
-            && z.len() >= count * 8 * p.stride
-            && scratch.len() >= super::ROW_TILE * count
-            && acc.len().is_multiple_of(p.stride)
-            && first_row + acc.len() / p.stride <= p.s.rows();
-        if !usable {
-            for (table, zg) in tables
-                .chunks_exact_mut(ENTRIES * p.stride)
-                .zip(z.chunks_exact(8 * p.stride))
-            {
-                super::build_table(table, zg, p.stride);
-            }
-            return super::sweep_portable(p, tables, (c0, c1), first_row, acc, scratch);
-        }
-        // SAFETY: AVX-512 F was detected just above, and the buffer lengths the kernels
-        // require were checked with it.
-        unsafe {
-            if nz == 1 {
-                range_nz::<1>(p, z, tables, (c0, c1), first_row, acc, scratch);
-            } else {
-                range_nz::<2>(p, z, tables, (c0, c1), first_row, acc, scratch);
-            }
-        }
-    }
-
-    /// Tables and the row sweep of column groups `c0..c1` with `NZ` zmm per entry, for the
-    /// rows `first_row..` that `acc` holds (`16·NZ` accumulators each).
-    ///
-    /// # Safety
-    /// AVX-512 F must be available (the buffer lengths are asserted).
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn range_nz<const NZ: usize>(
-        p: &Problem<'_>,
-        z: &[f32],
-        tables: &mut [f32],
-        (c0, c1): (usize, usize),
-        first_row: usize,
-        acc: &mut [f32],
-        scratch: &mut [u8],
-    ) {
-        let stride = 16 * NZ;
-        let count = c1 - c0;
-        let table_len = ENTRIES * stride;
-        let m = acc.len() / stride;
-        assert!(
-            p.stride == stride
-                && tables.len() == count * table_len
-                && z.len() >= count * 8 * stride
-                && scratch.len() >= ROW_TILE * count
-                && acc.len() == m * stride
-                && first_row + m <= p.s.rows(),
-            "avx512::range: inconsistent buffers"
-        );
-        for (table, zg) in tables
-            .chunks_exact_mut(table_len)
-            .zip(z.chunks_exact(8 * stride))
-        {
-            // SAFETY: AVX-512 F is enabled on this function; `table` has `256·16·NZ` floats
-            // and `zg` `8·16·NZ` (checked above).
-            unsafe { build_table::<NZ>(table, zg) };
-        }
-        sweep_tiles(
-            p,
-            tables,
-            (c0, c1),
-            first_row,
-            acc,
-            scratch,
-            |tables, rows, g, out| {
-                // SAFETY: AVX-512 F is enabled on this function (the closure inherits it); `out`
-                // holds `rows.len()` rows of `stride` accumulators and every row slice has at
-                // least `g.end` bytes (`sweep_tiles`).
-                unsafe {
-                    match *rows {
-                        [a, b, c, d] => lookup::<NZ, 4>(tables, [a, b, c, d], g.start, g.end, out),
-                        _ => lookup::<NZ, 1>(tables, [rows[0]], g.start, g.end, out),
-                    }
-                }
-            },
-        );
-    }
-
-    /// `out[i] += Σ_{g0 <= g < g1} (table_g[hi(b)] + table_g[16 + lo(b)])` for the `R` rows,
-    /// `b = rows[i][g]`, the `16·NZ` accumulators of each row held in registers.
-    ///
-    /// # Safety
-    /// AVX-512 F must be available.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn lookup<const NZ: usize, const R: usize>(
-        tables: &[f32],
-        rows: [&[u8]; R],
-        g0: usize,
-        g1: usize,
-        out: &mut [f32],
-    ) {
-        let stride = 16 * NZ;
-        let table_len = ENTRIES * stride;
-        assert!(
-            out.len() >= R * stride
-                && tables.len() >= g1 * table_len
-                && rows.iter().all(|r| r.len() >= g1),
-            "lookup: short buffers"
-        );
-        let o = out.as_mut_ptr();
-        let base = tables.as_ptr();
-        let mut sums = [[_mm512_setzero_ps(); NZ]; R];
-        for (i, sum) in sums.iter_mut().enumerate() {
-            for (q, sq) in sum.iter_mut().enumerate() {
-                // SAFETY: `(i·NZ + q)·16 + 16 <= R·stride <= out.len()` (asserted).
-                *sq = unsafe { _mm512_loadu_ps(o.add((i * NZ + q) * 16)) };
-            }
-        }
-        for g in g0..g1 {
-            let t = g * table_len;
-            for (sum, bytes) in sums.iter_mut().zip(&rows) {
-                // SAFETY: `g < g1 <= bytes.len()` (asserted).
-                let b = unsafe { *bytes.get_unchecked(g) };
-                let hi = t + usize::from(b >> 4) * stride;
-                let lo = t + (16 + usize::from(b & 15)) * stride;
-                for (q, sq) in sum.iter_mut().enumerate() {
-                    // SAFETY: both entry indices are `< 32 = ENTRIES` and `g < g1`, so
-                    // `hi + 16·q + 16` and `lo + 16·q + 16` are at most
-                    // `g1·table_len <= tables.len()` (asserted).
-                    let (eh, el) = unsafe {
-                        (
-                            _mm512_loadu_ps(base.add(hi + 16 * q)),
-                            _mm512_loadu_ps(base.add(lo + 16 * q)),
-                        )
-                    };
-                    *sq = _mm512_add_ps(*sq, _mm512_add_ps(eh, el));
-                }
-            }
-        }
-        for (i, sum) in sums.iter().enumerate() {
-            for (q, sq) in sum.iter().enumerate() {
-                // SAFETY: as for the loads above.
-                unsafe { _mm512_storeu_ps(o.add((i * NZ + q) * 16), *sq) };
-            }
-        }
-    }
-
-    /// [`super::build_table`] for `stride = 16·NZ`.
-    ///
-    /// # Safety
-    /// AVX-512 F must be available.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn build_table<const NZ: usize>(table: &mut [f32], z: &[f32]) {
-        let stride = 16 * NZ;
-        assert!(table.len() == ENTRIES * stride && z.len() >= 8 * stride);
-        let t = table.as_mut_ptr();
-        let zp = z.as_ptr();
-        let two = _mm512_set1_ps(2.0);
-        for half_table in 0..2 {
-            // Table `half_table` covers columns `4·half_table..4·half_table + 4`.
-            let t = t.wrapping_add(16 * stride * half_table);
-            let zp = zp.wrapping_add(4 * stride * half_table);
-            for q in 0..NZ {
-                let mut base = _mm512_setzero_ps();
-                for c in 0..4 {
-                    // SAFETY: `(4·half_table + c)·stride + 16·q + 16 <= 8·stride <= z.len()`.
-                    base = _mm512_sub_ps(base, unsafe {
-                        _mm512_loadu_ps(zp.add(c * stride + 16 * q))
-                    });
-                }
-                // SAFETY: `16·half_table·stride + 16·q + 16 <= 32·stride = table.len()`.
-                unsafe { _mm512_storeu_ps(t.add(16 * q), base) };
-                for i in 0..4 {
-                    let half = 1usize << i;
-                    // SAFETY: column `3 - i` of this half lies in `z` (as above).
-                    let zc = unsafe { _mm512_loadu_ps(zp.add((3 - i) * stride + 16 * q)) };
-                    let add = _mm512_mul_ps(two, zc);
-                    for b in 0..half {
-                        let from = b * stride + 16 * q;
-                        let to = from + half * stride;
-                        // SAFETY: `b + half < 16`, so `to + 16` stays within this half's
-                        // `16·stride` floats of `table`.
-                        unsafe {
-                            let lo = _mm512_loadu_ps(t.add(from));
-                            _mm512_storeu_ps(t.add(to), _mm512_add_ps(lo, add));
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
 
-/// The AVX2 version of the table kernel: entries of `8·NY` floats in ymm registers (for
-/// `k <= 8` on every AVX2 CPU, and for larger `k` where AVX-512 is missing).
+/// The vectorized table kernels, written once (`table_kernels!`) and compiled per instruction
+/// set: `zmm` (16 floats, AVX-512 F) and `ymm` (8 floats, AVX2).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx2 {
-    use std::arch::x86_64::{
-        _mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
-        _mm256_storeu_ps, _mm256_sub_ps,
-    };
+mod tables {
+    use super::{Kernel, Problem, ENTRIES, ROW_TILE};
 
-    use super::{sweep_tiles, Problem, ENTRIES, ROW_TILE};
+    type RangeArgs<'a, 'b> = (
+        &'a Problem<'b>,
+        &'a [f32],
+        &'a mut [f32],
+        (usize, usize),
+        usize,
+        &'a mut [f32],
+        &'a mut [u8],
+    );
 
-    /// Tables and the row sweep of column groups `c0..c1` with `ny` (1 to 4) ymm per entry;
-    /// falls back to the portable code if AVX2 is missing after all.
+    /// Tables and the row sweep of column groups `c0..c1` with the vectorized `kernel`
+    /// (AVX-512 F with 1 or 2 zmm per entry, AVX2 with 1 to 4 ymm); the portable code if the
+    /// CPU lacks it after all or the buffers do not fit.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn range(
-        ny: usize,
+        kernel: Kernel,
         p: &Problem<'_>,
         z: &[f32],
         tables: &mut [f32],
@@ -906,9 +700,19 @@ mod avx2 {
         scratch: &mut [u8],
     ) {
         let count = c1 - c0;
-        let usable = std::arch::is_x86_feature_detected!("avx2")
-            && (1..=4).contains(&ny)
-            && p.stride == 8 * ny
+        let (cpu, per_entry) = match kernel {
+            Kernel::Avx512 { nz } => (
+                std::arch::is_x86_feature_detected!("avx512f") && (1..=2).contains(&nz),
+                16 * nz,
+            ),
+            Kernel::Avx2 { ny } => (
+                std::arch::is_x86_feature_detected!("avx2") && (1..=4).contains(&ny),
+                8 * ny,
+            ),
+            Kernel::Portable => (false, 0),
+        };
+        let usable = cpu
+            && p.stride == per_entry
             && tables.len() == count * ENTRIES * p.stride
             && z.len() >= count * 8 * p.stride
             && scratch.len() >= ROW_TILE * count
@@ -924,181 +728,213 @@ mod avx2 {
             return super::sweep_portable(p, tables, (c0, c1), first_row, acc, scratch);
         }
         let args = (p, z, tables, (c0, c1), first_row, acc, scratch);
-        // SAFETY: AVX2 was detected just above, and the buffer lengths the kernels require
-        // were checked with it.
+        // SAFETY: the instruction set was detected just above, and the buffer lengths the
+        // kernels require were checked with it.
         unsafe {
-            match ny {
-                1 => range_ny::<1>(args),
-                2 => range_ny::<2>(args),
-                3 => range_ny::<3>(args),
-                _ => range_ny::<4>(args),
+            match kernel {
+                Kernel::Avx512 { nz: 1 } => zmm::range_with::<1>(args),
+                Kernel::Avx512 { .. } => zmm::range_with::<2>(args),
+                Kernel::Avx2 { ny: 1 } => ymm::range_with::<1>(args),
+                Kernel::Avx2 { ny: 2 } => ymm::range_with::<2>(args),
+                Kernel::Avx2 { ny: 3 } => ymm::range_with::<3>(args),
+                _ => ymm::range_with::<4>(args),
             }
         }
     }
 
-    type RangeArgs<'a, 'b> = (
-        &'a Problem<'b>,
-        &'a [f32],
-        &'a mut [f32],
-        (usize, usize),
-        usize,
-        &'a mut [f32],
-        &'a mut [u8],
-    );
+    /// The kernels of one instruction set: `$feature`, vectors of `$n` floats and the
+    /// intrinsics the kernels use (written once, compiled per instruction set).
+    macro_rules! table_kernels {
+        ($name:ident, $feature:literal, $n:literal, $zero:ident, $splat:ident,
+         $load:ident, $store:ident, $add:ident, $sub:ident, $mul:ident) => {
+            mod $name {
+                use std::arch::x86_64::{$add, $load, $mul, $splat, $store, $sub, $zero};
 
-    /// Tables and the row sweep with `NY` ymm per entry (as the AVX-512 `range_nz`).
-    ///
-    /// # Safety
-    /// AVX2 must be available (the buffer lengths are asserted).
-    #[target_feature(enable = "avx2")]
-    unsafe fn range_ny<const NY: usize>(
-        (p, z, tables, (c0, c1), first_row, acc, scratch): RangeArgs<'_, '_>,
-    ) {
-        let stride = 8 * NY;
-        let count = c1 - c0;
-        let table_len = ENTRIES * stride;
-        let m = acc.len() / stride;
-        assert!(
-            p.stride == stride
-                && tables.len() == count * table_len
-                && z.len() >= count * 8 * stride
-                && scratch.len() >= ROW_TILE * count
-                && acc.len() == m * stride
-                && first_row + m <= p.s.rows(),
-            "avx2::range: inconsistent buffers"
-        );
-        for (table, zg) in tables
-            .chunks_exact_mut(table_len)
-            .zip(z.chunks_exact(8 * stride))
-        {
-            // SAFETY: AVX2 is enabled on this function; `table` has `32·8·NY` floats and
-            // `zg` `8·8·NY` (checked above).
-            unsafe { build_table::<NY>(table, zg) };
-        }
-        sweep_tiles(
-            p,
-            tables,
-            (c0, c1),
-            first_row,
-            acc,
-            scratch,
-            |tables, rows, g, out| {
-                // SAFETY: AVX2 is enabled on this function (the closure inherits it); `out`
-                // holds `rows.len()` rows of `stride` accumulators and every row slice has at
-                // least `g.end` bytes (`sweep_tiles`).
-                unsafe {
-                    match *rows {
-                        [a, b, c, d] => lookup::<NY, 4>(tables, [a, b, c, d], g.start, g.end, out),
-                        _ => lookup::<NY, 1>(tables, [rows[0]], g.start, g.end, out),
+                use super::super::{sweep_tiles, ENTRIES, ROW_TILE};
+                use super::RangeArgs;
+
+                /// Floats per vector.
+                const N: usize = $n;
+
+                /// Tables and the row sweep of column groups `c0..c1` with `NV` vectors per
+                /// entry, for the rows `first_row..` that `acc` holds (`NV·N` accumulators each).
+                ///
+                /// # Safety
+                /// The instruction set must be available (the buffer lengths are asserted).
+                #[target_feature(enable = $feature)]
+                pub(super) unsafe fn range_with<const NV: usize>(
+                    (p, z, tables, (c0, c1), first_row, acc, scratch): RangeArgs<'_, '_>,
+                ) {
+                    let stride = NV * N;
+                    let count = c1 - c0;
+                    let table_len = ENTRIES * stride;
+                    let m = acc.len() / stride;
+                    assert!(
+                        p.stride == stride
+                            && tables.len() == count * table_len
+                            && z.len() >= count * 8 * stride
+                            && scratch.len() >= ROW_TILE * count
+                            && acc.len() == m * stride
+                            && first_row + m <= p.s.rows(),
+                        "lowrank tables: inconsistent buffers"
+                    );
+                    for (table, zg) in tables
+                        .chunks_exact_mut(table_len)
+                        .zip(z.chunks_exact(8 * stride))
+                    {
+                        // SAFETY: the instruction set is enabled here; `table`
+                        // has `32·stride` floats and `zg` `8·stride` (checked above).
+                        unsafe { build_table::<NV>(table, zg) };
+                    }
+                    sweep_tiles(
+                        p,
+                        tables,
+                        (c0, c1),
+                        first_row,
+                        acc,
+                        scratch,
+                        |tables, rows, g, out| {
+                            // SAFETY: as above; `out` holds `rows.len()` rows of `stride` accumulators and
+                            // every row slice has at least `g.end` bytes (`sweep_tiles`).
+                            unsafe {
+                                match *rows {
+                                    [a, b, c, d] => {
+                                        lookup::<NV, 4>(tables, [a, b, c, d], g.start, g.end, out)
+                                    }
+                                    _ => lookup::<NV, 1>(tables, [rows[0]], g.start, g.end, out),
+                                }
+                            }
+                        },
+                    );
+                }
+
+                /// `out[i] += Σ_{g0 <= g < g1} (table_g[hi(b)] + table_g[16 + lo(b)])` for the
+                /// `R` rows, `b = rows[i][g]`, the `NV·N` accumulators of each row held in
+                /// registers.
+                ///
+                /// # Safety
+                /// The instruction set must be available.
+                #[inline]
+                #[target_feature(enable = $feature)]
+                unsafe fn lookup<const NV: usize, const R: usize>(
+                    tables: &[f32],
+                    rows: [&[u8]; R],
+                    g0: usize,
+                    g1: usize,
+                    out: &mut [f32],
+                ) {
+                    let stride = NV * N;
+                    let table_len = ENTRIES * stride;
+                    assert!(
+                        out.len() >= R * stride
+                            && tables.len() >= g1 * table_len
+                            && rows.iter().all(|r| r.len() >= g1),
+                        "lookup: short buffers"
+                    );
+                    let o = out.as_mut_ptr();
+                    let base = tables.as_ptr();
+                    let mut sums = [[$zero(); NV]; R];
+                    for (i, sum) in sums.iter_mut().enumerate() {
+                        for (q, sq) in sum.iter_mut().enumerate() {
+                            // SAFETY: `(i·NV + q)·N + N <= R·stride <= out.len()` (asserted).
+                            *sq = unsafe { $load(o.add((i * NV + q) * N)) };
+                        }
+                    }
+                    for g in g0..g1 {
+                        let t = g * table_len;
+                        for (sum, bytes) in sums.iter_mut().zip(&rows) {
+                            // SAFETY: `g < g1 <= bytes.len()` (asserted).
+                            let b = unsafe { *bytes.get_unchecked(g) };
+                            let hi = t + usize::from(b >> 4) * stride;
+                            let lo = t + (16 + usize::from(b & 15)) * stride;
+                            for (q, sq) in sum.iter_mut().enumerate() {
+                                // SAFETY: both entry indices are `< 32 = ENTRIES` and `g < g1`, so
+                                // `hi + N·q + N` and `lo + N·q + N` are at most
+                                // `g1·table_len <= tables.len()` (asserted).
+                                unsafe {
+                                    let eh = $load(base.add(hi + N * q));
+                                    let el = $load(base.add(lo + N * q));
+                                    *sq = $add(*sq, $add(eh, el));
+                                }
+                            }
+                        }
+                    }
+                    for (i, sum) in sums.iter().enumerate() {
+                        for (q, sq) in sum.iter().enumerate() {
+                            // SAFETY: as for the loads above.
+                            unsafe { $store(o.add((i * NV + q) * N), *sq) };
+                        }
                     }
                 }
-            },
-        );
-    }
 
-    /// `out[i] += Σ_{g0 <= g < g1} (table_g[hi(b)] + table_g[16 + lo(b)])` for the `R` rows,
-    /// `b = rows[i][g]`, the `8·NY` accumulators of each row held in registers.
-    ///
-    /// # Safety
-    /// AVX2 must be available.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn lookup<const NY: usize, const R: usize>(
-        tables: &[f32],
-        rows: [&[u8]; R],
-        g0: usize,
-        g1: usize,
-        out: &mut [f32],
-    ) {
-        let stride = 8 * NY;
-        let table_len = ENTRIES * stride;
-        assert!(
-            out.len() >= R * stride
-                && tables.len() >= g1 * table_len
-                && rows.iter().all(|r| r.len() >= g1),
-            "lookup: short buffers"
-        );
-        let o = out.as_mut_ptr();
-        let base = tables.as_ptr();
-        let mut sums = [[_mm256_setzero_ps(); NY]; R];
-        for (i, sum) in sums.iter_mut().enumerate() {
-            for (q, sq) in sum.iter_mut().enumerate() {
-                // SAFETY: `(i·NY + q)·8 + 8 <= R·stride <= out.len()` (asserted).
-                *sq = unsafe { _mm256_loadu_ps(o.add((i * NY + q) * 8)) };
-            }
-        }
-        for g in g0..g1 {
-            let t = g * table_len;
-            for (sum, bytes) in sums.iter_mut().zip(&rows) {
-                // SAFETY: `g < g1 <= bytes.len()` (asserted).
-                let b = unsafe { *bytes.get_unchecked(g) };
-                let hi = t + usize::from(b >> 4) * stride;
-                let lo = t + (16 + usize::from(b & 15)) * stride;
-                for (q, sq) in sum.iter_mut().enumerate() {
-                    // SAFETY: both entry indices are `< 32 = ENTRIES` and `g < g1`, so
-                    // `hi + 8·q + 8` and `lo + 8·q + 8` are at most
-                    // `g1·table_len <= tables.len()` (asserted).
-                    let (eh, el) = unsafe {
-                        (
-                            _mm256_loadu_ps(base.add(hi + 8 * q)),
-                            _mm256_loadu_ps(base.add(lo + 8 * q)),
-                        )
-                    };
-                    *sq = _mm256_add_ps(*sq, _mm256_add_ps(eh, el));
-                }
-            }
-        }
-        for (i, sum) in sums.iter().enumerate() {
-            for (q, sq) in sum.iter().enumerate() {
-                // SAFETY: as for the loads above.
-                unsafe { _mm256_storeu_ps(o.add((i * NY + q) * 8), *sq) };
-            }
-        }
-    }
-
-    /// [`super::build_table`] for `stride = 8·NY`.
-    ///
-    /// # Safety
-    /// AVX2 must be available.
-    #[target_feature(enable = "avx2")]
-    unsafe fn build_table<const NY: usize>(table: &mut [f32], z: &[f32]) {
-        let stride = 8 * NY;
-        assert!(table.len() == ENTRIES * stride && z.len() >= 8 * stride);
-        let t = table.as_mut_ptr();
-        let zp = z.as_ptr();
-        let two = _mm256_set1_ps(2.0);
-        for half_table in 0..2 {
-            // Table `half_table` covers columns `4·half_table..4·half_table + 4`.
-            let t = t.wrapping_add(16 * stride * half_table);
-            let zp = zp.wrapping_add(4 * stride * half_table);
-            for q in 0..NY {
-                let mut base = _mm256_setzero_ps();
-                for c in 0..4 {
-                    // SAFETY: `(4·half_table + c)·stride + 8·q + 8 <= 8·stride <= z.len()`.
-                    base =
-                        _mm256_sub_ps(base, unsafe { _mm256_loadu_ps(zp.add(c * stride + 8 * q)) });
-                }
-                // SAFETY: `16·half_table·stride + 8·q + 8 <= 32·stride = table.len()`.
-                unsafe { _mm256_storeu_ps(t.add(8 * q), base) };
-                for i in 0..4 {
-                    let half = 1usize << i;
-                    // SAFETY: column `3 - i` of this half lies in `z` (as above).
-                    let zc = unsafe { _mm256_loadu_ps(zp.add((3 - i) * stride + 8 * q)) };
-                    let add = _mm256_mul_ps(two, zc);
-                    for b in 0..half {
-                        let from = b * stride + 8 * q;
-                        let to = from + half * stride;
-                        // SAFETY: `b + half < 16`, so `to + 8` stays within this half's
-                        // `16·stride` floats of `table`.
-                        unsafe {
-                            let lo = _mm256_loadu_ps(t.add(from));
-                            _mm256_storeu_ps(t.add(to), _mm256_add_ps(lo, add));
+                /// `build_table` (the portable one) for `stride = NV·N`.
+                ///
+                /// # Safety
+                /// The instruction set must be available.
+                #[inline]
+                #[target_feature(enable = $feature)]
+                unsafe fn build_table<const NV: usize>(table: &mut [f32], z: &[f32]) {
+                    let stride = NV * N;
+                    assert!(table.len() == ENTRIES * stride && z.len() >= 8 * stride);
+                    let t = table.as_mut_ptr();
+                    let zp = z.as_ptr();
+                    let two = $splat(2.0);
+                    for half_table in 0..2 {
+                        // Table `half_table` covers columns `4·half_table..4·half_table + 4`.
+                        let t = t.wrapping_add(16 * stride * half_table);
+                        let zp = zp.wrapping_add(4 * stride * half_table);
+                        for q in 0..NV {
+                            let mut base = $zero();
+                            for c in 0..4 {
+                                // SAFETY: `(4·half_table + c)·stride + N·q + N <= 8·stride <= z.len()`.
+                                base = unsafe { $sub(base, $load(zp.add(c * stride + N * q))) };
+                            }
+                            // SAFETY: `16·half_table·stride + N·q + N <= 32·stride = table.len()`.
+                            unsafe { $store(t.add(N * q), base) };
+                            for i in 0..4 {
+                                let half = 1usize << i;
+                                // SAFETY: column `3 - i` of this half lies in `z` (as above).
+                                let zc = unsafe { $load(zp.add((3 - i) * stride + N * q)) };
+                                let add = $mul(two, zc);
+                                for b in 0..half {
+                                    let from = b * stride + N * q;
+                                    let to = from + half * stride;
+                                    // SAFETY: `b + half < 16`, so `to + N` stays within this half's
+                                    // `16·stride` floats of `table`.
+                                    unsafe { $store(t.add(to), $add($load(t.add(from)), add)) };
+                                }
+                            }
                         }
                     }
                 }
             }
-        }
+        };
     }
+
+    table_kernels!(
+        zmm,
+        "avx512f",
+        16,
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_add_ps,
+        _mm512_sub_ps,
+        _mm512_mul_ps
+    );
+    table_kernels!(
+        ymm,
+        "avx2",
+        8,
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_add_ps,
+        _mm256_sub_ps,
+        _mm256_mul_ps
+    );
 }
 
 #[cfg(test)]
