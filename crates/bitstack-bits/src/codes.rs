@@ -280,6 +280,39 @@ fn row_codes(planes: &[WeightedPlane<'_>], r: usize, bpr: usize, codes: &mut [u8
     }
 }
 
+/// The planes' bytes and weights and the width for a vectorized tile rebuild, after checking
+/// every length the unsafe code relies on (`s`, `o`: the tile rows' scales and offsets).
+#[cfg(target_arch = "x86_64")]
+fn tile_inputs<'a>(
+    planes: &[WeightedPlane<'a>],
+    grid: &CodeGrid<'_>,
+    groups: usize,
+    s: &[f16],
+    o: Option<&[f16]>,
+    row0: usize,
+    tile: &[f32],
+) -> (Vec<(&'a [u8], u8)>, usize) {
+    let n = planes[0].bits.cols();
+    let bpr = n / 8;
+    let rows = tile.len() / n.max(1);
+    let bytes: Vec<(&[u8], u8)> = planes
+        .iter()
+        .map(|p| (p.bits.as_bytes(), p.weight))
+        .collect();
+    assert!(
+        n > 0
+            && tile.len() == rows * n
+            && n.is_multiple_of(8)
+            && grid.group.is_multiple_of(8)
+            && s.len() == rows * groups
+            && o.is_none_or(|o| o.len() == s.len())
+            && groups == n.div_ceil(grid.group)
+            && bytes.iter().all(|(b, _)| b.len() >= (row0 + rows) * bpr),
+        "codes: short buffers"
+    );
+    (bytes, n)
+}
+
 /// The portable tile rebuild (`s`, `o`: the tile rows' scales and offsets).
 fn rows_to_dense_portable(
     planes: &[WeightedPlane<'_>],
@@ -518,24 +551,10 @@ mod avx512 {
         row0: usize,
         tile: &mut [f32],
     ) {
-        let n = planes[0].bits.cols();
-        let bpr = n / 8;
-        let rows = tile.len() / n;
-        let bytes: Vec<(&[u8], u8)> = planes
-            .iter()
-            .map(|p| (p.bits.as_bytes(), p.weight))
-            .collect();
-        assert!(
-            tile.len() == rows * n
-                && s.len() == rows * groups
-                && o.is_none_or(|o| o.len() == s.len())
-                && groups == n.div_ceil(grid.group)
-                && bytes.iter().all(|(b, _)| b.len() >= (row0 + rows) * bpr),
-            "codes: short buffers"
-        );
+        let (bytes, n) = super::tile_inputs(planes, grid, groups, s, o, row0, tile);
         // SAFETY: the caller checked AVX-512 F and BW (and F16C comes with them on every
-        // CPU that has them; `codes_simd_available` is the caller's check); the buffer
-        // lengths are asserted above.
+        // CPU that has them; `CodeKernel::choose` is the caller's check); `tile_inputs`
+        // asserted the buffer lengths.
         unsafe { rows_to_dense_impl(&bytes, grid, n, groups, s, o, row0, tile) }
     }
 
@@ -942,27 +961,14 @@ mod avx2 {
         row0: usize,
         tile: &mut [f32],
     ) {
-        let n = planes[0].bits.cols();
-        let bpr = n / 8;
-        let rows = tile.len() / n;
-        let bytes = plane_bytes(planes);
-        assert!(
-            tile.len() == rows * n
-                && n.is_multiple_of(8)
-                && grid.group.is_multiple_of(8)
-                && s.len() == rows * groups
-                && o.is_none_or(|o| o.len() == s.len())
-                && groups == n.div_ceil(grid.group)
-                && bytes.iter().all(|(b, _)| b.len() >= (row0 + rows) * bpr),
-            "codes: short buffers"
-        );
-        // SAFETY: the caller checked AVX2 and FMA (`CodeKernel::choose`); the lengths are
-        // asserted.
+        let (bytes, n) = super::tile_inputs(planes, grid, groups, s, o, row0, tile);
+        // SAFETY: the caller checked AVX2 and FMA (`CodeKernel::choose`); `tile_inputs`
+        // asserted the buffer lengths.
         unsafe { rows_to_dense_impl(&bytes, grid, n, groups, s, o, row0, tile) }
     }
 
     /// # Safety
-    /// AVX2 and FMA must be available; the lengths as asserted in [`rows_to_dense`].
+    /// AVX2 and FMA must be available; the lengths as `tile_inputs` asserts them.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn rows_to_dense_impl(
