@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// Budget at which --stack is loaded (default: the whole stack).
     #[arg(long, value_name = "SIZE", requires = "stack")]
     pub budget: Option<String>,
+    /// Group `scorer`: scoring windows of 512 tokens from the scoring text (default 4; the
+    /// reference method uses 32; --quick: 2 windows of 128 tokens).
+    #[arg(long, value_name = "N")]
+    pub scorer_windows: Option<usize>,
 }
 
 /// Best (minimum) wall time in seconds of `reps` runs of `f`.
@@ -179,7 +183,14 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         e2e_group(args.model.clone(), quick, &mut rows, &mut keys, &note)?;
     }
     if run("scorer") {
-        scorer_group(args.model.clone(), quick, &mut rows, &mut keys, &note)?;
+        scorer_group(
+            args.model.clone(),
+            quick,
+            args.scorer_windows,
+            &mut rows,
+            &mut keys,
+            &note,
+        )?;
     }
     if let (Some(file), true) = (&args.stack, run("stack")) {
         let model_dir = bench_model_dir(args.model.clone(), quick, "stack")?;
@@ -410,6 +421,7 @@ fn e2e_group(
 fn scorer_group(
     model: Option<PathBuf>,
     quick: bool,
+    windows_override: Option<usize>,
     rows: &mut Vec<Row>,
     keys: &mut Map<String, Value>,
     note: &dyn Fn(&str),
@@ -428,15 +440,30 @@ fn scorer_group(
     let mut options = CompressOptions::default();
     options.avd.k = 4;
     options.avd.niter = 2;
-    let decomposed = decompose_checkpoint(&checkpoint, &names, &options, None, &|_| {})?;
+    let decomposed = decompose_checkpoint(
+        &checkpoint,
+        &names,
+        &options,
+        None,
+        &std::env::temp_dir(),
+        &|_| {},
+    )?;
     let (windows_n, seq) = if quick { (2, 128) } else { (4, 512) };
-    let windows: Vec<Vec<u32>> = (0..windows_n)
-        .map(|w| {
-            (0..seq as u32)
-                .map(|i| (i * 7 + 3 + w * 11) % 1000)
-                .collect()
-        })
-        .collect();
+    let windows_n = windows_override.unwrap_or(windows_n);
+    if windows_n == 0 {
+        bail!("--scorer-windows must be at least 1");
+    }
+    // Real text: the first windows of the scoring text, as `compress` takes them.
+    let data = bench_data_dir(&model_dir)?;
+    let calibration = CalibrationOptions {
+        calib_text: data.join("calib.txt"),
+        calib_windows: 0,
+        score_text: data.join("score.txt"),
+        score_windows: windows_n,
+        seq,
+    };
+    let tokenizer = bitstack::model::TextTokenizer::from_model_dir(&model_dir)?;
+    let (_, windows) = calibration.windows(&tokenizer)?;
     // All matrices of the level (the quick run: every 7th, spread over all layers).
     let candidates: Vec<u32> = (0..names.len() as u32)
         .step_by(if quick { 7 } else { 1 })
@@ -455,14 +482,18 @@ fn scorer_group(
         .iter()
         .map(|n| LinearSlot::parse_weight_name(n).context("a decoder linear"))
         .collect::<Result<_>>()?;
+    // The blocks of level 1 in memory, as a straightforward implementation would have them.
+    let first_blocks = (0..decomposed.names.len())
+        .map(|m| (0..2).map(|b| decomposed.block(m, b)).collect())
+        .collect::<Result<Vec<Vec<_>>, _>>()?;
     let t = Instant::now();
     let mut slow = Vec::with_capacity(candidates.len());
     for &c in &candidates {
-        for (m, d) in decomposed.decompositions.iter().enumerate() {
+        for (m, first) in first_blocks.iter().enumerate() {
             let (r, cols) = decomposed.shapes[m];
             let blocks = if m == c as usize { 2 } else { 1 };
             let mut w = vec![0.0f32; r * cols];
-            for b in &d.blocks[..blocks] {
+            for b in &first[..blocks] {
                 b.add_to_dense(&mut w);
             }
             let (layer, slot) = places[m];

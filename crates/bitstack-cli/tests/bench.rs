@@ -31,12 +31,16 @@ fn quick_bench_reports_every_key() {
         "e2e_best_decode_speedup",
         "e2e_best_eval_ratio",
         "e2e_budget_bytes",
+        "scorer_speedup_vs_straightforward",
     ] {
         let x = v[key]
             .as_f64()
             .unwrap_or_else(|| panic!("{key} missing: {v}"));
         assert!(x.is_finite() && x > 0.0, "{key} = {x}");
     }
+    // The scorer reuses work exactly: the same scores (up to summation order), the same order.
+    assert!(v["scorer_max_relative_difference"].as_f64().unwrap() < 1e-4);
+    assert_eq!(v["scorer_same_order"], serde_json::Value::Bool(true));
     // Quality is not a timing: the fast SVD stays within 2% of the exact one here.
     assert!(v["avd_error_ratio_fast_vs_exact_512"].as_f64().unwrap() < 1.02);
 }

@@ -150,4 +150,13 @@ pub enum FormatError {
         /// What is wrong.
         reason: String,
     },
+    /// The temporary spool file of a writer failed its own checks (data changed on disk,
+    /// a range never written).
+    #[error("{file}: spooled block data is unusable: {reason}")]
+    Spool {
+        /// The spool file.
+        file: String,
+        /// What is wrong.
+        reason: String,
+    },
 }

@@ -8,7 +8,9 @@
 //! interprets them.
 //!
 //! - [`ContainerWriter`] builds a container (`add_aux_file`, `add_fixed`, `add_matrix`,
-//!   `push_block` in stack order, `set_mandatory_blocks`) and writes it atomically.
+//!   `push_block` in stack order, `set_mandatory_blocks`) and writes it atomically. Blocks
+//!   produced long before the write can wait in a [`Spool`] on disk
+//!   (`push_spooled_block`) instead of in memory.
 //! - [`Container`] opens one ([`Container::open`] memory-maps a file,
 //!   [`Container::from_bytes`] reads bytes in memory), validates every offset, length, dtype
 //!   and shape, and verifies the CRC-32 of the fixed part. A file truncated inside the blocks
@@ -71,6 +73,7 @@ mod error;
 mod header;
 mod manifest;
 mod reader;
+mod spool;
 mod writer;
 
 pub use dtype::Dtype;
@@ -83,4 +86,5 @@ pub use manifest::{
     Manifest, MatrixEntry, TensorSpec, FORMAT_VERSION,
 };
 pub use reader::{BlockRef, Container, TensorRef};
+pub use spool::{Spool, SpoolRange};
 pub use writer::{ContainerWriter, PartData};

@@ -5,9 +5,11 @@ use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::header::{write_header, MAX_HEADER_BYTES};
 use crate::manifest::{check_name, check_part_name, compute_layout};
+use crate::spool::{Spool, SpoolRange};
 use crate::{
     AuxEntry, BlockEntry, Dtype, FixedEntry, FormatError, Manifest, MatrixEntry, TensorSpec,
     FORMAT_VERSION,
@@ -50,9 +52,16 @@ pub struct ContainerWriter {
     matrices: Vec<MatrixEntry>,
     aux: Vec<(String, Vec<u8>)>,
     fixed: Vec<(FixedEntry, Vec<u8>)>,
-    blocks: Vec<(BlockEntry, Vec<u8>)>,
+    blocks: Vec<(BlockEntry, BlockData)>,
     next_index: Vec<usize>,
     mandatory_blocks: usize,
+}
+
+/// A block's bytes: in memory, or waiting in a spool file.
+#[derive(Clone, Debug)]
+enum BlockData {
+    Owned(Vec<u8>),
+    Spooled(Arc<Spool>, SpoolRange),
 }
 
 fn invalid(reason: String) -> FormatError {
@@ -170,8 +179,75 @@ impl ContainerWriter {
         params: BTreeMap<String, i64>,
         parts: Vec<PartData>,
     ) -> Result<usize, FormatError> {
+        let lens: Vec<usize> = parts.iter().map(|p| p.bytes.len()).collect();
+        let mut data = Vec::with_capacity(lens.iter().sum());
+        let mut specs = Vec::with_capacity(parts.len());
+        for part in parts {
+            data.extend_from_slice(&part.bytes);
+            specs.push(TensorSpec {
+                name: part.name,
+                dtype: part.dtype,
+                shape: part.shape,
+            });
+        }
+        let crc32 = crc32fast::hash(&data);
+        self.push_checked(
+            matrix,
+            index_in_matrix,
+            kind.into(),
+            params,
+            specs,
+            Some(&lens),
+            len_u64(data.len()),
+            crc32,
+            BlockData::Owned(data),
+        )
+    }
+
+    /// Appends a block whose bytes (its parts, concatenated in the order of `parts`) wait in
+    /// `spool` at `range`; they are copied into the file, and their CRC-32 checked again,
+    /// when the container is written. Same rules as [`push_block`](Self::push_block).
+    #[allow(clippy::too_many_arguments)] // push_block's arguments plus the spool and range
+    pub fn push_spooled_block(
+        &mut self,
+        matrix: usize,
+        index_in_matrix: usize,
+        kind: impl Into<String>,
+        params: BTreeMap<String, i64>,
+        parts: Vec<TensorSpec>,
+        spool: &Arc<Spool>,
+        range: SpoolRange,
+    ) -> Result<usize, FormatError> {
+        self.push_checked(
+            matrix,
+            index_in_matrix,
+            kind.into(),
+            params,
+            parts,
+            None,
+            range.len(),
+            range.crc32(),
+            BlockData::Spooled(Arc::clone(spool), range),
+        )
+    }
+
+    /// Validates a block (`given`: the byte length of each part, when known separately
+    /// from `length`) and appends it.
+    #[allow(clippy::too_many_arguments)]
+    fn push_checked(
+        &mut self,
+        matrix: usize,
+        index_in_matrix: usize,
+        kind: String,
+        params: BTreeMap<String, i64>,
+        parts: Vec<TensorSpec>,
+        given: Option<&[usize]>,
+        length: u64,
+        crc32: u32,
+        data: BlockData,
+    ) -> Result<usize, FormatError> {
         let position = self.blocks.len();
-        let Some(expected) = self.next_index.get_mut(matrix) else {
+        let Some(expected) = self.next_index.get(matrix).copied() else {
             return Err(invalid(format!(
                 "block {position}: matrix {matrix} does not exist ({} matrices added)",
                 self.matrices.len()
@@ -183,59 +259,61 @@ impl ContainerWriter {
             .map(|m| m.name.as_str())
             .unwrap_or_default();
         let what = format!("block {position} ({matrix_name} #{index_in_matrix})");
-        if index_in_matrix != *expected {
+        if index_in_matrix != expected {
             return Err(invalid(format!(
-                "{what}: the next block of this matrix must be #{}",
-                *expected
+                "{what}: the next block of this matrix must be #{expected}"
             )));
         }
-        let kind = kind.into();
         check_name(&format!("{what} kind"), &kind).map_err(invalid)?;
         for key in params.keys() {
             check_name(&format!("{what} parameter"), key).map_err(invalid)?;
         }
         let mut names = HashSet::with_capacity(parts.len());
-        let mut total = 0usize;
-        for part in &parts {
+        let mut total = 0u64;
+        for (i, part) in parts.iter().enumerate() {
             check_part_name(&format!("{what} part"), &part.name).map_err(invalid)?;
             if !names.insert(part.name.as_str()) {
                 return Err(invalid(format!("{what}: part {:?} given twice", part.name)));
             }
             let expected_len = part.dtype.byte_len(&part.shape);
-            if expected_len != Some(part.bytes.len()) {
-                return Err(invalid(format!(
-                    "{what}: part {:?} is {} {:?} ({} bytes) but {} bytes were given",
-                    part.name,
-                    part.dtype,
-                    part.shape,
-                    expected_len.map_or("too many".to_owned(), |n| n.to_string()),
-                    part.bytes.len()
-                )));
+            if let Some(given) = given.and_then(|g| g.get(i)) {
+                if expected_len != Some(*given) {
+                    return Err(invalid(format!(
+                        "{what}: part {:?} is {} {:?} ({} bytes) but {given} bytes were given",
+                        part.name,
+                        part.dtype,
+                        part.shape,
+                        expected_len.map_or("too many".to_owned(), |n| n.to_string()),
+                    )));
+                }
             }
+            let Some(expected_len) = expected_len else {
+                return Err(invalid(format!(
+                    "{what}: part {:?} is {} {:?}: too many bytes",
+                    part.name, part.dtype, part.shape
+                )));
+            };
             total = total
-                .checked_add(part.bytes.len())
+                .checked_add(len_u64(expected_len))
                 .ok_or_else(|| invalid(format!("{what}: size overflows")))?;
         }
-        let mut data = Vec::with_capacity(total);
-        let mut specs = Vec::with_capacity(parts.len());
-        for part in parts {
-            data.extend_from_slice(&part.bytes);
-            specs.push(TensorSpec {
-                name: part.name,
-                dtype: part.dtype,
-                shape: part.shape,
-            });
+        if total != length {
+            return Err(invalid(format!(
+                "{what}: the parts are {total} bytes but {length} bytes were given"
+            )));
         }
-        *expected += 1;
+        if let Some(next) = self.next_index.get_mut(matrix) {
+            *next += 1;
+        }
         let entry = BlockEntry {
             matrix,
             index: index_in_matrix,
             kind,
             params,
-            parts: specs,
+            parts,
             offset: 0,
-            length: len_u64(data.len()),
-            crc32: crc32fast::hash(&data),
+            length,
+            crc32,
         };
         self.blocks.push((entry, data));
         Ok(position)
@@ -348,10 +426,15 @@ impl ContainerWriter {
             .aux
             .iter()
             .map(|(_, b)| b)
-            .chain(self.fixed.iter().map(|(_, b)| b))
-            .chain(self.blocks.iter().map(|(_, b)| b));
+            .chain(self.fixed.iter().map(|(_, b)| b));
         for bytes in data {
             out.write_all(bytes).map_err(io)?;
+        }
+        for (_, data) in &self.blocks {
+            match data {
+                BlockData::Owned(bytes) => out.write_all(bytes).map_err(io)?,
+                BlockData::Spooled(spool, range) => spool.copy_to(*range, &mut out)?,
+            }
         }
         out.flush().map_err(io)?;
         Ok(8 + header_len + manifest.data_bytes)

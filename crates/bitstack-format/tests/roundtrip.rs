@@ -4,8 +4,11 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use bitstack_format::{Container, ContainerWriter, Dtype, FormatError, PartData};
+use bitstack_format::{
+    Container, ContainerWriter, Dtype, FormatError, PartData, Spool, TensorSpec,
+};
 use proptest::prelude::*;
 
 #[test]
@@ -190,6 +193,62 @@ fn writer_rejects_bad_input() {
     assert_eq!(c.block(1).unwrap().parts().count(), 0);
 }
 
+#[test]
+fn writer_rejects_spooled_blocks_that_do_not_add_up() {
+    let spool = Arc::new(Spool::create_in(&std::env::temp_dir()).unwrap());
+    let mut w = ContainerWriter::new(BTreeMap::new());
+    let m = w.add_matrix("m", 8, 8, "BF16").unwrap();
+    let spec = |name: &str, len: usize| TensorSpec {
+        name: name.into(),
+        dtype: Dtype::U8,
+        shape: vec![len],
+    };
+    let range = spool.append(&[&[1u8, 2, 3], &[4u8, 5]]).unwrap();
+    // 3 + 3 bytes of parts for 5 spooled bytes, then 3 + 2 in the wrong order of index.
+    let err = w
+        .push_spooled_block(
+            m,
+            0,
+            "avd",
+            BTreeMap::new(),
+            vec![spec("a", 3), spec("b", 3)],
+            &spool,
+            range,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("6 bytes but 5 bytes were given"),
+        "{err}"
+    );
+    assert!(w
+        .push_spooled_block(
+            m,
+            1,
+            "avd",
+            BTreeMap::new(),
+            vec![spec("a", 3), spec("b", 2)],
+            &spool,
+            range
+        )
+        .is_err());
+    assert_eq!(w.block_count(), 0);
+    w.push_spooled_block(
+        m,
+        0,
+        "avd",
+        BTreeMap::new(),
+        vec![spec("a", 3), spec("b", 2)],
+        &spool,
+        range,
+    )
+    .unwrap();
+    w.set_mandatory_blocks(1);
+    let c = Container::from_bytes(w.to_bytes().unwrap()).unwrap();
+    let b = c.block(0).unwrap();
+    assert_eq!(b.part("a").unwrap().bytes, &[1, 2, 3]);
+    assert_eq!(b.part("b").unwrap().bytes, &[4, 5]);
+}
+
 fn dtype_strategy() -> impl Strategy<Value = Dtype> {
     prop::sample::select(Dtype::ALL.to_vec())
 }
@@ -239,7 +298,9 @@ fn spec_strategy() -> impl Strategy<Value = Spec> {
         })
 }
 
-fn build(spec: &Spec) -> (ContainerWriter, Vec<Vec<PartData>>) {
+/// The container of `spec`; with `spool`, every block's bytes wait there instead of in
+/// the writer.
+fn build_with(spec: &Spec, spool: Option<&Arc<Spool>>) -> (ContainerWriter, Vec<Vec<PartData>>) {
     let mut w = ContainerWriter::new(BTreeMap::from([(
         "seed".to_owned(),
         serde_json::json!(spec.aux),
@@ -280,18 +341,32 @@ fn build(spec: &Spec) -> (ContainerWriter, Vec<Vec<PartData>>) {
             })
             .collect();
         all_parts.push(parts.clone());
-        w.push_block(
-            mat,
-            next[mat],
-            "kind",
-            BTreeMap::from([("x".to_owned(), *param)]),
-            parts,
-        )
+        let params = BTreeMap::from([("x".to_owned(), *param)]);
+        match spool {
+            None => w.push_block(mat, next[mat], "kind", params, parts),
+            Some(spool) => {
+                let pieces: Vec<&[u8]> = parts.iter().map(|p| p.bytes.as_slice()).collect();
+                let range = spool.append(&pieces).unwrap();
+                let specs = parts
+                    .iter()
+                    .map(|p| TensorSpec {
+                        name: p.name.clone(),
+                        dtype: p.dtype,
+                        shape: p.shape.clone(),
+                    })
+                    .collect();
+                w.push_spooled_block(mat, next[mat], "kind", params, specs, spool, range)
+            }
+        }
         .unwrap();
         next[mat] += 1;
     }
     w.set_mandatory_blocks(spec.mandatory);
     (w, all_parts)
+}
+
+fn build(spec: &Spec) -> (ContainerWriter, Vec<Vec<PartData>>) {
+    build_with(spec, None)
 }
 
 proptest! {
@@ -326,6 +401,18 @@ proptest! {
                 prop_assert_eq!(t.bytes, e.bytes.as_slice());
             }
         }
+    }
+
+    /// Blocks that waited in a spool file give the same bytes as blocks held in memory,
+    /// also after more data was spooled behind them.
+    #[test]
+    fn prop_spooled_blocks_write_the_same_bytes(spec in spec_strategy()) {
+        let spool = Arc::new(Spool::create_in(&std::env::temp_dir()).unwrap());
+        spool.append(&[b"unrelated data before"]).unwrap();
+        let (spooled, _) = build_with(&spec, Some(&spool));
+        spool.append(&[b"and after"]).unwrap();
+        let (owned, _) = build(&spec);
+        prop_assert_eq!(spooled.to_bytes().unwrap(), owned.to_bytes().unwrap());
     }
 
     #[test]

@@ -233,14 +233,13 @@ impl<'a> PerplexityScorer<'a> {
     }
 
     /// Brings every matrix to `level` blocks.
-    fn advance_to(&mut self, level: u32) -> Result<(), ModelError> {
+    fn advance_to(&mut self, level: u32) -> Result<(), Error> {
         while self.level < level {
             for m in 0..self.dense.len() {
-                if let Some(block) = self.decomposed.decompositions[m]
-                    .blocks
-                    .get(self.level as usize)
-                {
-                    block.add_to_dense(&mut self.dense[m]);
+                if (self.level as usize) < self.decomposed.block_count(m) {
+                    self.decomposed
+                        .block(m, self.level as usize)?
+                        .add_to_dense(&mut self.dense[m]);
                 }
             }
             self.level += 1;
@@ -313,11 +312,12 @@ impl BlockScorer for PerplexityScorer<'_> {
             let m = m as usize;
             let (layer, slot) = self.places[m];
             let mut next = self.dense[m].clone();
-            let block = self.decomposed.decompositions[m]
-                .blocks
-                .get(level as usize)
-                .ok_or("candidate without a next block")?;
-            block.add_to_dense(&mut next);
+            if level as usize >= self.decomposed.block_count(m) {
+                return Err("candidate without a next block".into());
+            }
+            self.decomposed
+                .block(m, level as usize)?
+                .add_to_dense(&mut next);
             let previous = self
                 .model
                 .set_linear(layer, slot, self.dense_linear(m, next)?)?;
@@ -462,6 +462,7 @@ pub fn compress_calibrated(
         &names,
         &options,
         resume.as_ref(),
+        crate::compress::work_dir_of(out),
         progress,
     )?;
     stages.push(("decompose".to_string(), t.elapsed()));

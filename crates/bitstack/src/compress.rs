@@ -4,10 +4,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bitstack_bits::SignMatrix;
 use bitstack_decompose::{decompose, AvdBlock, AvdParams, Decomposition};
-use bitstack_format::{ContainerWriter, Dtype, PartData};
+use bitstack_format::{ContainerWriter, Dtype, PartData, Spool, SpoolRange, TensorSpec};
 use bitstack_order::{
     build_level_synchronous, BlockScorer, ErrorReductionScorer, StackEntry, StackLayout,
 };
@@ -141,6 +143,11 @@ impl Default for CompressOptions {
 }
 
 /// The decomposed matrices of a checkpoint, before ordering.
+///
+/// The blocks wait in a [`Spool`] file on disk — each matrix's as soon as it is decomposed —
+/// and are read back one at a time ([`block`](Self::block)) by the scorer and the writer,
+/// so the memory of a compression does not grow with the model (16 blocks at k = 16 are
+/// about two bytes per weight: 16 GB for an 8B model). Only the metadata stays here.
 #[derive(Debug)]
 pub struct Decomposed {
     /// Tensor names, in module order.
@@ -151,27 +158,121 @@ pub struct Decomposed {
     pub dtypes: Vec<SourceDtype>,
     /// `‖W‖²_F` of each (re-parametrised) matrix.
     pub squared_norms: Vec<f64>,
-    /// The decompositions.
-    pub decompositions: Vec<Decomposition>,
+    /// `‖W − Ŵ_b‖_F / ‖W‖_F` after b = 1, 2, ... blocks of each matrix.
+    pub rel_err: Vec<Vec<f64>>,
+    blocks: Vec<Vec<SpooledBlock>>,
+    spool: Arc<Spool>,
+}
+
+/// Where one AVD block waits: its rank and its bytes in the spool (signs, then `u` and `v`
+/// as little-endian f16, exactly the container's `avd` parts).
+#[derive(Debug, Clone, Copy)]
+struct SpooledBlock {
+    k: usize,
+    range: SpoolRange,
+}
+
+/// Bytes of the packed signs of a spooled block of `range_len` bytes.
+fn signs_len(range_len: u64, rows: usize, cols: usize, k: usize) -> usize {
+    let factors = 2 * k as u64 * (rows as u64 + cols as u64);
+    usize::try_from(range_len.saturating_sub(factors)).unwrap_or(usize::MAX)
+}
+
+/// The parts of an `avd` block in the container: packed signs, f16 `u` (`rows × k`) and f16
+/// `v` (`k × cols`).
+fn avd_part_specs(signs_len: usize, rows: usize, cols: usize, k: usize) -> Vec<TensorSpec> {
+    let spec = |name: &str, dtype, shape| TensorSpec {
+        name: name.to_owned(),
+        dtype,
+        shape,
+    };
+    vec![
+        spec("signs", Dtype::U8, vec![signs_len]),
+        spec("u", Dtype::F16, vec![rows, k]),
+        spec("v", Dtype::F16, vec![k, cols]),
+    ]
+}
+
+fn halves_to_bytes(h: &[half::f16]) -> Vec<u8> {
+    h.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bytes_to_halves(b: &[u8]) -> Vec<half::f16> {
+    b.chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
+
+/// Writes the blocks of `d` to `spool`; returns where they are.
+fn spool_blocks(spool: &Spool, d: &Decomposition) -> Result<Vec<SpooledBlock>, Error> {
+    d.blocks
+        .iter()
+        .map(|b| {
+            let (u, v) = (halves_to_bytes(b.u()), halves_to_bytes(b.v()));
+            let range = spool.append(&[b.signs().as_bytes(), &u, &v])?;
+            Ok(SpooledBlock { k: b.k(), range })
+        })
+        .collect()
 }
 
 impl Decomposed {
+    /// Number of blocks of matrix `m` (0 for an unknown matrix).
+    pub fn block_count(&self, m: usize) -> usize {
+        self.blocks.get(m).map_or(0, Vec::len)
+    }
+
+    /// Block `b` of matrix `m`, read back from the spool (its CRC-32 checked).
+    pub fn block(&self, m: usize, b: usize) -> Result<AvdBlock, Error> {
+        let (Some(spooled), Some(&(rows, cols))) = (
+            self.blocks.get(m).and_then(|v| v.get(b)),
+            self.shapes.get(m),
+        ) else {
+            return Err(Error::Usage(format!(
+                "no block {b} of matrix {m} was decomposed"
+            )));
+        };
+        let bytes = self.spool.read(spooled.range)?;
+        let k = spooled.k;
+        let n_signs = signs_len(spooled.range.len(), rows, cols, k).min(bytes.len());
+        let (signs, factors) = bytes.split_at(n_signs);
+        let (u, v) = factors.split_at((2 * rows * k).min(factors.len()));
+        let what = |e: &dyn std::fmt::Display| {
+            Error::Decompose(format!(
+                "{} [{rows}, {cols}] block {b} read back from the spool: {e}",
+                self.names.get(m).map_or("?", String::as_str)
+            ))
+        };
+        let signs = SignMatrix::from_packed(signs.to_vec(), rows, cols).map_err(|e| what(&e))?;
+        AvdBlock::from_parts(signs, bytes_to_halves(u), bytes_to_halves(v), k).map_err(|e| what(&e))
+    }
+
+    /// Bytes of every block, as spooled (the same as the blocks' bytes in the container).
+    pub fn spooled_bytes(&self) -> u64 {
+        self.blocks.iter().flatten().map(|b| b.range.len()).sum()
+    }
+
     /// Block sizes per matrix.
     pub fn block_bytes(&self) -> Vec<Vec<u64>> {
-        self.decompositions
+        self.blocks
             .iter()
-            .map(|d| d.blocks.iter().map(|b| b.stored_bytes()).collect())
+            .zip(&self.shapes)
+            .map(|(blocks, &(r, c))| {
+                blocks
+                    .iter()
+                    .map(|b| AvdBlock::byte_size(r, c, b.k))
+                    .collect()
+            })
             .collect()
     }
 
     /// `‖W − Ŵ_b‖²_F` for b = 0..=blocks of each matrix.
     pub fn squared_errors(&self) -> Vec<Vec<f64>> {
-        self.decompositions
+        self.rel_err
             .iter()
             .zip(&self.squared_norms)
-            .map(|(d, &n2)| {
+            .map(|(rel_err, &n2)| {
                 std::iter::once(n2)
-                    .chain(d.rel_err.iter().map(|e| e * e * n2))
+                    .chain(rel_err.iter().map(|e| e * e * n2))
                     .collect()
             })
             .collect()
@@ -221,21 +322,33 @@ pub fn read_architecture(checkpoint: &Checkpoint) -> Result<Option<String>, Erro
     Ok(config["architectures"][0].as_str().map(str::to_string))
 }
 
-/// Decomposes every selected matrix (in parallel over matrices). With `resume`, matrices
+/// The directory for the temporary files of a run writing `out` (the output's own, so that
+/// they land on a disk with room for it).
+pub fn work_dir_of(out: &Path) -> &Path {
+    match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Decomposes every selected matrix (in parallel over matrices), spooling each matrix's
+/// blocks to a temporary file in `spool_dir` as soon as it is done. With `resume`, matrices
 /// finished by an earlier run are read back and each new one is saved when done.
 pub fn decompose_checkpoint(
     checkpoint: &Checkpoint,
     names: &[String],
     options: &CompressOptions,
     resume: Option<&Checkpointer>,
+    spool_dir: &Path,
     progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<Decomposed, Error> {
+    let spool = Arc::new(Spool::create_in(spool_dir)?);
     progress(Progress::Stage {
         name: "decompose",
         total: names.len() as u64,
     });
     let done = AtomicUsize::new(0);
-    let results: Vec<(Decomposition, f64)> = names
+    let results: Vec<(Vec<SpooledBlock>, Vec<f64>, f64)> = names
         .par_iter()
         .enumerate()
         .map(|(index, name)| {
@@ -255,12 +368,13 @@ pub fn decompose_checkpoint(
                     (d, norm2)
                 }
             };
+            let spooled = spool_blocks(&spool, &d)?;
             let n = done.fetch_add(1, Ordering::Relaxed) + 1;
             progress(Progress::Step {
                 done: n as u64,
                 what: name,
             });
-            Ok((d, norm2))
+            Ok((spooled, d.rel_err, norm2))
         })
         .collect::<Result<_, Error>>()?;
     let mut shapes = Vec::new();
@@ -270,13 +384,22 @@ pub fn decompose_checkpoint(
         shapes.push((info.shape[0], info.shape[1]));
         dtypes.push(info.dtype);
     }
-    let (decompositions, squared_norms) = results.into_iter().unzip();
+    let mut blocks = Vec::with_capacity(results.len());
+    let mut rel_err = Vec::with_capacity(results.len());
+    let mut squared_norms = Vec::with_capacity(results.len());
+    for (b, e, n2) in results {
+        blocks.push(b);
+        rel_err.push(e);
+        squared_norms.push(n2);
+    }
     Ok(Decomposed {
         names: names.to_vec(),
         shapes,
         dtypes,
         squared_norms,
-        decompositions,
+        rel_err,
+        blocks,
+        spool,
     })
 }
 
@@ -348,11 +471,7 @@ pub fn order_blocks(
     scorer: &mut dyn BlockScorer,
     progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<Vec<StackEntry>, Error> {
-    let counts: Vec<u32> = decomposed
-        .decompositions
-        .iter()
-        .map(|d| d.blocks.len() as u32)
-        .collect();
+    let counts: Vec<u32> = decomposed.blocks.iter().map(|b| b.len() as u32).collect();
     // One step per candidate evaluation (scorers report their own steps).
     let evaluations: u64 = counts.iter().map(|&c| u64::from(c.saturating_sub(1))).sum();
     progress(Progress::Stage {
@@ -457,20 +576,27 @@ pub fn write_container(
         let (rows, cols) = decomposed.shapes[i];
         writer.add_matrix(name, rows, cols, decomposed.dtypes[i].name())?;
     }
-    let mut blocks: Vec<Vec<Option<bitstack_decompose::AvdBlock>>> = decomposed
-        .decompositions
-        .into_iter()
-        .map(|d| d.blocks.into_iter().map(Some).collect())
-        .collect();
+    // The blocks stay in the spool; the writer copies them into the file.
     for entry in order {
-        let block = blocks[entry.matrix as usize][entry.block as usize]
-            .take()
-            .ok_or_else(|| Error::Usage("a block appears twice in the stack".into()))?;
-        push_avd_block(
-            &mut writer,
-            entry.matrix as usize,
-            entry.block as usize,
-            block,
+        let (m, b) = (entry.matrix as usize, entry.block as usize);
+        let (Some(spooled), Some(&(rows, cols))) = (
+            decomposed.blocks.get(m).and_then(|v| v.get(b)),
+            decomposed.shapes.get(m),
+        ) else {
+            return Err(Error::Usage(format!(
+                "the stack names block {b} of matrix {m}, which was not decomposed"
+            )));
+        };
+        let k = spooled.k;
+        let specs = avd_part_specs(signs_len(spooled.range.len(), rows, cols, k), rows, cols, k);
+        writer.push_spooled_block(
+            m,
+            b,
+            "avd",
+            BTreeMap::from([("k".to_string(), k as i64)]),
+            specs,
+            &decomposed.spool,
+            spooled.range,
         )?;
     }
     writer.set_mandatory_blocks(mandatory);
@@ -490,22 +616,19 @@ pub fn push_avd_block(
 ) -> Result<(), bitstack_format::FormatError> {
     let (rows, cols, k) = (block.rows(), block.cols(), block.k());
     let (signs, u, v, _) = block.into_parts();
-    let halves = |h: Vec<half::f16>| h.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let specs = avd_part_specs(signs.as_bytes().len(), rows, cols, k);
+    let bytes = [signs.into_bytes(), halves_to_bytes(&u), halves_to_bytes(&v)];
+    let parts = specs
+        .into_iter()
+        .zip(bytes)
+        .map(|(s, b)| PartData::new(s.name, s.dtype, s.shape, b))
+        .collect();
     writer.push_block(
         matrix,
         index,
         "avd",
         BTreeMap::from([("k".to_string(), k as i64)]),
-        vec![
-            PartData::new(
-                "signs",
-                Dtype::U8,
-                vec![signs.as_bytes().len()],
-                signs.into_bytes(),
-            ),
-            PartData::new("u", Dtype::F16, vec![rows, k], halves(u)),
-            PartData::new("v", Dtype::F16, vec![k, cols], halves(v)),
-        ],
+        parts,
     )?;
     Ok(())
 }
@@ -525,7 +648,14 @@ pub fn compress(
     let resume = Checkpointer::open(out, options.checkpointing, &run)?;
     let mut stages = Vec::new();
     let t = Instant::now();
-    let decomposed = decompose_checkpoint(&checkpoint, &names, options, resume.as_ref(), progress)?;
+    let decomposed = decompose_checkpoint(
+        &checkpoint,
+        &names,
+        options,
+        resume.as_ref(),
+        work_dir_of(out),
+        progress,
+    )?;
     stages.push(("decompose".to_string(), t.elapsed()));
     let t = Instant::now();
     let mut scorer = decomposed.error_reduction_scorer()?;
@@ -561,11 +691,11 @@ pub fn finish(
     let niter = options.avd.niter;
     let mut mean_rel_err = vec![0.0; niter];
     let mut rel_err = serde_json::Map::new();
-    for (name, d) in decomposed.names.iter().zip(&decomposed.decompositions) {
-        for (b, e) in d.rel_err.iter().enumerate().take(niter) {
+    for (name, errors) in decomposed.names.iter().zip(&decomposed.rel_err) {
+        for (b, e) in errors.iter().enumerate().take(niter) {
             mean_rel_err[b] += e / decomposed.names.len() as f64;
         }
-        rel_err.insert(name.clone(), json!(d.rel_err));
+        rel_err.insert(name.clone(), json!(errors));
     }
     let mut metadata = options.extra_metadata.clone();
     metadata.insert("architecture".into(), json!(architecture));
@@ -625,6 +755,64 @@ impl CompressSummary {
                 .collect(),
             mean_rel_err,
             reused,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        /// Blocks read back from the spool are the blocks that were decomposed (widths that
+        /// are and are not multiples of 8, k from 1 to 5), whichever order they are read in,
+        /// and the container parts the writer declares add up to the bytes spooled.
+        #[test]
+        fn spooled_blocks_read_back(
+            rows in 5usize..40,
+            cols in 5usize..40,
+            k in 1usize..6,
+            seed in any::<u64>(),
+        ) {
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| {
+                    let h = (i as u64 ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    (h >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect();
+            let params = AvdParams { k, niter: 3, ..AvdParams::default() };
+            let d = decompose(&w, rows, cols, &params, None).unwrap();
+            let spool = Arc::new(Spool::create_in(&std::env::temp_dir()).unwrap());
+            spool.append(&[b"another matrix"]).unwrap();
+            let blocks = spool_blocks(&spool, &d).unwrap();
+            let decomposed = Decomposed {
+                names: vec!["m".into()],
+                shapes: vec![(rows, cols)],
+                dtypes: vec![SourceDtype::F32],
+                squared_norms: vec![1.0],
+                rel_err: vec![d.rel_err.clone()],
+                blocks: vec![blocks],
+                spool,
+            };
+            prop_assert_eq!(decomposed.block_count(0), d.blocks.len());
+            for (b, block) in d.blocks.iter().enumerate().rev() {
+                prop_assert_eq!(&decomposed.block(0, b).unwrap(), block);
+                let range = decomposed.blocks[0][b].range;
+                let specs = avd_part_specs(
+                    signs_len(range.len(), rows, cols, block.k()),
+                    rows,
+                    cols,
+                    block.k(),
+                );
+                let total: usize =
+                    specs.iter().map(|s| s.dtype.byte_len(&s.shape).unwrap()).sum();
+                prop_assert_eq!(total as u64, range.len());
+                prop_assert_eq!(specs[0].shape[0], block.signs().as_bytes().len());
+            }
+            prop_assert!(decomposed.block(0, d.blocks.len()).is_err());
+            prop_assert!(decomposed.block(1, 0).is_err());
         }
     }
 }
