@@ -10,7 +10,8 @@
 //! - [`ContainerWriter`] builds a container (`add_aux_file`, `add_fixed`, `add_matrix`,
 //!   `push_block` in stack order, `set_mandatory_blocks`) and writes it atomically. Blocks
 //!   produced long before the write can wait in a [`Spool`] on disk
-//!   (`push_spooled_block`) instead of in memory.
+//!   (`push_spooled_block`, or `spool_blocks_in` for everything `push_block` is given)
+//!   instead of in memory.
 //! - [`Container`] opens one ([`Container::open`] memory-maps a file,
 //!   [`Container::from_bytes`] reads bytes in memory), validates every offset, length, dtype
 //!   and shape, and verifies the CRC-32 of the fixed part. A file truncated inside the blocks

@@ -55,6 +55,8 @@ pub struct ContainerWriter {
     blocks: Vec<(BlockEntry, BlockData)>,
     next_index: Vec<usize>,
     mandatory_blocks: usize,
+    /// Where pushed block data goes, if not in memory.
+    spool: Option<Arc<Spool>>,
 }
 
 /// A block's bytes: in memory, or waiting in a spool file.
@@ -80,6 +82,13 @@ impl ContainerWriter {
             metadata,
             ..Self::default()
         }
+    }
+
+    /// From now on, the bytes of blocks given to [`push_block`](Self::push_block) wait in
+    /// `spool` on disk instead of in memory (they are copied into the file, CRC-checked,
+    /// when it is written). For writers that hold their blocks elsewhere anyway.
+    pub fn spool_blocks_in(&mut self, spool: Arc<Spool>) {
+        self.spool = Some(spool);
     }
 
     /// Sets one metadata entry.
@@ -180,17 +189,33 @@ impl ContainerWriter {
         parts: Vec<PartData>,
     ) -> Result<usize, FormatError> {
         let lens: Vec<usize> = parts.iter().map(|p| p.bytes.len()).collect();
-        let mut data = Vec::with_capacity(lens.iter().sum());
-        let mut specs = Vec::with_capacity(parts.len());
-        for part in parts {
-            data.extend_from_slice(&part.bytes);
-            specs.push(TensorSpec {
+        let (data, length, crc32) = match &self.spool {
+            Some(spool) => {
+                let pieces: Vec<&[u8]> = parts.iter().map(|p| p.bytes.as_slice()).collect();
+                let range = spool.append(&pieces)?;
+                (
+                    BlockData::Spooled(Arc::clone(spool), range),
+                    range.len(),
+                    range.crc32(),
+                )
+            }
+            None => {
+                let mut data = Vec::with_capacity(lens.iter().sum());
+                for part in &parts {
+                    data.extend_from_slice(&part.bytes);
+                }
+                let (length, crc32) = (len_u64(data.len()), crc32fast::hash(&data));
+                (BlockData::Owned(data), length, crc32)
+            }
+        };
+        let specs = parts
+            .into_iter()
+            .map(|part| TensorSpec {
                 name: part.name,
                 dtype: part.dtype,
                 shape: part.shape,
-            });
-        }
-        let crc32 = crc32fast::hash(&data);
+            })
+            .collect();
         self.push_checked(
             matrix,
             index_in_matrix,
@@ -198,9 +223,9 @@ impl ContainerWriter {
             params,
             specs,
             Some(&lens),
-            len_u64(data.len()),
+            length,
             crc32,
-            BlockData::Owned(data),
+            data,
         )
     }
 

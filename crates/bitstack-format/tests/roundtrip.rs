@@ -301,10 +301,16 @@ fn spec_strategy() -> impl Strategy<Value = Spec> {
 /// The container of `spec`; with `spool`, every block's bytes wait there instead of in
 /// the writer.
 fn build_with(spec: &Spec, spool: Option<&Arc<Spool>>) -> (ContainerWriter, Vec<Vec<PartData>>) {
-    let mut w = ContainerWriter::new(BTreeMap::from([(
-        "seed".to_owned(),
-        serde_json::json!(spec.aux),
-    )]));
+    build_into(ContainerWriter::new(BTreeMap::new()), spec, spool)
+}
+
+/// [`build_with`] on a given (empty) writer.
+fn build_into(
+    mut w: ContainerWriter,
+    spec: &Spec,
+    spool: Option<&Arc<Spool>>,
+) -> (ContainerWriter, Vec<Vec<PartData>>) {
+    w.set_metadata("seed", serde_json::json!(spec.aux));
     for (j, len) in spec.aux.iter().enumerate() {
         w.add_aux_file(format!("dir/file{j}.json"), common::bytes(j as u64, *len))
             .unwrap();
@@ -412,7 +418,13 @@ proptest! {
         let (spooled, _) = build_with(&spec, Some(&spool));
         spool.append(&[b"and after"]).unwrap();
         let (owned, _) = build(&spec);
-        prop_assert_eq!(spooled.to_bytes().unwrap(), owned.to_bytes().unwrap());
+        let owned = owned.to_bytes().unwrap();
+        prop_assert_eq!(spooled.to_bytes().unwrap(), owned.clone());
+        // The same through push_block on a writer that spools what it is given.
+        let mut writer = ContainerWriter::new(BTreeMap::new());
+        writer.spool_blocks_in(Arc::clone(&spool));
+        let (via_push, _) = build_into(writer, &spec, None);
+        prop_assert_eq!(via_push.to_bytes().unwrap(), owned);
     }
 
     #[test]

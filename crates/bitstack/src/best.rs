@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bitstack_decompose::{PlaneBlock, PlaneParams};
-use bitstack_format::{ContainerWriter, Dtype, PartData};
+use bitstack_format::{ContainerWriter, Dtype, PartData, Spool};
 use bitstack_model::{CausalLm, DenseLinear, Linear, LinearSlot, ModelConfig, Site, TextTokenizer};
 use bitstack_order::{StackEntry, StackLayout};
 use rayon::prelude::*;
@@ -36,8 +36,8 @@ use crate::calibrate::{
 use crate::chain::{build_chain, ChainBlock, ChainChoice, MatrixChain};
 use crate::checkpoint::Checkpoint;
 use crate::compress::{
-    add_aux_and_fixed, push_avd_block, read_architecture, run_description, CheckpointedScorer,
-    CompressOptions, CompressSummary, Progress, Reparametrisation,
+    add_aux_and_fixed, push_avd_block, read_architecture, run_description, work_dir_of,
+    CheckpointedScorer, CompressOptions, CompressSummary, Progress, Reparametrisation,
 };
 use crate::resume::Checkpointer;
 use crate::select::select_matrices;
@@ -411,6 +411,8 @@ pub fn compress_best(
     metadata.insert("sensitivity".into(), serde_json::Value::Object(sens));
     metadata.insert("chain".into(), serde_json::Value::Object(kinds));
     let mut writer = ContainerWriter::new(metadata);
+    // The chains stay in memory until the end; their copies for the file wait on disk.
+    writer.spool_blocks_in(Arc::new(Spool::create_in(work_dir_of(out))?));
     let fixed_bytes = add_aux_and_fixed(&mut writer, &checkpoint, &names, &options)?;
     for (name, &(rows, cols)) in names.iter().zip(&shapes) {
         writer.add_matrix(name, rows, cols, checkpoint.info(name)?.dtype.name())?;

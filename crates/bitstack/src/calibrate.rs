@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bitstack_model::{
-    CausalLm, DenseLinear, Linear, LinearSlot, ModelConfig, ModelError, Site, TensorSource,
+    CausalLm, DenseLinear, LinearSlot, ModelConfig, ModelError, Site, TensorSource,
 };
 use bitstack_order::{BlockScorer, ScoreError};
 use rayon::prelude::*;
@@ -176,9 +176,12 @@ pub struct PerplexityScorer<'a> {
     decomposed: &'a Decomposed,
     /// (layer, slot) of each stacked matrix.
     places: Vec<(usize, LinearSlot)>,
-    /// Dense reconstruction of each matrix at the current level.
-    dense: Vec<Vec<f32>>,
+    /// Reconstruction of each matrix at the current level, shared with `model` (`None`
+    /// before the first level is installed: zeros).
+    dense: Vec<Option<Arc<DenseLinear>>>,
     level: u32,
+    /// Whether `dense` is installed in `model` (which starts with the original matrices).
+    installed: bool,
     windows: Vec<Vec<u32>>,
     progress: &'a (dyn Fn(Progress<'_>) + Sync),
     done: u64,
@@ -210,45 +213,55 @@ impl<'a> PerplexityScorer<'a> {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let dense = decomposed
-            .shapes
-            .iter()
-            .map(|&(r, c)| vec![0.0; r * c])
-            .collect();
+        let dense = vec![None; decomposed.shapes.len()];
         Ok(Self {
             model,
             decomposed,
             places,
             dense,
             level: 0,
+            installed: false,
             windows,
             progress,
             done: 0,
         })
     }
 
-    fn dense_linear(&self, m: usize, weight: Vec<f32>) -> Result<Arc<dyn Linear>, ModelError> {
+    fn dense_linear(&self, m: usize, weight: Vec<f32>) -> Result<Arc<DenseLinear>, ModelError> {
         let (r, c) = self.decomposed.shapes[m];
         Ok(Arc::new(DenseLinear::new(weight, r, c)?))
     }
 
-    /// Brings every matrix to `level` blocks.
-    fn advance_to(&mut self, level: u32) -> Result<(), Error> {
-        while self.level < level {
-            for m in 0..self.dense.len() {
-                if (self.level as usize) < self.decomposed.block_count(m) {
-                    self.decomposed
-                        .block(m, self.level as usize)?
-                        .add_to_dense(&mut self.dense[m]);
-                }
+    /// A copy of matrix `m`'s reconstruction at the current level (zeros at level 0).
+    fn current_weight(&self, m: usize) -> Vec<f32> {
+        match &self.dense[m] {
+            Some(linear) => linear.weight().to_vec(),
+            None => {
+                let (r, c) = self.decomposed.shapes[m];
+                vec![0.0; r * c]
             }
-            self.level += 1;
+        }
+    }
+
+    /// Brings every matrix to `level` blocks (never back) and installs the reconstructions
+    /// in the model, which shares them: one f32 copy of the stacked matrices in all.
+    fn advance_to(&mut self, level: u32) -> Result<(), Error> {
+        let (from, to) = (self.level as usize, level.max(self.level) as usize);
+        if self.installed && from == to {
+            return Ok(());
         }
         for m in 0..self.dense.len() {
+            let mut weight = self.current_weight(m);
+            for b in from..to.min(self.decomposed.block_count(m)) {
+                self.decomposed.block(m, b)?.add_to_dense(&mut weight);
+            }
+            let linear = self.dense_linear(m, weight)?;
             let (layer, slot) = self.places[m];
-            let linear = self.dense_linear(m, self.dense[m].clone())?;
-            self.model.set_linear(layer, slot, linear)?;
+            self.model.set_linear(layer, slot, linear.clone())?;
+            self.dense[m] = Some(linear);
         }
+        self.level = to as u32;
+        self.installed = true;
         Ok(())
     }
 
@@ -311,7 +324,7 @@ impl BlockScorer for PerplexityScorer<'_> {
         for &m in candidates {
             let m = m as usize;
             let (layer, slot) = self.places[m];
-            let mut next = self.dense[m].clone();
+            let mut next = self.current_weight(m);
             if level as usize >= self.decomposed.block_count(m) {
                 return Err("candidate without a next block".into());
             }
