@@ -221,16 +221,22 @@ impl Decomposed {
         self.blocks.get(m).map_or(0, Vec::len)
     }
 
-    /// Block `b` of matrix `m`, read back from the spool (its CRC-32 checked).
-    pub fn block(&self, m: usize, b: usize) -> Result<AvdBlock, Error> {
-        let (Some(spooled), Some(&(rows, cols))) = (
+    /// Where block `b` of matrix `m` waits, and the matrix's shape.
+    fn spooled(&self, m: usize, b: usize) -> Result<(SpooledBlock, usize, usize), Error> {
+        match (
             self.blocks.get(m).and_then(|v| v.get(b)),
             self.shapes.get(m),
-        ) else {
-            return Err(Error::Usage(format!(
+        ) {
+            (Some(&spooled), Some(&(rows, cols))) => Ok((spooled, rows, cols)),
+            _ => Err(Error::Usage(format!(
                 "no block {b} of matrix {m} was decomposed"
-            )));
-        };
+            ))),
+        }
+    }
+
+    /// Block `b` of matrix `m`, read back from the spool (its CRC-32 checked).
+    pub fn block(&self, m: usize, b: usize) -> Result<AvdBlock, Error> {
+        let (spooled, rows, cols) = self.spooled(m, b)?;
         let bytes = self.spool.read(spooled.range)?;
         let k = spooled.k;
         let n_signs = signs_len(spooled.range.len(), rows, cols, k).min(bytes.len());
@@ -579,14 +585,7 @@ pub fn write_container(
     // The blocks stay in the spool; the writer copies them into the file.
     for entry in order {
         let (m, b) = (entry.matrix as usize, entry.block as usize);
-        let (Some(spooled), Some(&(rows, cols))) = (
-            decomposed.blocks.get(m).and_then(|v| v.get(b)),
-            decomposed.shapes.get(m),
-        ) else {
-            return Err(Error::Usage(format!(
-                "the stack names block {b} of matrix {m}, which was not decomposed"
-            )));
-        };
+        let (spooled, rows, cols) = decomposed.spooled(m, b)?;
         let k = spooled.k;
         let specs = avd_part_specs(signs_len(spooled.range.len(), rows, cols, k), rows, cols, k);
         writer.push_spooled_block(
