@@ -16,11 +16,13 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
 
 /// The kernel versions every decode bench compares: both threads, one thread with the best
-/// SIMD, one thread with AVX2 (what CPUs without AVX-512 run), one thread portable.
-const VARIANTS: [(&str, Parallelism, Simd); 4] = [
+/// SIMD, one thread with AVX2 (what CPUs without AVX-512 run; with GFNI where the CPU has it,
+/// as recent ones do), one thread portable.
+const VARIANTS: [(&str, Parallelism, Simd); 5] = [
     ("auto", Parallelism::Auto, Simd::Auto),
     ("simd_1thread", Parallelism::Sequential, Simd::Auto),
     ("avx2_1thread", Parallelism::Sequential, Simd::Avx2),
+    ("avx2_gfni_1thread", Parallelism::Sequential, Simd::Avx2Gfni),
     ("portable_1thread", Parallelism::Sequential, Simd::Portable),
 ];
 
@@ -217,6 +219,7 @@ fn bench_codes(c: &mut Criterion) {
             for (name, simd) in [
                 ("tiles_simd_1thread", Simd::Auto),
                 ("tiles_avx2_1thread", Simd::Avx2),
+                ("tiles_avx2_gfni_1thread", Simd::Avx2Gfni),
                 ("tiles_portable_1thread", Simd::Portable),
             ] {
                 group.bench_function(name, |b| {

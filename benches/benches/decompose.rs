@@ -154,6 +154,7 @@ fn planes(c: &mut Criterion) {
         ("matvec_tables", Simd::Portable),
         ("matvec_codes", Simd::Auto),
         ("matvec_codes_avx2", Simd::Avx2),
+        ("matvec_codes_avx2_gfni", Simd::Avx2Gfni),
     ] {
         g.bench_function(name, |b| {
             b.iter(|| planes_matvec_add_with(&planes, &table, black_box(&mut y), simd))
@@ -174,6 +175,7 @@ fn planes(c: &mut Criterion) {
     for (name, simd) in [
         ("tiles_codes", Simd::Auto),
         ("tiles_codes_avx2", Simd::Avx2),
+        ("tiles_codes_avx2_gfni", Simd::Avx2Gfni),
     ] {
         g.bench_function(name, |b| {
             b.iter(|| {

@@ -17,10 +17,10 @@
 //! mask), then widened to f32 16 at a time and multiplied with `x`: no lookup tables, and
 //! every product is an exact integer times `x[c]` summed in f32. With AVX2 (and FMA) the
 //! codes of 32 columns are built in a `ymm` register, each plane's bits spread to bytes and
-//! compared — or, for 7 or 8 nested planes (distinct power-of-two weights), the planes'
-//! bytes gathered into one register and bit-transposed 8×8 (three delta swaps: one fixed
-//! cost instead of one per plane). Elsewhere a portable version runs (the reference for the
-//! vectorized ones in the tests).
+//! compared — or, for nested planes (distinct power-of-two weights), the planes' bytes
+//! gathered into one register and bit-transposed 8×8: one `gf2p8affineqb` where the CPU has
+//! GFNI (from 5 planes), else three delta swaps (from 7 planes). Elsewhere a portable version
+//! runs (the reference for the vectorized ones in the tests).
 
 use half::f16;
 use rayon::prelude::{IndexedParallelIterator, ParallelIterator, ParallelSliceMut};
@@ -67,9 +67,12 @@ enum CodeKernel {
     /// AVX-512 F and BW: 64 columns a register, one masked byte add per plane.
     #[cfg(target_arch = "x86_64")]
     Avx512,
-    /// AVX2: 32 columns a register, each plane's bits spread to bytes and compared.
+    /// AVX2: 32 columns a register, each plane's bits spread to bytes and compared, or
+    /// nested planes bit-transposed (with GFNI by one instruction).
     #[cfg(target_arch = "x86_64")]
-    Avx2,
+    Avx2 {
+        gfni: bool,
+    },
 }
 
 impl CodeKernel {
@@ -85,7 +88,11 @@ impl CodeKernel {
                 {
                     return CodeKernel::Avx512
                 }
-                Simd::Auto | Simd::Avx2 if avx2 => return CodeKernel::Avx2,
+                Simd::Auto | Simd::Avx2Gfni if avx2 => {
+                    let gfni = std::arch::is_x86_feature_detected!("gfni");
+                    return CodeKernel::Avx2 { gfni };
+                }
+                Simd::Avx2 if avx2 => return CodeKernel::Avx2 { gfni: false },
                 _ => {}
             }
         }
@@ -164,7 +171,9 @@ pub fn codes_matvec_add(
         #[cfg(target_arch = "x86_64")]
         match kernel {
             CodeKernel::Avx512 => return avx512::rows(planes, &shape, s, o, row0, ys),
-            CodeKernel::Avx2 => return avx2::rows(planes, &shape, s, o, x, row0, ys),
+            CodeKernel::Avx2 { gfni } => {
+                return avx2::rows(planes, &shape, s, o, x, row0, ys, gfni)
+            }
             CodeKernel::Portable => {}
         }
         rows_portable(planes, &shape, s, o, x, row0, ys);
@@ -261,7 +270,9 @@ pub fn codes_rows_to_dense(
         CodeKernel::Avx512 => {
             return avx512::rows_to_dense(planes, grid, groups, s, o, row0, tile);
         }
-        CodeKernel::Avx2 => return avx2::rows_to_dense(planes, grid, groups, s, o, row0, tile),
+        CodeKernel::Avx2 { gfni } => {
+            return avx2::rows_to_dense(planes, grid, groups, s, o, row0, tile, gfni)
+        }
         CodeKernel::Portable => {}
     }
     rows_to_dense_portable(planes, grid, groups, s, o, row0, tile);
@@ -423,6 +434,7 @@ mod avx512 {
     use super::{CodeGrid, Shape, WeightedPlane};
 
     /// The rows `row0..row0 + y.len()` with AVX-512 (the caller checked F and BW).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn rows(
         planes: &[WeightedPlane<'_>],
         shape: &Shape,
@@ -760,10 +772,11 @@ mod avx2 {
         __m128i, __m256, __m256i, _mm256_add_epi8, _mm256_add_ps, _mm256_and_si256,
         _mm256_castps256_ps128, _mm256_castsi256_si128, _mm256_cmpeq_epi8, _mm256_cvtepi32_ps,
         _mm256_cvtepu8_epi32, _mm256_extractf128_ps, _mm256_extracti128_si256, _mm256_fmadd_ps,
-        _mm256_loadu_ps, _mm256_loadu_si256, _mm256_permutevar8x32_epi32, _mm256_set1_epi32,
-        _mm256_set1_epi64x, _mm256_set1_epi8, _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps,
-        _mm256_setzero_si256, _mm256_shuffle_epi8, _mm256_slli_epi64, _mm256_srli_epi64,
-        _mm256_storeu_ps, _mm256_xor_si256, _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm_srli_si128,
+        _mm256_gf2p8affine_epi64_epi8, _mm256_loadu_ps, _mm256_loadu_si256,
+        _mm256_permutevar8x32_epi32, _mm256_set1_epi32, _mm256_set1_epi64x, _mm256_set1_epi8,
+        _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_setzero_si256,
+        _mm256_shuffle_epi8, _mm256_slli_epi64, _mm256_srli_epi64, _mm256_storeu_ps,
+        _mm256_xor_si256, _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm_srli_si128,
     };
 
     use half::f16;
@@ -826,6 +839,10 @@ mod avx2 {
     /// 4096², one thread: at 4 planes spreading took 3.4 ms and the transpose 4.2 ms, at 8
     /// planes 5.9 ms and 4.8–5.0 ms; they tie near 6).
     const TRANSPOSE_MIN_PLANES: usize = 7;
+    /// The same with GFNI, where the transpose is one instruction (4096², one thread: 3.5 ms
+    /// at any number of planes, spreading 3.4 ms at 4 planes and 4.9 at 8; the gather of
+    /// the planes' words is most of what is left).
+    const TRANSPOSE_MIN_PLANES_GFNI: usize = 5;
 
     /// Builds the codes of up to 32 columns of the planes.
     struct Builder<'a> {
@@ -848,9 +865,14 @@ mod avx2 {
         /// AVX2 must be available.
         #[inline]
         #[target_feature(enable = "avx2")]
-        unsafe fn new(planes: &'a [(&'a [u8], u8)]) -> Self {
+        unsafe fn new(planes: &'a [(&'a [u8], u8)], gfni: bool) -> Self {
             let mut by_exp = [None; 8];
-            let nested = planes.len() >= TRANSPOSE_MIN_PLANES
+            let min = if gfni {
+                TRANSPOSE_MIN_PLANES_GFNI
+            } else {
+                TRANSPOSE_MIN_PLANES
+            };
+            let nested = planes.len() >= min
                 && planes.iter().all(|&(bits, w)| {
                     let e = w.trailing_zeros() as usize;
                     let free = w.is_power_of_two() && by_exp[e].is_none();
@@ -895,15 +917,16 @@ mod avx2 {
         /// Only to be called from functions with AVX2 enabled; bytes `at .. at + width / 8`
         /// of every plane must exist.
         #[inline(always)]
-        unsafe fn chunk(&self, at: usize, width: usize) -> __m256i {
+        unsafe fn chunk<const GFNI: bool>(&self, at: usize, width: usize) -> __m256i {
             // SAFETY: the caller has AVX2 enabled (this is inlined into it) and guarantees
             // the plane bytes read.
             unsafe {
                 if let Some(by_exp) = &self.by_exp {
                     let mut w = [0i32; 8];
-                    for (w, bits) in w.iter_mut().zip(by_exp) {
+                    for (e, bits) in by_exp.iter().enumerate() {
                         if let Some(bits) = bits {
-                            *w = word(bits, at, width);
+                            // GFNI reads its matrix rows from the top byte down.
+                            w[if GFNI { 7 - e } else { e }] = word(bits, at, width);
                         }
                     }
                     // Dword e: the 4 bytes of the plane of weight 2^e; then qword j: byte j of
@@ -913,6 +936,16 @@ mod avx2 {
                         _mm256_shuffle_epi8(v, self.gather),
                         self.interleave,
                     );
+                    if GFNI {
+                        // Byte i of the result has bit t = parity(byte 7 − t of the qword
+                        // AND byte i of the operand): with operand byte i = 128 >> i, bit e
+                        // of the weight-2^e plane's bit for column 8j + i — its code, in
+                        // column order.
+                        return _mm256_gf2p8affine_epi64_epi8::<0>(
+                            _mm256_set1_epi64x(0x0102_0408_1020_4080),
+                            v,
+                        );
+                    }
                     // 8×8 bit transpose of each qword (bit 8r + k to bit 8k + r): byte k now
                     // holds, in bit e, bit k of the weight-2^e plane's byte, i.e. column
                     // 8j + 7 − k (the first column is the MSB) — its code.
@@ -993,6 +1026,7 @@ mod avx2 {
 
     /// The rows `row0..row0 + y.len()` of [`super::codes_matvec_add`] (the caller checked
     /// AVX2 and the shapes; `s`, `o`: the rows' scales and offsets).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn rows(
         planes: &[WeightedPlane<'_>],
         shape: &Shape,
@@ -1001,6 +1035,7 @@ mod avx2 {
         x: &[f32],
         row0: usize,
         y: &mut [f32],
+        gfni: bool,
     ) {
         let bytes = plane_bytes(planes);
         let bpr = shape.n / 8;
@@ -1011,15 +1046,23 @@ mod avx2 {
                 && bytes.iter().all(|(b, _)| b.len() >= (row0 + y.len()) * bpr),
             "codes: short buffers"
         );
-        // SAFETY: the caller checked AVX2 and FMA (`CodeKernel::choose`); the lengths are
-        // asserted.
-        unsafe { rows_impl(&bytes, shape, s, o, x, row0, y) }
+        // SAFETY: the caller checked AVX2 and FMA, and GFNI if `gfni`
+        // (`CodeKernel::choose`); the lengths are asserted.
+        unsafe {
+            if gfni {
+                rows_gfni(&bytes, shape, s, o, x, row0, y);
+            } else {
+                rows_plain(&bytes, shape, s, o, x, row0, y);
+            }
+        }
     }
 
+    /// [`rows_body`] compiled for AVX2 and FMA.
+    ///
     /// # Safety
     /// AVX2 and FMA must be available; the lengths as asserted in [`rows`].
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_impl(
+    unsafe fn rows_plain(
         planes: &[(&[u8], u8)],
         shape: &Shape,
         s: &[f16],
@@ -1028,61 +1071,106 @@ mod avx2 {
         row0: usize,
         y: &mut [f32],
     ) {
-        let (n, group, groups) = (shape.n, shape.group, shape.groups);
-        let bpr = n / 8;
-        // SAFETY: AVX2 is enabled on this function.
-        let builder = unsafe { Builder::new(planes) };
-        let xp = x.as_ptr();
-        for (i, yr) in y.iter_mut().enumerate() {
-            let row_byte = (row0 + i) * bpr;
-            let mut acc = _mm256_setzero_ps();
-            for (gi, sg) in s[i * groups..(i + 1) * groups].iter().enumerate() {
-                let (c0, c1) = (gi * group, ((gi + 1) * group).min(n));
-                // Four accumulators in registers (an array of them was kept in memory).
-                let mut d = [_mm256_setzero_ps(); 4];
-                let (mut d0, mut d1, mut d2, mut d3) = (d[0], d[1], d[2], d[3]);
-                let mut c = c0;
-                while c + 32 <= c1 {
-                    // SAFETY: AVX2 is enabled here; the planes hold `(row0 + rows) · bpr`
-                    // bytes (asserted in `rows`) and `c + 32 <= c1 <= n = x.len()`.
-                    unsafe {
-                        let [q0, q1, q2, q3] = widen(builder.chunk(row_byte + c / 8, 32));
-                        d0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xp.add(c)), d0);
-                        d1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xp.add(c + 8)), d1);
-                        d2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xp.add(c + 16)), d2);
-                        d3 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xp.add(c + 24)), d3);
-                    }
-                    c += 32;
-                }
-                if c < c1 {
-                    let width = c1 - c;
-                    d = [d0, d1, d2, d3];
-                    // SAFETY: as above.
-                    let codes = unsafe { widen(builder.chunk(row_byte + c / 8, width)) };
-                    for (j, (qf, dot)) in codes.iter().zip(d.iter_mut()).enumerate() {
-                        if 8 * j >= width {
-                            break;
+        // SAFETY: as this function's.
+        unsafe { rows_body::<false>(planes, shape, s, o, x, row0, y) }
+    }
+
+    /// [`rows_body`] compiled for AVX2, FMA and GFNI.
+    ///
+    /// # Safety
+    /// AVX2, FMA and GFNI must be available; the lengths as asserted in [`rows`].
+    #[target_feature(enable = "avx2,fma,gfni")]
+    unsafe fn rows_gfni(
+        planes: &[(&[u8], u8)],
+        shape: &Shape,
+        s: &[f16],
+        o: Option<&[f16]>,
+        x: &[f32],
+        row0: usize,
+        y: &mut [f32],
+    ) {
+        // SAFETY: as this function's.
+        unsafe { rows_body::<true>(planes, shape, s, o, x, row0, y) }
+    }
+
+    /// The product; inlined into a copy per instruction set (`GFNI`: the bit transpose is
+    /// one `gf2p8affineqb`).
+    ///
+    /// # Safety
+    /// Only from [`rows_plain`] and [`rows_gfni`] (AVX2 and FMA, and GFNI if `GFNI`).
+    #[inline(always)]
+    #[allow(unused_unsafe)] // the body is one unsafe block; the inner ones keep their notes
+    unsafe fn rows_body<const GFNI: bool>(
+        planes: &[(&[u8], u8)],
+        shape: &Shape,
+        s: &[f16],
+        o: Option<&[f16]>,
+        x: &[f32],
+        row0: usize,
+        y: &mut [f32],
+    ) {
+        // SAFETY: this body is inlined into functions with AVX2 and FMA (and GFNI if
+        // `GFNI`) enabled; the blocks inside state what else they rely on.
+        unsafe {
+            let (n, group, groups) = (shape.n, shape.group, shape.groups);
+            let bpr = n / 8;
+            // SAFETY: AVX2 is enabled on this function.
+            let builder = unsafe { Builder::new(planes, GFNI) };
+            let xp = x.as_ptr();
+            for (i, yr) in y.iter_mut().enumerate() {
+                let row_byte = (row0 + i) * bpr;
+                let mut acc = _mm256_setzero_ps();
+                for (gi, sg) in s[i * groups..(i + 1) * groups].iter().enumerate() {
+                    let (c0, c1) = (gi * group, ((gi + 1) * group).min(n));
+                    // Four accumulators in registers (an array of them was kept in memory).
+                    let mut d = [_mm256_setzero_ps(); 4];
+                    let (mut d0, mut d1, mut d2, mut d3) = (d[0], d[1], d[2], d[3]);
+                    let mut c = c0;
+                    while c + 32 <= c1 {
+                        // SAFETY: AVX2 is enabled here; the planes hold `(row0 + rows) · bpr`
+                        // bytes (asserted in `rows`) and `c + 32 <= c1 <= n = x.len()`.
+                        unsafe {
+                            let [q0, q1, q2, q3] =
+                                widen(builder.chunk::<GFNI>(row_byte + c / 8, 32));
+                            d0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xp.add(c)), d0);
+                            d1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xp.add(c + 8)), d1);
+                            d2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xp.add(c + 16)), d2);
+                            d3 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xp.add(c + 24)), d3);
                         }
-                        // SAFETY: `c + 8j + 8 <= c + width = c1 <= n = x.len()` (widths
-                        // are multiples of 8).
-                        let xv = unsafe { _mm256_loadu_ps(xp.add(c + 8 * j)) };
-                        *dot = _mm256_fmadd_ps(*qf, xv, *dot);
+                        c += 32;
                     }
-                    [d0, d1, d2, d3] = d;
+                    if c < c1 {
+                        let width = c1 - c;
+                        d = [d0, d1, d2, d3];
+                        // SAFETY: as above.
+                        let codes =
+                            unsafe { widen(builder.chunk::<GFNI>(row_byte + c / 8, width)) };
+                        for (j, (qf, dot)) in codes.iter().zip(d.iter_mut()).enumerate() {
+                            if 8 * j >= width {
+                                break;
+                            }
+                            // SAFETY: `c + 8j + 8 <= c + width = c1 <= n = x.len()` (widths
+                            // are multiples of 8).
+                            let xv = unsafe { _mm256_loadu_ps(xp.add(c + 8 * j)) };
+                            *dot = _mm256_fmadd_ps(*qf, xv, *dot);
+                        }
+                        [d0, d1, d2, d3] = d;
+                    }
+                    let dot = _mm256_add_ps(_mm256_add_ps(d0, d1), _mm256_add_ps(d2, d3));
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(sg.to_f32()), dot, acc);
                 }
-                let dot = _mm256_add_ps(_mm256_add_ps(d0, d1), _mm256_add_ps(d2, d3));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(sg.to_f32()), dot, acc);
+                let row = i * groups..(i + 1) * groups;
+                let o = o.map(|o| &o[row.clone()]);
+                // SAFETY: AVX2 is enabled here.
+                let sum = unsafe { lane_sum(acc) };
+                *yr += shape.scale * sum + shape.row_constant(&s[row], o);
             }
-            let row = i * groups..(i + 1) * groups;
-            let o = o.map(|o| &o[row.clone()]);
-            // SAFETY: AVX2 is enabled here.
-            let sum = unsafe { lane_sum(acc) };
-            *yr += shape.scale * sum + shape.row_constant(&s[row], o);
         }
     }
 
     /// The tile rebuild of [`super::codes_rows_to_dense`] (the caller checked AVX2 and the
     /// shapes; `s`, `o`: the tile rows' scales and offsets).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn rows_to_dense(
         planes: &[WeightedPlane<'_>],
         grid: &CodeGrid<'_>,
@@ -1091,57 +1179,110 @@ mod avx2 {
         o: Option<&[f16]>,
         row0: usize,
         tile: &mut [f32],
+        gfni: bool,
     ) {
         let (bytes, n) = super::tile_inputs(planes, grid, groups, s, o, row0, tile);
-        // SAFETY: the caller checked AVX2 and FMA (`CodeKernel::choose`); `tile_inputs`
-        // asserted the buffer lengths.
-        unsafe { rows_to_dense_impl(&bytes, grid, n, groups, s, o, row0, tile) }
+        let t = Tile {
+            planes: &bytes,
+            grid,
+            n,
+            groups,
+            s,
+            o,
+            row0,
+        };
+        // SAFETY: the caller checked AVX2 and FMA, and GFNI if `gfni`
+        // (`CodeKernel::choose`); `tile_inputs` asserted the buffer lengths.
+        unsafe {
+            if gfni {
+                tile_gfni(&t, tile);
+            } else {
+                tile_plain(&t, tile);
+            }
+        }
     }
 
+    /// The inputs of a tile rebuild.
+    struct Tile<'a> {
+        planes: &'a [(&'a [u8], u8)],
+        grid: &'a CodeGrid<'a>,
+        n: usize,
+        groups: usize,
+        s: &'a [f16],
+        o: Option<&'a [f16]>,
+        row0: usize,
+    }
+
+    /// [`tile_body`] compiled for AVX2 and FMA.
+    ///
     /// # Safety
     /// AVX2 and FMA must be available; the lengths as `tile_inputs` asserts them.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn rows_to_dense_impl(
-        planes: &[(&[u8], u8)],
-        grid: &CodeGrid<'_>,
-        n: usize,
-        groups: usize,
-        s: &[f16],
-        o: Option<&[f16]>,
-        row0: usize,
-        tile: &mut [f32],
-    ) {
-        let bpr = n / 8;
-        // SAFETY: AVX2 is enabled on this function.
-        let builder = unsafe { Builder::new(planes) };
-        for (i, out) in tile.chunks_exact_mut(n).enumerate() {
-            let row_byte = (row0 + i) * bpr;
-            let op = out.as_mut_ptr();
-            for g in 0..groups {
-                let at = i * groups + g;
-                let sg = s[at].to_f32();
-                let og = o.map_or(0.0, |o| o[at].to_f32());
-                let a = _mm256_set1_ps(sg * grid.scale);
-                let b = _mm256_set1_ps(sg * grid.shift + og);
-                let (c0, c1) = (g * grid.group, ((g + 1) * grid.group).min(n));
-                let mut c = c0;
-                while c < c1 {
-                    let width = (c1 - c).min(32);
-                    // SAFETY: AVX2 is enabled here; the planes hold the tile's rows
-                    // (asserted in `tile_inputs`) and `c + width <= c1 <= n`.
-                    let q = unsafe { builder.chunk(row_byte + c / 8, width) };
-                    // SAFETY: as above.
-                    let codes = unsafe { widen(q) };
-                    for (j, qf) in codes.iter().enumerate().take(width / 8) {
-                        // SAFETY: `c + 8j + 8 <= c + width <= n`: within the tile row.
-                        unsafe {
-                            let t = _mm256_loadu_ps(op.add(c + 8 * j));
-                            let v = _mm256_fmadd_ps(*qf, a, b);
-                            _mm256_storeu_ps(op.add(c + 8 * j), _mm256_add_ps(t, v));
+    unsafe fn tile_plain(t: &Tile<'_>, tile: &mut [f32]) {
+        // SAFETY: as this function's.
+        unsafe { tile_body::<false>(t, tile) }
+    }
+
+    /// [`tile_body`] compiled for AVX2, FMA and GFNI.
+    ///
+    /// # Safety
+    /// AVX2, FMA and GFNI must be available; the lengths as `tile_inputs` asserts them.
+    #[target_feature(enable = "avx2,fma,gfni")]
+    unsafe fn tile_gfni(t: &Tile<'_>, tile: &mut [f32]) {
+        // SAFETY: as this function's.
+        unsafe { tile_body::<true>(t, tile) }
+    }
+
+    /// The tile rebuild; inlined into a copy per instruction set.
+    ///
+    /// # Safety
+    /// Only from [`tile_plain`] and [`tile_gfni`].
+    #[inline(always)]
+    #[allow(unused_unsafe)] // the body is one unsafe block; the inner ones keep their notes
+    unsafe fn tile_body<const GFNI: bool>(t: &Tile<'_>, tile: &mut [f32]) {
+        // SAFETY: this body is inlined into functions with AVX2 and FMA (and GFNI if
+        // `GFNI`) enabled; the blocks inside state what else they rely on.
+        unsafe {
+            let &Tile {
+                planes,
+                grid,
+                n,
+                groups,
+                s,
+                o,
+                row0,
+            } = t;
+            let bpr = n / 8;
+            // SAFETY: AVX2 is enabled on this function.
+            let builder = unsafe { Builder::new(planes, GFNI) };
+            for (i, out) in tile.chunks_exact_mut(n).enumerate() {
+                let row_byte = (row0 + i) * bpr;
+                let op = out.as_mut_ptr();
+                for g in 0..groups {
+                    let at = i * groups + g;
+                    let sg = s[at].to_f32();
+                    let og = o.map_or(0.0, |o| o[at].to_f32());
+                    let a = _mm256_set1_ps(sg * grid.scale);
+                    let b = _mm256_set1_ps(sg * grid.shift + og);
+                    let (c0, c1) = (g * grid.group, ((g + 1) * grid.group).min(n));
+                    let mut c = c0;
+                    while c < c1 {
+                        let width = (c1 - c).min(32);
+                        // SAFETY: AVX2 is enabled here; the planes hold the tile's rows
+                        // (asserted in `tile_inputs`) and `c + width <= c1 <= n`.
+                        let q = unsafe { builder.chunk::<GFNI>(row_byte + c / 8, width) };
+                        // SAFETY: as above.
+                        let codes = unsafe { widen(q) };
+                        for (j, qf) in codes.iter().enumerate().take(width / 8) {
+                            // SAFETY: `c + 8j + 8 <= c + width <= n`: within the tile row.
+                            unsafe {
+                                let t = _mm256_loadu_ps(op.add(c + 8 * j));
+                                let v = _mm256_fmadd_ps(*qf, a, b);
+                                _mm256_storeu_ps(op.add(c + 8 * j), _mm256_add_ps(t, v));
+                            }
                         }
+                        c += width;
                     }
-                    c += width;
                 }
             }
         }
@@ -1253,7 +1394,7 @@ mod tests {
                 shift: -3.5,
             };
             let want = naive(&planes, &grid, &x);
-            for simd in [Simd::Auto, Simd::Avx2, Simd::Portable] {
+            for simd in [Simd::Auto, Simd::Avx2, Simd::Avx2Gfni, Simd::Portable] {
                 let mut y = vec![1.0f32; rows];
                 codes_matvec_add(&refs, &grid, &x, &mut y, par, simd);
                 for (r, (&got, &(w, mag))) in y.iter().zip(&want).enumerate() {
@@ -1293,7 +1434,7 @@ mod tests {
                 scale: 0.125,
                 shift: -3.5,
             };
-            for simd in [Simd::Auto, Simd::Avx2, Simd::Portable] {
+            for simd in [Simd::Auto, Simd::Avx2, Simd::Avx2Gfni, Simd::Portable] {
                 let mut tile = start.clone();
                 codes_rows_to_dense(&refs, &grid, row0, &mut tile, simd);
                 for (i, (&got, &was)) in tile.iter().zip(&start).enumerate() {

@@ -61,6 +61,9 @@ pub enum Simd {
     /// even if it has AVX-512; the portable version elsewhere and for the other kernels. For
     /// tests and comparisons.
     Avx2,
+    /// As [`Simd::Avx2`], with GFNI where the CPU has it (what recent CPUs without AVX-512
+    /// run: Intel from Ice Lake / Alder Lake). Only the code kernels use GFNI.
+    Avx2Gfni,
 }
 
 /// One residual block `S ⊙ (u v)` as the decode kernel reads it: packed signs `S`
@@ -96,7 +99,10 @@ enum Kernel {
 impl Kernel {
     fn choose(k: usize, simd: Simd) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Avx2 && k <= 32 && std::arch::is_x86_feature_detected!("avx2") {
+        if matches!(simd, Simd::Avx2 | Simd::Avx2Gfni)
+            && k <= 32
+            && std::arch::is_x86_feature_detected!("avx2")
+        {
             return Kernel::Avx2 { ny: k.div_ceil(8) };
         }
         #[cfg(target_arch = "x86_64")]
