@@ -19,8 +19,9 @@
 //! codes of 32 columns are built in a `ymm` register, each plane's bits spread to bytes and
 //! compared — or, for nested planes (distinct power-of-two weights), the planes' bytes
 //! gathered into one register and bit-transposed 8×8: one `gf2p8affineqb` where the CPU has
-//! GFNI (from 5 planes), else three delta swaps (from 7 planes). Elsewhere a portable version
-//! runs (the reference for the vectorized ones in the tests).
+//! GFNI (from 3 planes), else three delta swaps (from 5 planes); rows of 256 columns or
+//! more take one 32-byte load per plane and three rounds of byte unpacks for 256 columns.
+//! Elsewhere a portable version runs (the reference for the vectorized ones in the tests).
 
 use half::f16;
 use rayon::prelude::{IndexedParallelIterator, ParallelIterator, ParallelSliceMut};
@@ -776,7 +777,9 @@ mod avx2 {
         _mm256_permutevar8x32_epi32, _mm256_set1_epi32, _mm256_set1_epi64x, _mm256_set1_epi8,
         _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_setzero_si256,
         _mm256_shuffle_epi8, _mm256_slli_epi64, _mm256_srli_epi64, _mm256_storeu_ps,
-        _mm256_xor_si256, _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm_srli_si128,
+        _mm256_storeu_si256, _mm256_unpackhi_epi16, _mm256_unpackhi_epi32, _mm256_unpackhi_epi8,
+        _mm256_unpacklo_epi16, _mm256_unpacklo_epi32, _mm256_unpacklo_epi8, _mm256_xor_si256,
+        _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm_srli_si128, _mm_storeu_si128,
     };
 
     use half::f16;
@@ -836,13 +839,12 @@ mod avx2 {
     }
 
     /// Fewest planes for which the bit transpose beats spreading each plane (criterion,
-    /// 4096², one thread: at 4 planes spreading took 3.4 ms and the transpose 4.2 ms, at 8
-    /// planes 5.9 ms and 4.8–5.0 ms; they tie near 6).
-    const TRANSPOSE_MIN_PLANES: usize = 7;
-    /// The same with GFNI, where the transpose is one instruction (4096², one thread: 3.5 ms
-    /// at any number of planes, spreading 3.4 ms at 4 planes and 4.9 at 8; the gather of
-    /// the planes' words is most of what is left).
-    const TRANSPOSE_MIN_PLANES_GFNI: usize = 5;
+    /// 4096², one thread, rows built 256 columns at a time: spreading 2.7 ms at 2 planes,
+    /// 3.6 at 4, 4.9 at 8; the transpose 3.7 ms at any number).
+    const TRANSPOSE_MIN_PLANES: usize = 5;
+    /// The same with GFNI, where the transpose is one instruction (2.7–2.9 ms at any number
+    /// of planes: a tie with spreading at 2 planes).
+    const TRANSPOSE_MIN_PLANES_GFNI: usize = 3;
 
     /// Builds the codes of up to 32 columns of the planes.
     struct Builder<'a> {
@@ -936,23 +938,7 @@ mod avx2 {
                         _mm256_shuffle_epi8(v, self.gather),
                         self.interleave,
                     );
-                    if GFNI {
-                        // Byte i of the result has bit t = parity(byte 7 − t of the qword
-                        // AND byte i of the operand): with operand byte i = 128 >> i, bit e
-                        // of the weight-2^e plane's bit for column 8j + i — its code, in
-                        // column order.
-                        return _mm256_gf2p8affine_epi64_epi8::<0>(
-                            _mm256_set1_epi64x(0x0102_0408_1020_4080),
-                            v,
-                        );
-                    }
-                    // 8×8 bit transpose of each qword (bit 8r + k to bit 8k + r): byte k now
-                    // holds, in bit e, bit k of the weight-2^e plane's byte, i.e. column
-                    // 8j + 7 − k (the first column is the MSB) — its code.
-                    let v = delta_swap::<7>(v, 0x00AA_00AA_00AA_00AA);
-                    let v = delta_swap::<14>(v, 0x0000_CCCC_0000_CCCC);
-                    let v = delta_swap::<28>(v, 0x0000_0000_F0F0_F0F0);
-                    return _mm256_shuffle_epi8(v, self.reverse);
+                    return self.transpose::<GFNI>(v);
                 }
                 let mut q = _mm256_setzero_si256();
                 for (&(bits, _), &w) in self.planes.iter().zip(&self.weights) {
@@ -967,6 +953,173 @@ mod avx2 {
                     q = _mm256_add_epi8(q, _mm256_and_si256(set, w));
                 }
                 q
+            }
+        }
+    }
+
+    impl Builder<'_> {
+        /// The codes of the 8 columns of each qword of `v`, whose byte `r` is the byte of
+        /// those columns in the plane of weight `2^(7 − r)` with GFNI, `2^r` without.
+        ///
+        /// # Safety
+        /// Only from functions with AVX2 (and GFNI if `GFNI`) enabled.
+        #[inline(always)]
+        unsafe fn transpose<const GFNI: bool>(&self, v: __m256i) -> __m256i {
+            // SAFETY: the caller has the features enabled (this is inlined into it).
+            unsafe {
+                if GFNI {
+                    // Byte i of the result has bit t = parity(byte 7 − t of the qword AND
+                    // byte i of the operand): with operand byte i = 128 >> i, bit e of the
+                    // weight-2^e plane's bit for column i — its code, in column order.
+                    return _mm256_gf2p8affine_epi64_epi8::<0>(
+                        _mm256_set1_epi64x(0x0102_0408_1020_4080),
+                        v,
+                    );
+                }
+                // 8×8 bit transpose of each qword (bit 8r + k to bit 8k + r): byte k now
+                // holds, in bit e, bit k of the weight-2^e plane's byte, i.e. column 7 − k
+                // (the first column is the MSB) — its code.
+                let v = delta_swap::<7>(v, 0x00AA_00AA_00AA_00AA);
+                let v = delta_swap::<14>(v, 0x0000_CCCC_0000_CCCC);
+                let v = delta_swap::<28>(v, 0x0000_0000_F0F0_F0F0);
+                _mm256_shuffle_epi8(v, self.reverse)
+            }
+        }
+
+        /// The codes of a whole row of nested planes (`by_exp` set) into `out` (`n` rounded
+        /// up to 32 bytes), 256 columns at a time from one 32-byte load per plane: three
+        /// rounds of unpacks turn the 8 plane vectors into qwords holding one byte of every
+        /// plane, which are bit-transposed and stored in column order; the last `n % 256`
+        /// columns come from [`Builder::chunk`].
+        ///
+        /// # Safety
+        /// Only from functions with AVX2 (and GFNI if `GFNI`) enabled; bytes
+        /// `row_byte .. row_byte + n / 8` of every plane must exist; `n` is a multiple of 8
+        /// and `out.len() >= n.next_multiple_of(32)`.
+        #[inline(always)]
+        unsafe fn row_codes<const GFNI: bool>(&self, row_byte: usize, n: usize, out: &mut [u8]) {
+            let Some(by_exp) = &self.by_exp else {
+                return;
+            };
+            debug_assert!(out.len() >= n.next_multiple_of(32));
+            let op = out.as_mut_ptr();
+            let mut c = 0;
+            // SAFETY: the caller has the features enabled and guarantees the plane bytes
+            // (`c + 256 <= n`: bytes `at .. at + 32` are in the row) and `out`'s length.
+            unsafe {
+                while c + WIDE <= n {
+                    let at = row_byte + c / 8;
+                    let mut p = [_mm256_setzero_si256(); 8];
+                    for (e, bits) in by_exp.iter().enumerate() {
+                        if let Some(bits) = bits {
+                            p[if GFNI { 7 - e } else { e }] =
+                                _mm256_loadu_si256(bits.as_ptr().add(at).cast());
+                        }
+                    }
+                    // Pairs, quads, then qwords of plane bytes: `b[k]` (planes 0–3) and
+                    // `b[4 + k]` (planes 4–7) hold column bytes 4k .. 4k + 4 in the low
+                    // lane and 16 + 4k .. in the high lane.
+                    let a = [
+                        _mm256_unpacklo_epi8(p[0], p[1]),
+                        _mm256_unpackhi_epi8(p[0], p[1]),
+                        _mm256_unpacklo_epi8(p[2], p[3]),
+                        _mm256_unpackhi_epi8(p[2], p[3]),
+                        _mm256_unpacklo_epi8(p[4], p[5]),
+                        _mm256_unpackhi_epi8(p[4], p[5]),
+                        _mm256_unpacklo_epi8(p[6], p[7]),
+                        _mm256_unpackhi_epi8(p[6], p[7]),
+                    ];
+                    let b = [
+                        _mm256_unpacklo_epi16(a[0], a[2]),
+                        _mm256_unpackhi_epi16(a[0], a[2]),
+                        _mm256_unpacklo_epi16(a[1], a[3]),
+                        _mm256_unpackhi_epi16(a[1], a[3]),
+                        _mm256_unpacklo_epi16(a[4], a[6]),
+                        _mm256_unpackhi_epi16(a[4], a[6]),
+                        _mm256_unpacklo_epi16(a[5], a[7]),
+                        _mm256_unpackhi_epi16(a[5], a[7]),
+                    ];
+                    for k in 0..4 {
+                        let halves = [
+                            _mm256_unpacklo_epi32(b[k], b[4 + k]),
+                            _mm256_unpackhi_epi32(b[k], b[4 + k]),
+                        ];
+                        for (h, v) in halves.into_iter().enumerate() {
+                            // Column bytes 2m, 2m + 1 (low lane) and 16 + 2m, 17 + 2m.
+                            let m = 2 * k + h;
+                            let q = self.transpose::<GFNI>(v);
+                            let dst = op.add(c + 16 * m);
+                            _mm_storeu_si128(dst.cast(), _mm256_castsi256_si128(q));
+                            _mm_storeu_si128(dst.add(128).cast(), _mm256_extracti128_si256::<1>(q));
+                        }
+                    }
+                    c += WIDE;
+                }
+                while c < n {
+                    let width = (n - c).min(32);
+                    let q = self.chunk::<GFNI>(row_byte + c / 8, width);
+                    _mm256_storeu_si256(op.add(c).cast(), q);
+                    c += width;
+                }
+            }
+        }
+    }
+
+    /// Columns whose codes [`Builder::row_codes`] builds from one 32-byte load per plane.
+    const WIDE: usize = 256;
+
+    /// A row's codes built ahead by [`Builder::row_codes`] (rows of nested planes at least
+    /// [`WIDE`] columns wide), or none: each chunk built where it is used.
+    struct RowCodes {
+        buf: Vec<u8>,
+    }
+
+    impl RowCodes {
+        fn new(builder: &Builder<'_>, n: usize) -> Self {
+            let wide = builder.by_exp.is_some() && n >= WIDE;
+            // Reads of 32 bytes start at any multiple of 8 below `n`.
+            RowCodes {
+                buf: vec![0; if wide { n.next_multiple_of(32) + 32 } else { 0 }],
+            }
+        }
+
+        /// Builds row codes ahead if this is the wide path.
+        ///
+        /// # Safety
+        /// As [`Builder::row_codes`].
+        #[inline(always)]
+        unsafe fn start_row<const GFNI: bool>(
+            &mut self,
+            builder: &Builder<'_>,
+            row_byte: usize,
+            n: usize,
+        ) {
+            if !self.buf.is_empty() {
+                // SAFETY: as this function's; the buffer has room for `n` rounded up.
+                unsafe { builder.row_codes::<GFNI>(row_byte, n, &mut self.buf) };
+            }
+        }
+
+        /// The codes of `width` (a multiple of 8, at most 32) columns from column `c` of
+        /// the row started last; lanes past `width` are unspecified.
+        ///
+        /// # Safety
+        /// As [`Builder::chunk`] for the columns read.
+        #[inline(always)]
+        unsafe fn get<const GFNI: bool>(
+            &self,
+            builder: &Builder<'_>,
+            row_byte: usize,
+            c: usize,
+            width: usize,
+        ) -> __m256i {
+            // SAFETY: as this function's; `c + 32 <= n + 32 <= buf.len()` on the wide path.
+            unsafe {
+                if self.buf.is_empty() {
+                    builder.chunk::<GFNI>(row_byte + c / 8, width)
+                } else {
+                    _mm256_loadu_si256(self.buf.as_ptr().add(c).cast())
+                }
             }
         }
     }
@@ -1116,9 +1269,12 @@ mod avx2 {
             let bpr = n / 8;
             // SAFETY: AVX2 is enabled on this function.
             let builder = unsafe { Builder::new(planes, GFNI) };
+            let mut codes = RowCodes::new(&builder, n);
             let xp = x.as_ptr();
             for (i, yr) in y.iter_mut().enumerate() {
                 let row_byte = (row0 + i) * bpr;
+                // SAFETY: the planes hold `(row0 + rows) · bpr` bytes (asserted in `rows`).
+                unsafe { codes.start_row::<GFNI>(&builder, row_byte, n) };
                 let mut acc = _mm256_setzero_ps();
                 for (gi, sg) in s[i * groups..(i + 1) * groups].iter().enumerate() {
                     let (c0, c1) = (gi * group, ((gi + 1) * group).min(n));
@@ -1131,7 +1287,7 @@ mod avx2 {
                         // bytes (asserted in `rows`) and `c + 32 <= c1 <= n = x.len()`.
                         unsafe {
                             let [q0, q1, q2, q3] =
-                                widen(builder.chunk::<GFNI>(row_byte + c / 8, 32));
+                                widen(codes.get::<GFNI>(&builder, row_byte, c, 32));
                             d0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xp.add(c)), d0);
                             d1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xp.add(c + 8)), d1);
                             d2 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xp.add(c + 16)), d2);
@@ -1143,9 +1299,8 @@ mod avx2 {
                         let width = c1 - c;
                         d = [d0, d1, d2, d3];
                         // SAFETY: as above.
-                        let codes =
-                            unsafe { widen(builder.chunk::<GFNI>(row_byte + c / 8, width)) };
-                        for (j, (qf, dot)) in codes.iter().zip(d.iter_mut()).enumerate() {
+                        let q = unsafe { widen(codes.get::<GFNI>(&builder, row_byte, c, width)) };
+                        for (j, (qf, dot)) in q.iter().zip(d.iter_mut()).enumerate() {
                             if 8 * j >= width {
                                 break;
                             }
@@ -1255,8 +1410,11 @@ mod avx2 {
             let bpr = n / 8;
             // SAFETY: AVX2 is enabled on this function.
             let builder = unsafe { Builder::new(planes, GFNI) };
+            let mut row_codes = RowCodes::new(&builder, n);
             for (i, out) in tile.chunks_exact_mut(n).enumerate() {
                 let row_byte = (row0 + i) * bpr;
+                // SAFETY: the planes hold the tile's rows (asserted in `tile_inputs`).
+                unsafe { row_codes.start_row::<GFNI>(&builder, row_byte, n) };
                 let op = out.as_mut_ptr();
                 for g in 0..groups {
                     let at = i * groups + g;
@@ -1270,7 +1428,7 @@ mod avx2 {
                         let width = (c1 - c).min(32);
                         // SAFETY: AVX2 is enabled here; the planes hold the tile's rows
                         // (asserted in `tile_inputs`) and `c + width <= c1 <= n`.
-                        let q = unsafe { builder.chunk::<GFNI>(row_byte + c / 8, width) };
+                        let q = unsafe { row_codes.get::<GFNI>(&builder, row_byte, c, width) };
                         // SAFETY: as above.
                         let codes = unsafe { widen(q) };
                         for (j, qf) in codes.iter().enumerate().take(width / 8) {
@@ -1485,12 +1643,13 @@ mod tests {
         }
 
         /// Nested planes — distinct power-of-two weights, in any order, 1 to 8 of them (the
-        /// AVX2 bit transpose takes 4 or more) — for the product and the tile rebuild, with
-        /// widths and groups that are and are not multiples of 32.
+        /// AVX2 bit transpose takes 5 or more with GFNI, 7 without; rows of 256 columns or
+        /// more build their codes 256 at a time) — for the product and the tile rebuild,
+        /// with widths and groups that are and are not multiples of 32 and 256.
         #[test]
         fn nested_planes_match_the_definition(
-            rows in 1usize..12,
-            cols8 in 1usize..40,
+            rows in 1usize..8,
+            cols8 in 1usize..100,
             group8 in 1usize..24,
             exps in Just((0u8..8).collect::<Vec<_>>()).prop_shuffle(),
             planes in 1usize..9,
