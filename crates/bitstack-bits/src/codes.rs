@@ -1199,15 +1199,33 @@ mod avx2 {
                 && bytes.iter().all(|(b, _)| b.len() >= (row0 + y.len()) * bpr),
             "codes: short buffers"
         );
+        let r = Rows {
+            planes: &bytes,
+            shape,
+            s,
+            o,
+            x,
+            row0,
+        };
         // SAFETY: the caller checked AVX2 and FMA, and GFNI if `gfni`
         // (`CodeKernel::choose`); the lengths are asserted.
         unsafe {
             if gfni {
-                rows_gfni(&bytes, shape, s, o, x, row0, y);
+                rows_gfni(&r, y);
             } else {
-                rows_plain(&bytes, shape, s, o, x, row0, y);
+                rows_plain(&r, y);
             }
         }
+    }
+
+    /// The inputs of a product (`s`, `o`: the rows' scales and offsets).
+    struct Rows<'a> {
+        planes: &'a [(&'a [u8], u8)],
+        shape: &'a Shape,
+        s: &'a [f16],
+        o: Option<&'a [f16]>,
+        x: &'a [f32],
+        row0: usize,
     }
 
     /// [`rows_body`] compiled for AVX2 and FMA.
@@ -1215,17 +1233,9 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA must be available; the lengths as asserted in [`rows`].
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_plain(
-        planes: &[(&[u8], u8)],
-        shape: &Shape,
-        s: &[f16],
-        o: Option<&[f16]>,
-        x: &[f32],
-        row0: usize,
-        y: &mut [f32],
-    ) {
+    unsafe fn rows_plain(r: &Rows<'_>, y: &mut [f32]) {
         // SAFETY: as this function's.
-        unsafe { rows_body::<false>(planes, shape, s, o, x, row0, y) }
+        unsafe { rows_body::<false>(r, y) }
     }
 
     /// [`rows_body`] compiled for AVX2, FMA and GFNI.
@@ -1233,17 +1243,9 @@ mod avx2 {
     /// # Safety
     /// AVX2, FMA and GFNI must be available; the lengths as asserted in [`rows`].
     #[target_feature(enable = "avx2,fma,gfni")]
-    unsafe fn rows_gfni(
-        planes: &[(&[u8], u8)],
-        shape: &Shape,
-        s: &[f16],
-        o: Option<&[f16]>,
-        x: &[f32],
-        row0: usize,
-        y: &mut [f32],
-    ) {
+    unsafe fn rows_gfni(r: &Rows<'_>, y: &mut [f32]) {
         // SAFETY: as this function's.
-        unsafe { rows_body::<true>(planes, shape, s, o, x, row0, y) }
+        unsafe { rows_body::<true>(r, y) }
     }
 
     /// The product; inlined into a copy per instruction set (`GFNI`: the bit transpose is
@@ -1253,15 +1255,15 @@ mod avx2 {
     /// Only from [`rows_plain`] and [`rows_gfni`] (AVX2 and FMA, and GFNI if `GFNI`).
     #[inline(always)]
     #[allow(unused_unsafe)] // the body is one unsafe block; the inner ones keep their notes
-    unsafe fn rows_body<const GFNI: bool>(
-        planes: &[(&[u8], u8)],
-        shape: &Shape,
-        s: &[f16],
-        o: Option<&[f16]>,
-        x: &[f32],
-        row0: usize,
-        y: &mut [f32],
-    ) {
+    unsafe fn rows_body<const GFNI: bool>(r: &Rows<'_>, y: &mut [f32]) {
+        let &Rows {
+            planes,
+            shape,
+            s,
+            o,
+            x,
+            row0,
+        } = r;
         // SAFETY: this body is inlined into functions with AVX2 and FMA (and GFNI if
         // `GFNI`) enabled; the blocks inside state what else they rely on.
         unsafe {
