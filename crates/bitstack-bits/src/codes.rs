@@ -1228,25 +1228,34 @@ mod avx2 {
         row0: usize,
     }
 
-    /// [`rows_body`] compiled for AVX2 and FMA.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be available; the lengths as asserted in [`rows`].
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_plain(r: &Rows<'_>, y: &mut [f32]) {
-        // SAFETY: as this function's.
-        unsafe { rows_body::<false>(r, y) }
+    /// Two compiled copies of an `#[inline(always)]` kernel body generic over `GFNI`: one
+    /// for AVX2 and FMA, one that also enables GFNI.
+    macro_rules! isa_copies {
+        ($body:ident($input:ty): $plain:ident, $gfni:ident) => {
+            #[doc = concat!("[`", stringify!($body), "`] compiled for AVX2 and FMA.")]
+            ///
+            /// # Safety
+            /// AVX2 and FMA must be available; the lengths as the public entry asserted.
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn $plain(input: &$input, out: &mut [f32]) {
+                // SAFETY: as this function's.
+                unsafe { $body::<false>(input, out) }
+            }
+
+            #[doc = concat!("[`", stringify!($body), "`] compiled for AVX2, FMA and GFNI.")]
+            ///
+            /// # Safety
+            /// AVX2, FMA and GFNI must be available; the lengths as the public entry
+            /// asserted.
+            #[target_feature(enable = "avx2,fma,gfni")]
+            unsafe fn $gfni(input: &$input, out: &mut [f32]) {
+                // SAFETY: as this function's.
+                unsafe { $body::<true>(input, out) }
+            }
+        };
     }
 
-    /// [`rows_body`] compiled for AVX2, FMA and GFNI.
-    ///
-    /// # Safety
-    /// AVX2, FMA and GFNI must be available; the lengths as asserted in [`rows`].
-    #[target_feature(enable = "avx2,fma,gfni")]
-    unsafe fn rows_gfni(r: &Rows<'_>, y: &mut [f32]) {
-        // SAFETY: as this function's.
-        unsafe { rows_body::<true>(r, y) }
-    }
+    isa_copies!(rows_body(Rows<'_>): rows_plain, rows_gfni);
 
     /// The product; inlined into a copy per instruction set (`GFNI`: the bit transpose is
     /// one `gf2p8affineqb`).
@@ -1370,25 +1379,7 @@ mod avx2 {
         row0: usize,
     }
 
-    /// [`tile_body`] compiled for AVX2 and FMA.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be available; the lengths as `tile_inputs` asserts them.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_plain(t: &Tile<'_>, tile: &mut [f32]) {
-        // SAFETY: as this function's.
-        unsafe { tile_body::<false>(t, tile) }
-    }
-
-    /// [`tile_body`] compiled for AVX2, FMA and GFNI.
-    ///
-    /// # Safety
-    /// AVX2, FMA and GFNI must be available; the lengths as `tile_inputs` asserts them.
-    #[target_feature(enable = "avx2,fma,gfni")]
-    unsafe fn tile_gfni(t: &Tile<'_>, tile: &mut [f32]) {
-        // SAFETY: as this function's.
-        unsafe { tile_body::<true>(t, tile) }
-    }
+    isa_copies!(tile_body(Tile<'_>): tile_plain, tile_gfni);
 
     /// The tile rebuild; inlined into a copy per instruction set.
     ///
