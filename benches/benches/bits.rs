@@ -202,7 +202,9 @@ fn bench_codes(c: &mut Criterion) {
         let mut y = vec![0.0f32; m];
         let mut group = c.benchmark_group(format!("bits/codes_{m}x{n}_8planes"));
         group.throughput(Throughput::Elements((m * n) as u64));
-        for (name, par, simd) in VARIANTS {
+        // With AVX-512 but without GFNI as well (Skylake-X to Cascade Lake).
+        let avx512 = ("avx512_1thread", Parallelism::Sequential, Simd::Avx512);
+        for (name, par, simd) in VARIANTS.into_iter().chain([avx512]) {
             group.bench_function(name, |b| {
                 b.iter(|| {
                     codes_matvec_add(&planes, &grid, black_box(&x), black_box(&mut y), par, simd)
@@ -218,6 +220,7 @@ fn bench_codes(c: &mut Criterion) {
             let mut tile = vec![0.0f32; rows * n];
             for (name, simd) in [
                 ("tiles_simd_1thread", Simd::Auto),
+                ("tiles_avx512_1thread", Simd::Avx512),
                 ("tiles_avx2_1thread", Simd::Avx2),
                 ("tiles_avx2_gfni_1thread", Simd::Avx2Gfni),
                 ("tiles_portable_1thread", Simd::Portable),

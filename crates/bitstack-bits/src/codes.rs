@@ -15,7 +15,11 @@
 //! On x86-64 with AVX-512 F and BW (checked at run time) the codes of 64 columns are built in
 //! one `zmm` register of bytes, one masked byte add per plane (the plane's 64 bits are the
 //! mask), then widened to f32 16 at a time and multiplied with `x`: no lookup tables, and
-//! every product is an exact integer times `x[c]` summed in f32. With AVX2 (and FMA) the
+//! every product is an exact integer times `x[c]` summed in f32. Where the CPU also has GFNI
+//! and the planes are nested (distinct power-of-two weights; from 5 planes in rows under 2048
+//! columns, from 7 in wider ones, 4 for the tile rebuild), the codes of 512 columns come
+//! from one 64-byte load per plane, three rounds of byte unpacks and one `gf2p8affineqb` (an
+//! 8×8 bit transpose) per 64 columns, whose cost does not grow with the planes. With AVX2 (and FMA) the
 //! codes of 32 columns are built in a `ymm` register, each plane's bits spread to bytes and
 //! compared — or, for nested planes (distinct power-of-two weights), the planes' bytes
 //! gathered into one register and bit-transposed 8×8: one `gf2p8affineqb` where the CPU has
@@ -65,9 +69,12 @@ pub fn codes_simd_available() -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CodeKernel {
     Portable,
-    /// AVX-512 F and BW: 64 columns a register, one masked byte add per plane.
+    /// AVX-512 F and BW: 64 columns a register, one masked byte add per plane; with GFNI,
+    /// nested planes bit-transposed 512 columns at a time.
     #[cfg(target_arch = "x86_64")]
-    Avx512,
+    Avx512 {
+        gfni: bool,
+    },
     /// AVX2: 32 columns a register, each plane's bits spread to bytes and compared, or
     /// nested planes bit-transposed (with GFNI by one instruction).
     #[cfg(target_arch = "x86_64")]
@@ -80,14 +87,20 @@ impl CodeKernel {
     fn choose(simd: Simd) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
+            // F16C (half-precision conversions) comes with both on every CPU; checked all
+            // the same.
+            let f16c = std::arch::is_x86_feature_detected!("f16c");
             let avx2 = std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma");
+                && std::arch::is_x86_feature_detected!("fma")
+                && f16c;
             match simd {
-                Simd::Auto
+                Simd::Auto | Simd::Avx512
                     if std::arch::is_x86_feature_detected!("avx512f")
-                        && std::arch::is_x86_feature_detected!("avx512bw") =>
+                        && std::arch::is_x86_feature_detected!("avx512bw")
+                        && f16c =>
                 {
-                    return CodeKernel::Avx512
+                    let gfni = simd == Simd::Auto && std::arch::is_x86_feature_detected!("gfni");
+                    return CodeKernel::Avx512 { gfni };
                 }
                 Simd::Auto | Simd::Avx2Gfni if avx2 => {
                     let gfni = std::arch::is_x86_feature_detected!("gfni");
@@ -128,30 +141,51 @@ pub fn codes_matvec_add(
     }
     let kernel = CodeKernel::choose(simd);
     #[cfg(target_arch = "x86_64")]
-    let vector = kernel == CodeKernel::Avx512;
+    let (vector, gfni) = match kernel {
+        CodeKernel::Avx512 { gfni } => (true, gfni),
+        _ => (false, false),
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let vector = false;
+    let (vector, gfni) = (false, false);
     // The vectorized rows read `x` rearranged: a mask's bit `t` is its byte's column `7 − t`;
     // with every group a whole number of 64-column chunks and at most 8 planes (the unrolled
     // rows) byte `4i + j` of a chunk's codes also goes to lane `i` of its `j`-th vector.
-    let unrolled = vector
-        && group.is_multiple_of(64)
-        && n.is_multiple_of(64)
-        && (1..=8).contains(&planes.len());
+    // Nested planes with GFNI build their codes in column order: `x` as it is.
+    let order = if !vector {
+        XOrder::Natural
+    } else if gfni
+        && nested_group(group)
+        && n >= 512
+        && planes.len() >= nested_min_planes(n)
+        && nested_weights(planes.iter().map(|p| p.weight))
+    {
+        XOrder::Nested
+    } else if group.is_multiple_of(64) && n.is_multiple_of(64) && (1..=8).contains(&planes.len()) {
+        XOrder::Unrolled
+    } else {
+        XOrder::Lanes
+    };
     let mut xr = Vec::new();
     if vector {
         // On a cache line boundary: every 16-lane load of `x` is one line.
         let aligned = sized_aligned(&mut xr, n.next_multiple_of(64));
-        let column = |lane: usize| 8 * (lane / 8) + 7 - lane % 8;
-        for (dst, src) in aligned.chunks_exact_mut(64).zip(x.chunks(64)) {
-            for (at, d) in dst.iter_mut().enumerate() {
-                let lane = if unrolled {
-                    4 * (at % 16) + at / 16
-                } else {
-                    at
-                };
-                *d = src.get(column(lane)).copied().unwrap_or(0.0);
-            }
+        let wide_end = n - n % 512;
+        let reversed = |t: usize| t - t % 8 + 7 - t % 8;
+        for (t, d) in aligned.iter_mut().enumerate() {
+            let (chunk, at) = (t - t % 64, t % 64);
+            let column = match order {
+                XOrder::Natural => t,
+                XOrder::Lanes => reversed(t),
+                XOrder::Unrolled => chunk + reversed(4 * (at % 16) + at / 16),
+                // Lane `i` of the `j`-th vector of register `m` (see `avx512::rows_nested`).
+                XOrder::Nested if t < wide_end => {
+                    let (block, w) = (t - t % 512, t % 512);
+                    let (m, j, i) = (w / 64, w % 64 / 16, w % 16);
+                    block + 128 * (i / 4) + 16 * m + 4 * (i % 4) + j
+                }
+                XOrder::Nested => reversed(t),
+            };
+            *d = x.get(column).copied().unwrap_or(0.0);
         }
     }
     let shape = Shape {
@@ -163,7 +197,7 @@ pub fn codes_matvec_add(
         group_sums: x.chunks(group).map(|c| c.iter().sum()).collect(),
         xr_at: line_offset(&xr),
         xr,
-        unrolled,
+        order,
     };
     let run = |row0: usize, ys: &mut [f32]| {
         let rows = row0 * groups..(row0 + ys.len()) * groups;
@@ -171,7 +205,7 @@ pub fn codes_matvec_add(
         let o = grid.offsets.map(|o| &o[rows]);
         #[cfg(target_arch = "x86_64")]
         match kernel {
-            CodeKernel::Avx512 => return avx512::rows(planes, &shape, s, o, row0, ys),
+            CodeKernel::Avx512 { .. } => return avx512::rows(planes, &shape, s, o, row0, ys),
             CodeKernel::Avx2 { gfni } => {
                 return avx2::rows(planes, &shape, s, o, x, row0, ys, gfni)
             }
@@ -268,8 +302,8 @@ pub fn codes_rows_to_dense(
     let o = grid.offsets.map(|o| &o[at]);
     #[cfg(target_arch = "x86_64")]
     match CodeKernel::choose(simd) {
-        CodeKernel::Avx512 => {
-            return avx512::rows_to_dense(planes, grid, groups, s, o, row0, tile);
+        CodeKernel::Avx512 { gfni } => {
+            return avx512::rows_to_dense(planes, grid, groups, s, o, row0, tile, gfni);
         }
         CodeKernel::Avx2 { gfni } => {
             return avx2::rows_to_dense(planes, grid, groups, s, o, row0, tile, gfni)
@@ -370,8 +404,73 @@ struct Shape {
     xr: Vec<f32>,
     /// Where `xr`'s values start (a cache line boundary).
     xr_at: usize,
-    /// Whether the vectorized rows take the unrolled path (and `xr` is in its order).
-    unrolled: bool,
+    /// The order of `xr` (the vectorized rows' path).
+    order: XOrder,
+}
+
+/// How the AVX-512 rows read `x` (and which of them run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XOrder {
+    /// As it is (and not read by these rows: no AVX-512).
+    Natural,
+    /// Each byte's 8 columns reversed (a mask's bit `t` is its byte's column `7 − t`).
+    Lanes,
+    /// As `Lanes`, then lane `i` of the `j`-th 16-lane vector of a 64-column chunk is its
+    /// byte `4i + j`: the unrolled rows.
+    Unrolled,
+    /// Nested planes whose codes GFNI builds: per 512 columns the order of
+    /// `avx512::rows_nested`'s registers, then as `Lanes`.
+    Nested,
+}
+
+/// Fewest nested planes for which the AVX-512 product builds its codes with GFNI, by width:
+/// its cost hardly depends on the number of planes, the masked adds' grows with it.
+/// Criterion, one thread, groups of 128 (nested / masked adds): 1536×512 at 2 planes
+/// 56 / 48 µs, 4: 69 / 63, 5: 58 / 66, 6: 59 / 67, 8: 61 / 81; 4096² at 2 planes
+/// 1.37 / 0.91 ms, 4: 1.46 / 1.11, 5: 1.43 / 1.24, 6: 1.48 / 1.35, 7: 1.50 / 1.59–1.65,
+/// 8: 1.56 / 1.65.
+fn nested_min_planes(n: usize) -> usize {
+    if n < 2048 {
+        5
+    } else {
+        7
+    }
+}
+
+/// The same for the tile rebuild (4096², 4 planes: 2.76–2.84 ms nested, 2.92 with masked
+/// adds; 6: 2.93–3.04 / 3.34; 8: 3.05 / 3.38).
+const NESTED_TILE_MIN_PLANES: usize = 4;
+
+/// Whether the AVX-512 rows of nested planes take groups of `group` columns: a lane of 16
+/// columns of their registers must stay in one group for whole registers.
+fn nested_group(group: usize) -> bool {
+    group.is_multiple_of(16) && (128 % group == 0 || group.is_multiple_of(128))
+}
+
+/// Whether the weights are distinct powers of two (nested planes: the codes are a bit
+/// transpose of the planes).
+fn nested_weights(weights: impl IntoIterator<Item = u8>) -> bool {
+    let mut seen = 0u8;
+    weights.into_iter().all(|w| {
+        let fresh = w.is_power_of_two() && seen & w == 0;
+        seen |= w;
+        fresh
+    })
+}
+
+/// The planes of nested weights by position for `gf2p8affineqb` (the plane of weight `2^e`
+/// at `7 − e`: the instruction reads its matrix rows from the top byte down), or none if
+/// the weights are not nested.
+#[cfg(target_arch = "x86_64")]
+fn gfni_positions<'a>(planes: &[(&'a [u8], u8)]) -> Option<[Option<&'a [u8]>; 8]> {
+    if !nested_weights(planes.iter().map(|&(_, w)| w)) {
+        return None;
+    }
+    let mut at = [None; 8];
+    for &(bits, w) in planes {
+        at[7 - w.trailing_zeros() as usize] = Some(bits);
+    }
+    Some(at)
 }
 
 impl Shape {
@@ -389,6 +488,39 @@ impl Shape {
         }
         sum
     }
+}
+
+/// One f16 to f32 with F16C, inlined (`f16::to_f32` checks the CPU and calls out on
+/// every value).
+///
+/// # Safety
+/// Only from functions with F16C enabled (inlined into them).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+unsafe fn widen_f16(h: f16) -> f32 {
+    // SAFETY: the caller has F16C enabled.
+    unsafe {
+        use std::arch::x86_64::{_mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32};
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
+    }
+}
+
+/// [`Shape::row_constant`] with [`widen_f16`].
+///
+/// # Safety
+/// Only from functions with F16C enabled (inlined into them).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline(always)]
+unsafe fn row_constant(shape: &Shape, s: &[f16], o: Option<&[f16]>) -> f32 {
+    let mut sum = 0.0f32;
+    for (g, (&sg, &xg)) in s.iter().zip(&shape.group_sums).enumerate() {
+        // SAFETY: the caller has F16C enabled.
+        let (sg, og) = unsafe { (widen_f16(sg), o.map_or(0.0, |o| widen_f16(o[g]))) };
+        sum += (sg * shape.shift + og) * xg;
+    }
+    sum
 }
 
 /// The portable rows `row0..row0 + y.len()` (`s`, `o`: their group scales and offsets).
@@ -423,16 +555,22 @@ mod avx512 {
     use std::arch::x86_64::{
         __m512, __m512i, __mmask16, _mm512_add_ps, _mm512_and_si512, _mm512_castsi512_si128,
         _mm512_cvtepi32_ps, _mm512_cvtepu8_epi32, _mm512_extracti32x4_epi32, _mm512_fmadd_ps,
-        _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_add_epi8, _mm512_mask_storeu_ps,
-        _mm512_maskz_loadu_ps, _mm512_reduce_add_ps, _mm512_set1_epi32, _mm512_set1_epi8,
-        _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_shuffle_epi8,
-        _mm512_srli_epi32, _mm512_storeu_ps, _mm512_storeu_si512, _mm_cvtph_ps, _mm_cvtsi32_si128,
-        _mm_cvtss_f32, _mm_loadu_si128,
+        _mm512_gf2p8affine_epi64_epi8, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_add_epi8,
+        _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_reduce_add_ps, _mm512_set1_epi32,
+        _mm512_set1_epi64, _mm512_set1_epi8, _mm512_set1_ps, _mm512_setzero_ps,
+        _mm512_setzero_si512, _mm512_shuffle_epi8, _mm512_srli_epi32, _mm512_storeu_ps,
+        _mm512_storeu_si512, _mm512_unpackhi_epi16, _mm512_unpackhi_epi32, _mm512_unpackhi_epi8,
+        _mm512_unpacklo_epi16, _mm512_unpacklo_epi32, _mm512_unpacklo_epi8, _mm_cvtph_ps,
+        _mm_loadu_si128,
     };
 
     use half::f16;
 
-    use super::{CodeGrid, Shape, WeightedPlane};
+    use std::arch::x86_64::{
+        _mm512_castps128_ps512, _mm512_permutexvar_ps, _mm512_set_epi32, _mm_cvtsi64_si128,
+    };
+
+    use super::{row_constant, widen_f16, CodeGrid, Shape, WeightedPlane, XOrder};
 
     /// The rows `row0..row0 + y.len()` with AVX-512 (the caller checked F and BW).
     #[allow(clippy::too_many_arguments)]
@@ -456,7 +594,15 @@ mod avx512 {
                 && bytes.iter().all(|(b, _)| b.len() >= (row0 + y.len()) * bpr),
             "codes: short buffers"
         );
-        if shape.unrolled {
+        if shape.order == XOrder::Nested {
+            if let Some(at) = super::gfni_positions(&bytes) {
+                // SAFETY: the caller checked AVX-512 F and BW, F16C and GFNI
+                // (`CodeKernel::choose`; `XOrder::Nested` is only chosen with GFNI); the
+                // lengths are asserted above.
+                return unsafe { rows_nested(&bytes, at, shape, s, o, row0, y) };
+            }
+        }
+        if shape.order == XOrder::Unrolled {
             // Whole 64-column chunks only, `xr` in their lane order: the planes unrolled.
             macro_rules! whole {
                 ($($p:literal)*) => {
@@ -468,7 +614,8 @@ mod avx512 {
                                 *ptr = b.as_ptr();
                                 *w = bw;
                             }
-                            // SAFETY: the caller checked AVX-512 F and BW at run time; every
+                            // SAFETY: the caller checked AVX-512 F and BW and F16C at run
+                            // time (`CodeKernel::choose`); every
                             // plane holds the rows' bytes and `xr` the padded columns
                             // (asserted above).
                             return unsafe { rows_whole::<$p>(ptrs, weights, shape, s, o, row0, y) };
@@ -479,7 +626,7 @@ mod avx512 {
             }
             whole!(1 2 3 4 5 6 7 8);
         }
-        // SAFETY: the caller checked AVX-512 F and BW at run time.
+        // SAFETY: the caller checked AVX-512 F and BW and F16C at run time.
         unsafe { rows_impl(&bytes, shape, s, o, row0, y) }
     }
 
@@ -510,8 +657,6 @@ mod avx512 {
         let wv: [__m512i; P] = weights.map(|w| _mm512_set1_epi8(w as i8));
         let low = _mm512_set1_epi32(0xff);
         let xp = xr.as_ptr();
-        // One f16 to f32 with F16C (enabled here), without a call per value.
-        let widen = |h: f16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))));
         for (i, yr) in y.iter_mut().enumerate() {
             let mut byte = (row0 + i) * bpr;
             let mut col = 0usize;
@@ -544,8 +689,8 @@ mod avx512 {
                     col += 64;
                 }
                 let at = i * groups + gi;
-                let sg = widen(s[at]);
-                let og = o.map_or(0.0, |o| widen(o[at]));
+                // SAFETY: F16C is enabled here.
+                let (sg, og) = unsafe { (widen_f16(s[at]), o.map_or(0.0, |o| widen_f16(o[at]))) };
                 constant += (sg * shape.shift + og) * shape.group_sums[gi];
                 let [d0, d1, d2, d3] = d;
                 let dot = _mm512_add_ps(_mm512_add_ps(d0, d1), _mm512_add_ps(d2, d3));
@@ -555,8 +700,9 @@ mod avx512 {
         }
     }
 
-    /// The tile rebuild of [`super::codes_rows_to_dense`] (the caller checked F and BW and
-    /// the shapes; `s`, `o`: the tile rows' scales and offsets).
+    /// The tile rebuild of [`super::codes_rows_to_dense`] (the caller checked F and BW, and
+    /// GFNI if `gfni`, and the shapes; `s`, `o`: the tile rows' scales and offsets).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn rows_to_dense(
         planes: &[WeightedPlane<'_>],
         grid: &CodeGrid<'_>,
@@ -565,11 +711,18 @@ mod avx512 {
         o: Option<&[f16]>,
         row0: usize,
         tile: &mut [f32],
+        gfni: bool,
     ) {
         let (bytes, n) = super::tile_inputs(planes, grid, groups, s, o, row0, tile);
-        // SAFETY: the caller checked AVX-512 F and BW (and F16C comes with them on every
-        // CPU that has them; `CodeKernel::choose` is the caller's check); `tile_inputs`
-        // asserted the buffer lengths.
+        if gfni && grid.group.is_multiple_of(16) && bytes.len() >= super::NESTED_TILE_MIN_PLANES {
+            if let Some(at) = super::gfni_positions(&bytes) {
+                // SAFETY: the caller checked AVX-512 F and BW, F16C and GFNI
+                // (`CodeKernel::choose`); `tile_inputs` asserted the lengths.
+                return unsafe { tile_nested(&bytes, at, grid, n, groups, s, o, row0, tile) };
+            }
+        }
+        // SAFETY: the caller checked AVX-512 F and BW and F16C (`CodeKernel::choose`);
+        // `tile_inputs` asserted the buffer lengths.
         unsafe { rows_to_dense_impl(&bytes, grid, n, groups, s, o, row0, tile) }
     }
 
@@ -593,18 +746,11 @@ mod avx512 {
             .iter()
             .map(|&(_, w)| _mm512_set1_epi8(w as i8))
             .collect();
-        // A mask's bit `t` is its byte's column `7 − t`: reverse the bytes of every
-        // 8-byte word to put the codes in column order.
-        let mut control = [0u8; 64];
-        for (p, c) in control.iter_mut().enumerate() {
-            *c = ((p & 8) | (7 - (p & 7))) as u8;
-        }
-        // SAFETY: 64 bytes.
-        let reverse = unsafe { _mm512_loadu_si512(control.as_ptr().cast()) };
+        // SAFETY: AVX-512 F and BW are enabled here.
+        let reverse = unsafe { reverse_qword_bytes() };
         // One row's codes in column order (16 bytes of slack for the last 16-lane read).
         let mut codes = vec![0u8; n.next_multiple_of(64) + 16];
         let cp = codes.as_mut_ptr();
-        let widen = |h: f16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))));
         for (i, out) in tile.chunks_exact_mut(n).enumerate() {
             let row_byte = (row0 + i) * bpr;
             let mut c = 0;
@@ -619,21 +765,103 @@ mod avx512 {
                 unsafe { _mm512_storeu_si512(cp.add(c).cast(), q) };
                 c += 64;
             }
+            let row = i * groups..(i + 1) * groups;
+            // SAFETY: the codes of the row are in column order, `n` rounded up to 64 plus
+            // 16 bytes.
+            unsafe { add_codes_row(cp, |c| c, grid, &s[row.clone()], o.map(|o| &o[row]), out) };
+        }
+    }
+
+    /// The tile rebuild of nested planes with GFNI ([`NestedCodes`]; groups of a multiple
+    /// of 16 columns).
+    ///
+    /// # Safety
+    /// As [`rows_to_dense_impl`], and GFNI must be available.
+    #[target_feature(enable = "avx512f,avx512bw,gfni,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_nested(
+        planes: &[(&[u8], u8)],
+        at: [Option<&[u8]>; 8],
+        grid: &CodeGrid<'_>,
+        n: usize,
+        groups: usize,
+        s: &[f16],
+        o: Option<&[f16]>,
+        row0: usize,
+        tile: &mut [f32],
+    ) {
+        let bpr = n / 8;
+        // SAFETY: AVX-512 F and BW are enabled here.
+        let mut codes = unsafe { NestedCodes::new(planes, at, n) };
+        for (i, out) in tile.chunks_exact_mut(n).enumerate() {
+            let row = i * groups..(i + 1) * groups;
+            // SAFETY: the features are enabled here; the planes hold the tile's rows and
+            // every piece of 16 columns starts on a multiple of 16 (groups of a multiple
+            // of 16 columns), within `n` rounded up to 64 bytes of codes.
+            unsafe {
+                codes.row((row0 + i) * bpr, n);
+                let piece = |c| codes.piece(c);
+                add_codes_row(
+                    codes.buf.as_ptr(),
+                    piece,
+                    grid,
+                    &s[row.clone()],
+                    o.map(|o| &o[row]),
+                    out,
+                );
+            }
+        }
+    }
+
+    /// The byte shuffle that reverses the bytes of each qword.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reverse_qword_bytes() -> __m512i {
+        let mut control = [0u8; 64];
+        for (p, c) in control.iter_mut().enumerate() {
+            *c = ((p & 8) | (7 - (p & 7))) as u8;
+        }
+        // SAFETY: 64 bytes.
+        unsafe { _mm512_loadu_si512(control.as_ptr().cast()) }
+    }
+
+    /// Adds one row of the grid applied to its codes to `out` (`s`, `o`: the row's scales
+    /// and offsets), 16 columns at a time: the codes of columns `c ..` (`c` a multiple of
+    /// 16 within a group) start at `codes + piece(c)`.
+    ///
+    /// # Safety
+    /// Only from functions with AVX-512 F and F16C enabled (inlined into them); 16 bytes
+    /// from `codes + piece(c)` must be readable for every such `c` below `out.len()`.
+    #[inline(always)]
+    #[allow(unused_unsafe)] // the body is one unsafe block; the inner ones keep their notes
+    unsafe fn add_codes_row(
+        codes: *const u8,
+        piece: impl Fn(usize) -> usize,
+        grid: &CodeGrid<'_>,
+        s: &[f16],
+        o: Option<&[f16]>,
+        out: &mut [f32],
+    ) {
+        // SAFETY: inlined into functions with AVX-512 F and F16C enabled; the blocks
+        // inside state what else they rely on.
+        unsafe {
+            let n = out.len();
             let op = out.as_mut_ptr();
-            for g in 0..groups {
-                let at = i * groups + g;
-                let sg = widen(s[at]);
-                let og = o.map_or(0.0, |o| widen(o[at]));
+            for (g, &sg) in s.iter().enumerate() {
+                let (sg, og) = (widen_f16(sg), o.map_or(0.0, |o| widen_f16(o[g])));
                 let a = _mm512_set1_ps(sg * grid.scale);
                 let b = _mm512_set1_ps(sg * grid.shift + og);
                 let (c0, c1) = (g * grid.group, ((g + 1) * grid.group).min(n));
                 let mut c = c0;
                 while c < c1 {
                     let width = (c1 - c).min(16);
-                    // SAFETY: `c + 16 <= codes.len()`; the tile lanes touched are below
-                    // `c1 <= n` (masked when fewer than 16 remain).
+                    // SAFETY: the codes are readable (the caller's contract); the tile lanes
+                    // touched are below `c1 <= n` (masked when fewer than 16 remain).
                     unsafe {
-                        let q8 = _mm_loadu_si128(cp.add(c).cast());
+                        let q8 = _mm_loadu_si128(codes.add(piece(c)).cast());
                         let v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q8)), a, b);
                         if width == 16 {
                             let t = _mm512_loadu_ps(op.add(c));
@@ -683,8 +911,8 @@ mod avx512 {
     }
 
     /// # Safety
-    /// AVX-512 F and BW must be available. The lengths are asserted.
-    #[target_feature(enable = "avx512f,avx512bw")]
+    /// AVX-512 F, BW and F16C must be available. The lengths are asserted.
+    #[target_feature(enable = "avx512f,avx512bw,f16c")]
     unsafe fn rows_impl(
         planes: &[(&[u8], u8)],
         shape: &Shape,
@@ -715,49 +943,393 @@ mod avx512 {
             for (gi, sg) in s[i * groups..(i + 1) * groups].iter().enumerate() {
                 let c0 = gi * group;
                 let c1 = (c0 + group).min(n);
-                let mut dots = [_mm512_setzero_ps(); 4];
-                let mut c = c0;
-                while c < c1 {
-                    let width = (c1 - c).min(64);
-                    let at = row_byte + c / 8;
-                    // SAFETY: AVX-512 F and BW are enabled here; `at + width / 8 <=
-                    // (row0 + y.len())·bpr <= bits.len()` for every plane (asserted).
-                    let q = unsafe { chunk_codes(planes, &weights, at, width) };
-                    // Lanes beyond `width` have code 0; their `x` is not read.
-                    let lanes = [
-                        _mm512_castsi512_si128(q),
-                        _mm512_extracti32x4_epi32::<1>(q),
-                        _mm512_extracti32x4_epi32::<2>(q),
-                        _mm512_extracti32x4_epi32::<3>(q),
-                    ];
-                    for (j, (lane, dot)) in lanes.iter().zip(dots.iter_mut()).enumerate() {
-                        let from = 16 * j;
-                        if from >= width {
-                            break;
-                        }
-                        let qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(*lane));
-                        // SAFETY: `c + from + 16 <= xr.len()` (padded to 64), and the
-                        // masked load reads only the lanes below `width`.
-                        let xv: __m512 = unsafe {
-                            if width - from >= 16 {
-                                _mm512_loadu_ps(xp.add(c + from))
-                            } else {
-                                _mm512_maskz_loadu_ps(0x00ff, xp.add(c + from))
-                            }
-                        };
-                        *dot = _mm512_fmadd_ps(qf, xv, *dot);
-                    }
-                    c += width;
-                }
-                let dot = _mm512_add_ps(
-                    _mm512_add_ps(dots[0], dots[1]),
-                    _mm512_add_ps(dots[2], dots[3]),
-                );
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(sg.to_f32()), dot, acc);
+                // SAFETY: AVX-512 F and BW are enabled here; the planes hold the row's
+                // bytes and `xr` the padded columns (asserted above).
+                let dot = unsafe { masked_dot(planes, &weights, row_byte, c0, c1, xp) };
+                // SAFETY: F16C is enabled here.
+                let sg = unsafe { widen_f16(*sg) };
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(sg), dot, acc);
             }
             let row = i * groups..(i + 1) * groups;
             let o = o.map(|o| &o[row.clone()]);
-            *yr += shape.scale * _mm512_reduce_add_ps(acc) + shape.row_constant(&s[row], o);
+            // SAFETY: F16C is enabled here.
+            let constant = unsafe { row_constant(shape, &s[row], o) };
+            *yr += shape.scale * _mm512_reduce_add_ps(acc) + constant;
+        }
+    }
+
+    /// `Σ_c q[c]·x[c]` over columns `c0..c1` (multiples of 8) of the row whose bytes start at
+    /// `row_byte`, as 16 lane sums: per 64 columns the codes by [`chunk_codes`], widened 16
+    /// at a time (`xp`: `x` with each byte's 8 columns reversed, padded to 64).
+    ///
+    /// # Safety
+    /// Only from functions with AVX-512 F and BW enabled (inlined into them); every plane
+    /// must hold bytes `row_byte + c0 / 8 .. row_byte + c1 / 8` and `xp` `c1` rounded up
+    /// to 64 floats.
+    #[inline(always)]
+    #[allow(unused_unsafe)] // the body is one unsafe block; the inner ones keep their notes
+    unsafe fn masked_dot(
+        planes: &[(&[u8], u8)],
+        weights: &[__m512i],
+        row_byte: usize,
+        c0: usize,
+        c1: usize,
+        xp: *const f32,
+    ) -> __m512 {
+        // SAFETY: inlined into functions with AVX-512 F and BW enabled; the blocks inside
+        // state what else they rely on.
+        unsafe {
+            let mut dots = [_mm512_setzero_ps(); 4];
+            let mut c = c0;
+            while c < c1 {
+                let width = (c1 - c).min(64);
+                let at = row_byte + c / 8;
+                // SAFETY: `at + width / 8 <= row_byte + c1 / 8`, within every plane.
+                let q = unsafe { chunk_codes(planes, weights, at, width) };
+                // Lanes beyond `width` have code 0; their `x` is not read.
+                let lanes = [
+                    _mm512_castsi512_si128(q),
+                    _mm512_extracti32x4_epi32::<1>(q),
+                    _mm512_extracti32x4_epi32::<2>(q),
+                    _mm512_extracti32x4_epi32::<3>(q),
+                ];
+                for (j, (lane, dot)) in lanes.iter().zip(dots.iter_mut()).enumerate() {
+                    let from = 16 * j;
+                    if from >= width {
+                        break;
+                    }
+                    let qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(*lane));
+                    // SAFETY: `c + from + 16 <= xr.len()` (padded to 64), and the
+                    // masked load reads only the lanes below `width`.
+                    let xv: __m512 = unsafe {
+                        if width - from >= 16 {
+                            _mm512_loadu_ps(xp.add(c + from))
+                        } else {
+                            _mm512_maskz_loadu_ps(0x00ff, xp.add(c + from))
+                        }
+                    };
+                    *dot = _mm512_fmadd_ps(qf, xv, *dot);
+                }
+                c += width;
+            }
+            _mm512_add_ps(
+                _mm512_add_ps(dots[0], dots[1]),
+                _mm512_add_ps(dots[2], dots[3]),
+            )
+        }
+    }
+
+    /// Columns whose codes [`NestedCodes::row`] builds from one 64-byte load per plane.
+    const WIDE: usize = 512;
+
+    /// Builds a row's codes of nested planes (distinct power-of-two weights) with GFNI: per
+    /// 512 columns one 64-byte load per plane and three rounds of byte unpacks turn the
+    /// planes into qwords holding one byte of every plane, and one `gf2p8affineqb` per 64
+    /// columns transposes each qword's 8×8 bits into the 8 columns' codes. The 16-byte
+    /// lane `l` of the `m`-th result holds columns `128·l + 16·m ..`; it is stored at
+    /// `64·m + 16·l` (see [`NestedCodes::piece`]). The last `n % 512` columns are built
+    /// with masked adds, in column order.
+    struct NestedCodes<'a> {
+        /// The plane of weight `2^e` at `7 − e` (none where no plane has that weight).
+        at: [Option<&'a [u8]>; 8],
+        planes: &'a [(&'a [u8], u8)],
+        weights: Vec<__m512i>,
+        /// Reverses the bytes of each qword (a mask's bit `t` is its byte's column `7 − t`).
+        reverse: __m512i,
+        /// The codes of the row built last (`n` rounded up to 64 bytes).
+        buf: Vec<u8>,
+        /// Where the columns built by masked adds start.
+        wide_end: usize,
+    }
+
+    impl<'a> NestedCodes<'a> {
+        /// # Safety
+        /// AVX-512 F and BW must be available.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn new(planes: &'a [(&'a [u8], u8)], at: [Option<&'a [u8]>; 8], n: usize) -> Self {
+            NestedCodes {
+                at,
+                planes,
+                weights: planes
+                    .iter()
+                    .map(|&(_, w)| _mm512_set1_epi8(w as i8))
+                    .collect(),
+                // SAFETY: AVX-512 F is enabled here.
+                reverse: unsafe { reverse_qword_bytes() },
+                buf: vec![0; n.next_multiple_of(64)],
+                wide_end: 0,
+            }
+        }
+
+        /// Builds the codes of the row whose bytes start at `row_byte` (`n` columns).
+        ///
+        /// # Safety
+        /// Only from functions with AVX-512 F, BW and GFNI enabled (inlined into them);
+        /// bytes `row_byte .. row_byte + n / 8` of every plane must exist and `n` must be
+        /// the width given to [`NestedCodes::new`], a multiple of 8.
+        #[inline(always)]
+        unsafe fn row(&mut self, row_byte: usize, n: usize) {
+            debug_assert!(self.buf.len() >= n.next_multiple_of(64));
+            let op = self.buf.as_mut_ptr();
+            let mut c = 0;
+            // SAFETY: the caller has the features enabled and guarantees the plane bytes
+            // (`c + 512 <= n`: bytes `at .. at + 64` are in the row); the stores stay below
+            // `c + 512 <= n <= buf.len()`, and the masked-add chunks' 64-byte stores below
+            // `n` rounded up to 64.
+            unsafe {
+                while c + WIDE <= n {
+                    let at = row_byte + c / 8;
+                    let mut p = [_mm512_setzero_si512(); 8];
+                    for (v, bits) in p.iter_mut().zip(&self.at) {
+                        if let Some(bits) = bits {
+                            *v = _mm512_loadu_si512(bits.as_ptr().add(at).cast());
+                        }
+                    }
+                    // Pairs, quads, then qwords of plane bytes: `b[k]` (positions 0–3) and
+                    // `b[4 + k]` (4–7) hold, in lane `l`, column bytes `16l + 4k ..+ 4`.
+                    let a = [
+                        _mm512_unpacklo_epi8(p[0], p[1]),
+                        _mm512_unpackhi_epi8(p[0], p[1]),
+                        _mm512_unpacklo_epi8(p[2], p[3]),
+                        _mm512_unpackhi_epi8(p[2], p[3]),
+                        _mm512_unpacklo_epi8(p[4], p[5]),
+                        _mm512_unpackhi_epi8(p[4], p[5]),
+                        _mm512_unpacklo_epi8(p[6], p[7]),
+                        _mm512_unpackhi_epi8(p[6], p[7]),
+                    ];
+                    let b = [
+                        _mm512_unpacklo_epi16(a[0], a[2]),
+                        _mm512_unpackhi_epi16(a[0], a[2]),
+                        _mm512_unpacklo_epi16(a[1], a[3]),
+                        _mm512_unpackhi_epi16(a[1], a[3]),
+                        _mm512_unpacklo_epi16(a[4], a[6]),
+                        _mm512_unpackhi_epi16(a[4], a[6]),
+                        _mm512_unpacklo_epi16(a[5], a[7]),
+                        _mm512_unpackhi_epi16(a[5], a[7]),
+                    ];
+                    // Byte i of a result has bit t = parity(byte 7 − t of its qword AND
+                    // byte i of the operand): with operand byte i = 128 >> i, bit e of the
+                    // weight-2^e plane's bit for column i — its code, in column order.
+                    let unit = _mm512_set1_epi64(0x0102_0408_1020_4080);
+                    for k in 0..4 {
+                        let halves = [
+                            _mm512_unpacklo_epi32(b[k], b[4 + k]),
+                            _mm512_unpackhi_epi32(b[k], b[4 + k]),
+                        ];
+                        for (h, v) in halves.into_iter().enumerate() {
+                            // Lane l: column bytes 16l + 2m, 16l + 2m + 1.
+                            let m = 2 * k + h;
+                            let q = _mm512_gf2p8affine_epi64_epi8::<0>(unit, v);
+                            _mm512_storeu_si512(op.add(c + 64 * m).cast(), q);
+                        }
+                    }
+                    c += WIDE;
+                }
+                self.wide_end = c;
+                while c < n {
+                    let width = (n - c).min(64);
+                    let q = chunk_codes(self.planes, &self.weights, row_byte + c / 8, width);
+                    _mm512_storeu_si512(op.add(c).cast(), _mm512_shuffle_epi8(q, self.reverse));
+                    c += 64;
+                }
+            }
+        }
+
+        /// Where in the row's codes the 16 columns from `c` (a multiple of 16) are.
+        #[inline(always)]
+        fn piece(&self, c: usize) -> usize {
+            if c < self.wide_end {
+                let w = c % WIDE;
+                c - w + 64 * (w % 128 / 16) + 16 * (w / 128)
+            } else {
+                c
+            }
+        }
+    }
+
+    /// The rows of nested planes with GFNI (groups dividing 128 columns or a multiple of
+    /// 128). Per 512 columns one 64-byte load per plane, three rounds of byte unpacks and
+    /// one `gf2p8affineqb` per 64 columns give, in register `m`, the codes of columns
+    /// `128·l + 16·m ..+ 16` in its 16-byte lane `l`, which are widened as the unrolled
+    /// rows widen theirs (byte `j` of every 32-bit lane) and multiplied with `xr` in that
+    /// order. A lane's group is fixed for `min(group, 128) / 16` registers: their sums are
+    /// scaled then, lane by lane. The last `n % 512` columns are built by masked adds
+    /// ([`masked_dot`]).
+    ///
+    /// # Safety
+    /// AVX-512 F, BW, GFNI and F16C must be available; every plane must hold the bytes of
+    /// rows `..row0 + y.len()`, `xr` `n` rounded up to 64 floats in [`XOrder::Nested`]'s
+    /// order and `s` `y.len() · groups` scales.
+    #[target_feature(enable = "avx512f,avx512bw,gfni,f16c")]
+    unsafe fn rows_nested(
+        planes: &[(&[u8], u8)],
+        at: [Option<&[u8]>; 8],
+        shape: &Shape,
+        s: &[f16],
+        o: Option<&[f16]>,
+        row0: usize,
+        y: &mut [f32],
+    ) {
+        let xr = shape.xr();
+        let (n, group, groups) = (shape.n, shape.group, shape.groups);
+        debug_assert!(super::nested_group(group) && xr.len() >= n.next_multiple_of(64));
+        let bpr = n / 8;
+        let wide_end = n - n % WIDE;
+        // Registers whose lanes stay in one group (1, 2, 4 or 8).
+        let span = group.min(128) / 16;
+        // The groups of the lanes of every run of `span` registers of a row, in order (the
+        // same for every row): lane `l` of register `m` holds columns `128·l + 16·m ..` of
+        // its block.
+        let flushes: Vec<[usize; 4]> = (0..wide_end)
+            .step_by(WIDE)
+            .flat_map(|block| {
+                (0..8)
+                    .step_by(span)
+                    .map(move |m| [0, 1, 2, 3].map(|l| (block + 128 * l + 16 * m) / group))
+            })
+            .collect();
+        let weights: Vec<__m512i> = planes
+            .iter()
+            .map(|&(_, w)| _mm512_set1_epi8(w as i8))
+            .collect();
+        let low = _mm512_set1_epi32(0xff);
+        let unit = _mm512_set1_epi64(0x0102_0408_1020_4080);
+        // Lane i of a scale vector: scale i / 4.
+        let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        let xp = xr.as_ptr();
+        for (i, yr) in y.iter_mut().enumerate() {
+            let row_byte = (row0 + i) * bpr;
+            let sr = &s[i * groups..(i + 1) * groups];
+            // The scales of the groups of one flush's lanes (`flushes`).
+            let lane_scales = |g: [usize; 4]| {
+                let bits = |l: usize| u64::from(sr[g[l]].to_bits());
+                let four = bits(0) | bits(1) << 16 | bits(2) << 32 | bits(3) << 48;
+                _mm512_permutexvar_ps(
+                    spread,
+                    _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128(four as i64))),
+                )
+            };
+            let mut flush = flushes.iter();
+            let mut acc = _mm512_setzero_ps();
+            let mut c = 0;
+            while c < wide_end {
+                let at_byte = row_byte + c / 8;
+                let mut p = [_mm512_setzero_si512(); 8];
+                for (v, bits) in p.iter_mut().zip(&at) {
+                    if let Some(bits) = bits {
+                        // SAFETY: `c + 512 <= n`: bytes `at_byte .. at_byte + 64` are in
+                        // the row.
+                        *v = unsafe { _mm512_loadu_si512(bits.as_ptr().add(at_byte).cast()) };
+                    }
+                }
+                // Pairs, quads, then qwords of plane bytes: `b[k]` (positions 0–3) and
+                // `b[4 + k]` (4–7) hold, in lane `l`, column bytes `16l + 4k ..+ 4`.
+                let a = [
+                    _mm512_unpacklo_epi8(p[0], p[1]),
+                    _mm512_unpackhi_epi8(p[0], p[1]),
+                    _mm512_unpacklo_epi8(p[2], p[3]),
+                    _mm512_unpackhi_epi8(p[2], p[3]),
+                    _mm512_unpacklo_epi8(p[4], p[5]),
+                    _mm512_unpackhi_epi8(p[4], p[5]),
+                    _mm512_unpacklo_epi8(p[6], p[7]),
+                    _mm512_unpackhi_epi8(p[6], p[7]),
+                ];
+                let b = [
+                    _mm512_unpacklo_epi16(a[0], a[2]),
+                    _mm512_unpackhi_epi16(a[0], a[2]),
+                    _mm512_unpacklo_epi16(a[1], a[3]),
+                    _mm512_unpackhi_epi16(a[1], a[3]),
+                    _mm512_unpacklo_epi16(a[4], a[6]),
+                    _mm512_unpackhi_epi16(a[4], a[6]),
+                    _mm512_unpacklo_epi16(a[5], a[7]),
+                    _mm512_unpackhi_epi16(a[5], a[7]),
+                ];
+                let (mut d0, mut d1, mut d2, mut d3) = (
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                );
+                // One register of codes (`m`: its index), unrolled by hand: a loop kept
+                // the unpacked vectors on the stack and branched on `m`.
+                macro_rules! step {
+                    ($v:expr, $m:literal) => {{
+                        // Byte i of the result has bit t = parity(byte 7 − t of its qword
+                        // AND byte i of the operand): with operand byte i = 128 >> i, bit e
+                        // of the weight-2^e plane's bit for column i — its code, in column
+                        // order.
+                        let q = _mm512_gf2p8affine_epi64_epi8::<0>(unit, $v);
+                        let codes = [
+                            _mm512_and_si512(q, low),
+                            _mm512_and_si512(_mm512_srli_epi32::<8>(q), low),
+                            _mm512_and_si512(_mm512_srli_epi32::<16>(q), low),
+                            _mm512_srli_epi32::<24>(q),
+                        ];
+                        // SAFETY: `c + 512 <= n <= xr.len()`: 64 floats from `xm`.
+                        unsafe {
+                            let xm = xp.add(c + 64 * $m);
+                            d0 = _mm512_fmadd_ps(
+                                _mm512_cvtepi32_ps(codes[0]),
+                                _mm512_loadu_ps(xm),
+                                d0,
+                            );
+                            d1 = _mm512_fmadd_ps(
+                                _mm512_cvtepi32_ps(codes[1]),
+                                _mm512_loadu_ps(xm.add(16)),
+                                d1,
+                            );
+                            d2 = _mm512_fmadd_ps(
+                                _mm512_cvtepi32_ps(codes[2]),
+                                _mm512_loadu_ps(xm.add(32)),
+                                d2,
+                            );
+                            d3 = _mm512_fmadd_ps(
+                                _mm512_cvtepi32_ps(codes[3]),
+                                _mm512_loadu_ps(xm.add(48)),
+                                d3,
+                            );
+                        }
+                        if ($m + 1) & (span - 1) == 0 {
+                            let dot = _mm512_add_ps(_mm512_add_ps(d0, d1), _mm512_add_ps(d2, d3));
+                            let g = flush.next().copied().unwrap_or_default();
+                            acc = _mm512_fmadd_ps(lane_scales(g), dot, acc);
+                            // (The last register's reset is never read.)
+                            #[allow(unused_assignments)]
+                            {
+                                d0 = _mm512_setzero_ps();
+                                d1 = _mm512_setzero_ps();
+                                d2 = _mm512_setzero_ps();
+                                d3 = _mm512_setzero_ps();
+                            }
+                        }
+                    }};
+                }
+                // Register m = 2k + h, lane l: column bytes 16l + 2m, 16l + 2m + 1.
+                step!(_mm512_unpacklo_epi32(b[0], b[4]), 0);
+                step!(_mm512_unpackhi_epi32(b[0], b[4]), 1);
+                step!(_mm512_unpacklo_epi32(b[1], b[5]), 2);
+                step!(_mm512_unpackhi_epi32(b[1], b[5]), 3);
+                step!(_mm512_unpacklo_epi32(b[2], b[6]), 4);
+                step!(_mm512_unpackhi_epi32(b[2], b[6]), 5);
+                step!(_mm512_unpacklo_epi32(b[3], b[7]), 6);
+                step!(_mm512_unpackhi_epi32(b[3], b[7]), 7);
+                c += WIDE;
+            }
+            // The rest (a group may start before `wide_end`).
+            for (gi, sg) in sr.iter().enumerate().skip(wide_end / group) {
+                let c0 = (gi * group).max(wide_end);
+                let c1 = ((gi + 1) * group).min(n);
+                // SAFETY: the planes hold the row's bytes; `xr` holds `n` rounded up to 64.
+                let dot = unsafe { masked_dot(planes, &weights, row_byte, c0, c1, xp) };
+                // SAFETY: F16C is enabled here.
+                let sg = unsafe { widen_f16(*sg) };
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(sg), dot, acc);
+            }
+            let o = o.map(|o| &o[i * groups..(i + 1) * groups]);
+            // SAFETY: F16C is enabled here.
+            let constant = unsafe { row_constant(shape, sr, o) };
+            *yr += shape.scale * _mm512_reduce_add_ps(acc) + constant;
         }
     }
 }
@@ -784,7 +1356,7 @@ mod avx2 {
 
     use half::f16;
 
-    use super::{CodeGrid, Shape, WeightedPlane};
+    use super::{row_constant, widen_f16, CodeGrid, Shape, WeightedPlane};
 
     /// The byte shuffle that spreads byte `i / 8` of a broadcast 32-bit word to lane `i`,
     /// and the bit each lane keeps (`128 >> (i % 8)`: the first column is the MSB).
@@ -874,15 +1446,13 @@ mod avx2 {
             } else {
                 TRANSPOSE_MIN_PLANES
             };
-            let nested = planes.len() >= min
-                && planes.iter().all(|&(bits, w)| {
-                    let e = w.trailing_zeros() as usize;
-                    let free = w.is_power_of_two() && by_exp[e].is_none();
-                    if free {
-                        by_exp[e] = Some(bits);
-                    }
-                    free
-                });
+            let nested =
+                planes.len() >= min && super::nested_weights(planes.iter().map(|&(_, w)| w));
+            if nested {
+                for &(bits, w) in planes {
+                    by_exp[w.trailing_zeros() as usize] = Some(bits);
+                }
+            }
             let mut gather = [0u8; 32];
             let mut reverse = [0u8; 32];
             for i in 0..32 {
@@ -1207,7 +1777,7 @@ mod avx2 {
             x,
             row0,
         };
-        // SAFETY: the caller checked AVX2 and FMA, and GFNI if `gfni`
+        // SAFETY: the caller checked AVX2, FMA and F16C, and GFNI if `gfni`
         // (`CodeKernel::choose`); the lengths are asserted.
         unsafe {
             if gfni {
@@ -1232,22 +1802,23 @@ mod avx2 {
     /// for AVX2 and FMA, one that also enables GFNI.
     macro_rules! isa_copies {
         ($body:ident($input:ty): $plain:ident, $gfni:ident) => {
-            #[doc = concat!("[`", stringify!($body), "`] compiled for AVX2 and FMA.")]
+            #[doc = concat!("[`", stringify!($body), "`] compiled for AVX2, FMA and F16C.")]
             ///
             /// # Safety
-            /// AVX2 and FMA must be available; the lengths as the public entry asserted.
-            #[target_feature(enable = "avx2,fma")]
+            /// AVX2, FMA and F16C must be available; the lengths as the public entry
+            /// asserted.
+            #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn $plain(input: &$input, out: &mut [f32]) {
                 // SAFETY: as this function's.
                 unsafe { $body::<false>(input, out) }
             }
 
-            #[doc = concat!("[`", stringify!($body), "`] compiled for AVX2, FMA and GFNI.")]
+            #[doc = concat!("[`", stringify!($body), "`] compiled for AVX2, FMA, F16C and GFNI.")]
             ///
             /// # Safety
-            /// AVX2, FMA and GFNI must be available; the lengths as the public entry
+            /// AVX2, FMA, F16C and GFNI must be available; the lengths as the public entry
             /// asserted.
-            #[target_feature(enable = "avx2,fma,gfni")]
+            #[target_feature(enable = "avx2,fma,f16c,gfni")]
             unsafe fn $gfni(input: &$input, out: &mut [f32]) {
                 // SAFETY: as this function's.
                 unsafe { $body::<true>(input, out) }
@@ -1273,7 +1844,7 @@ mod avx2 {
             x,
             row0,
         } = r;
-        // SAFETY: this body is inlined into functions with AVX2 and FMA (and GFNI if
+        // SAFETY: this body is inlined into functions with AVX2, FMA and F16C (and GFNI if
         // `GFNI`) enabled; the blocks inside state what else they rely on.
         unsafe {
             let (n, group, groups) = (shape.n, shape.group, shape.groups);
@@ -1323,13 +1894,13 @@ mod avx2 {
                         [d0, d1, d2, d3] = d;
                     }
                     let dot = _mm256_add_ps(_mm256_add_ps(d0, d1), _mm256_add_ps(d2, d3));
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(sg.to_f32()), dot, acc);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(widen_f16(*sg)), dot, acc);
                 }
                 let row = i * groups..(i + 1) * groups;
                 let o = o.map(|o| &o[row.clone()]);
-                // SAFETY: AVX2 is enabled here.
-                let sum = unsafe { lane_sum(acc) };
-                *yr += shape.scale * sum + shape.row_constant(&s[row], o);
+                // SAFETY: AVX2 and F16C are enabled here.
+                let (sum, constant) = unsafe { (lane_sum(acc), row_constant(shape, &s[row], o)) };
+                *yr += shape.scale * sum + constant;
             }
         }
     }
@@ -1357,7 +1928,7 @@ mod avx2 {
             o,
             row0,
         };
-        // SAFETY: the caller checked AVX2 and FMA, and GFNI if `gfni`
+        // SAFETY: the caller checked AVX2, FMA and F16C, and GFNI if `gfni`
         // (`CodeKernel::choose`); `tile_inputs` asserted the buffer lengths.
         unsafe {
             if gfni {
@@ -1388,7 +1959,7 @@ mod avx2 {
     #[inline(always)]
     #[allow(unused_unsafe)] // the body is one unsafe block; the inner ones keep their notes
     unsafe fn tile_body<const GFNI: bool>(t: &Tile<'_>, tile: &mut [f32]) {
-        // SAFETY: this body is inlined into functions with AVX2 and FMA (and GFNI if
+        // SAFETY: this body is inlined into functions with AVX2, FMA and F16C (and GFNI if
         // `GFNI`) enabled; the blocks inside state what else they rely on.
         unsafe {
             let &Tile {
@@ -1411,8 +1982,7 @@ mod avx2 {
                 let op = out.as_mut_ptr();
                 for g in 0..groups {
                     let at = i * groups + g;
-                    let sg = s[at].to_f32();
-                    let og = o.map_or(0.0, |o| o[at].to_f32());
+                    let (sg, og) = (widen_f16(s[at]), o.map_or(0.0, |o| widen_f16(o[at])));
                     let a = _mm256_set1_ps(sg * grid.scale);
                     let b = _mm256_set1_ps(sg * grid.shift + og);
                     let (c0, c1) = (g * grid.group, ((g + 1) * grid.group).min(n));
@@ -1545,7 +2115,13 @@ mod tests {
                 shift: -3.5,
             };
             let want = naive(&planes, &grid, &x);
-            for simd in [Simd::Auto, Simd::Avx2, Simd::Avx2Gfni, Simd::Portable] {
+            for simd in [
+                Simd::Auto,
+                Simd::Avx512,
+                Simd::Avx2,
+                Simd::Avx2Gfni,
+                Simd::Portable,
+            ] {
                 let mut y = vec![1.0f32; rows];
                 codes_matvec_add(&refs, &grid, &x, &mut y, par, simd);
                 for (r, (&got, &(w, mag))) in y.iter().zip(&want).enumerate() {
@@ -1585,7 +2161,13 @@ mod tests {
                 scale: 0.125,
                 shift: -3.5,
             };
-            for simd in [Simd::Auto, Simd::Avx2, Simd::Avx2Gfni, Simd::Portable] {
+            for simd in [
+                Simd::Auto,
+                Simd::Avx512,
+                Simd::Avx2,
+                Simd::Avx2Gfni,
+                Simd::Portable,
+            ] {
                 let mut tile = start.clone();
                 codes_rows_to_dense(&refs, &grid, row0, &mut tile, simd);
                 for (i, (&got, &was)) in tile.iter().zip(&start).enumerate() {
@@ -1636,7 +2218,7 @@ mod tests {
         }
 
         /// Nested planes — distinct power-of-two weights, in any order, 1 to 8 of them (the
-        /// AVX2 bit transpose takes 5 or more with GFNI, 7 without; rows of 256 columns or
+        /// AVX2 bit transpose takes 3 or more with GFNI, 5 without; rows of 256 columns or
         /// more build their codes 256 at a time) — for the product and the tile rebuild,
         /// with widths and groups that are and are not multiples of 32 and 256.
         #[test]
@@ -1651,6 +2233,25 @@ mod tests {
             let weights: Vec<u8> = exps[..planes].iter().map(|&e| 1u8 << e).collect();
             check(rows, 8 * cols8, 8 * group8, &weights, seed, Parallelism::Sequential);
             check_tile((rows, 8 * cols8, 8 * group8), (rows / 2, rows - rows / 2), &weights, seed);
+        }
+
+        /// Wide rows of nested planes (the AVX-512 GFNI product takes 5 or more below 2048
+        /// columns, 7 from there, and groups dividing 128 or of a multiple of 128; the tile
+        /// rebuild 4 or more and groups of a multiple of 16): widths that are and are not
+        /// multiples of 512, groups of every kind, including ones reaching past 512-column
+        /// blocks and ones the GFNI rows do not take (48, 384 with 512, 80).
+        #[test]
+        fn wide_nested_planes_match_the_definition(
+            rows in 1usize..4,
+            cols8 in 64usize..600,
+            group in prop::sample::select(vec![16usize, 32, 48, 64, 80, 128, 256, 384, 640, 1024, 2048]),
+            exps in Just((0u8..8).collect::<Vec<_>>()).prop_shuffle(),
+            planes in 4usize..9,
+            seed in any::<u64>(),
+        ) {
+            let weights: Vec<u8> = exps[..planes].iter().map(|&e| 1u8 << e).collect();
+            check(rows, 8 * cols8, group, &weights, seed, Parallelism::Sequential);
+            check_tile((rows, 8 * cols8, group), (rows / 2, rows - rows / 2), &weights, seed);
         }
 
         /// Widths and groups of whole 64-column chunks (the unrolled path, 1 to 8 planes).

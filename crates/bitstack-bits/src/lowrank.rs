@@ -64,6 +64,11 @@ pub enum Simd {
     /// As [`Simd::Avx2`], with GFNI where the CPU has it (what recent CPUs without AVX-512
     /// run: Intel from Ice Lake / Alder Lake). Only the code kernels use GFNI.
     Avx2Gfni,
+    /// The AVX-512 version of the code kernels without GFNI (what AVX-512 CPUs without it
+    /// run: Intel Skylake-X to Cascade Lake), even if the CPU has GFNI; the portable version
+    /// of the code kernels where the CPU lacks AVX-512 F and BW. The other kernels run as
+    /// with [`Simd::Auto`]. For tests and comparisons.
+    Avx512,
 }
 
 /// One residual block `S ⊙ (u v)` as the decode kernel reads it: packed signs `S`
@@ -106,7 +111,7 @@ impl Kernel {
             return Kernel::Avx2 { ny: k.div_ceil(8) };
         }
         #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Auto && k <= 32 {
+        if matches!(simd, Simd::Auto | Simd::Avx512) && k <= 32 {
             let avx2 = std::arch::is_x86_feature_detected!("avx2");
             // Up to 8 vectors an entry of 8 floats wastes no lanes: two ymm adds per cycle
             // do the work of two zmm adds padded from `k` to 16.
