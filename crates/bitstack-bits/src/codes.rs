@@ -1019,6 +1019,68 @@ mod avx512 {
         }
     }
 
+    /// The codes of 512 columns of nested planes (`at`: the planes by `gf2p8affineqb`
+    /// position, see [`super::gfni_positions`]) from byte `at_byte` of each: register `m`'s
+    /// 16-byte lane `l` holds the codes of columns `128·l + 16·m ..+ 16`, in column order.
+    /// One 64-byte load per plane, three rounds of byte unpacks and one `gf2p8affineqb` per
+    /// register.
+    ///
+    /// # Safety
+    /// Only from functions with AVX-512 F, BW and GFNI enabled (inlined into them); bytes
+    /// `at_byte .. at_byte + 64` of every plane must exist.
+    #[inline(always)]
+    #[allow(unused_unsafe)] // the body is one unsafe block; the inner ones keep their notes
+    unsafe fn nested_codes_512(at: &[Option<&[u8]>; 8], at_byte: usize) -> [__m512i; 8] {
+        // SAFETY: inlined into functions with the features enabled; the caller guarantees
+        // the bytes read.
+        unsafe {
+            let mut p = [_mm512_setzero_si512(); 8];
+            for (v, bits) in p.iter_mut().zip(at) {
+                if let Some(bits) = bits {
+                    *v = _mm512_loadu_si512(bits.as_ptr().add(at_byte).cast());
+                }
+            }
+            // Pairs, quads, then qwords of plane bytes: `b[k]` (positions 0–3) and `b[4 + k]`
+            // (4–7) hold, in lane `l`, column bytes `16l + 4k ..+ 4`.
+            let a = [
+                _mm512_unpacklo_epi8(p[0], p[1]),
+                _mm512_unpackhi_epi8(p[0], p[1]),
+                _mm512_unpacklo_epi8(p[2], p[3]),
+                _mm512_unpackhi_epi8(p[2], p[3]),
+                _mm512_unpacklo_epi8(p[4], p[5]),
+                _mm512_unpackhi_epi8(p[4], p[5]),
+                _mm512_unpacklo_epi8(p[6], p[7]),
+                _mm512_unpackhi_epi8(p[6], p[7]),
+            ];
+            let b = [
+                _mm512_unpacklo_epi16(a[0], a[2]),
+                _mm512_unpackhi_epi16(a[0], a[2]),
+                _mm512_unpacklo_epi16(a[1], a[3]),
+                _mm512_unpackhi_epi16(a[1], a[3]),
+                _mm512_unpacklo_epi16(a[4], a[6]),
+                _mm512_unpackhi_epi16(a[4], a[6]),
+                _mm512_unpacklo_epi16(a[5], a[7]),
+                _mm512_unpackhi_epi16(a[5], a[7]),
+            ];
+            // Register m = 2k + h holds, in lane l, column bytes 16l + 2m and 16l + 2m + 1
+            // (one byte of every plane per qword). Byte i of the transpose has bit t =
+            // parity(byte 7 − t of its qword AND byte i of the operand): with operand byte
+            // i = 128 >> i, bit e of the weight-2^e plane's bit for column i — its code.
+            let unit = _mm512_set1_epi64(0x0102_0408_1020_4080);
+            let t = |v| _mm512_gf2p8affine_epi64_epi8::<0>(unit, v);
+            [
+                t(_mm512_unpacklo_epi32(b[0], b[4])),
+                t(_mm512_unpackhi_epi32(b[0], b[4])),
+                t(_mm512_unpacklo_epi32(b[1], b[5])),
+                t(_mm512_unpackhi_epi32(b[1], b[5])),
+                t(_mm512_unpacklo_epi32(b[2], b[6])),
+                t(_mm512_unpackhi_epi32(b[2], b[6])),
+                t(_mm512_unpacklo_epi32(b[3], b[7])),
+                t(_mm512_unpackhi_epi32(b[3], b[7])),
+            ]
+        }
+    }
+
     /// Columns whose codes [`NestedCodes::row`] builds from one 64-byte load per plane.
     const WIDE: usize = 512;
 
@@ -1074,55 +1136,14 @@ mod avx512 {
             let op = self.buf.as_mut_ptr();
             let mut c = 0;
             // SAFETY: the caller has the features enabled and guarantees the plane bytes
-            // (`c + 512 <= n`: bytes `at .. at + 64` are in the row); the stores stay below
+            // (`c + 512 <= n`: 64 bytes from `row_byte + c / 8` are in the row); the stores stay below
             // `c + 512 <= n <= buf.len()`, and the masked-add chunks' 64-byte stores below
             // `n` rounded up to 64.
             unsafe {
                 while c + WIDE <= n {
-                    let at = row_byte + c / 8;
-                    let mut p = [_mm512_setzero_si512(); 8];
-                    for (v, bits) in p.iter_mut().zip(&self.at) {
-                        if let Some(bits) = bits {
-                            *v = _mm512_loadu_si512(bits.as_ptr().add(at).cast());
-                        }
-                    }
-                    // Pairs, quads, then qwords of plane bytes: `b[k]` (positions 0–3) and
-                    // `b[4 + k]` (4–7) hold, in lane `l`, column bytes `16l + 4k ..+ 4`.
-                    let a = [
-                        _mm512_unpacklo_epi8(p[0], p[1]),
-                        _mm512_unpackhi_epi8(p[0], p[1]),
-                        _mm512_unpacklo_epi8(p[2], p[3]),
-                        _mm512_unpackhi_epi8(p[2], p[3]),
-                        _mm512_unpacklo_epi8(p[4], p[5]),
-                        _mm512_unpackhi_epi8(p[4], p[5]),
-                        _mm512_unpacklo_epi8(p[6], p[7]),
-                        _mm512_unpackhi_epi8(p[6], p[7]),
-                    ];
-                    let b = [
-                        _mm512_unpacklo_epi16(a[0], a[2]),
-                        _mm512_unpackhi_epi16(a[0], a[2]),
-                        _mm512_unpacklo_epi16(a[1], a[3]),
-                        _mm512_unpackhi_epi16(a[1], a[3]),
-                        _mm512_unpacklo_epi16(a[4], a[6]),
-                        _mm512_unpackhi_epi16(a[4], a[6]),
-                        _mm512_unpacklo_epi16(a[5], a[7]),
-                        _mm512_unpackhi_epi16(a[5], a[7]),
-                    ];
-                    // Byte i of a result has bit t = parity(byte 7 − t of its qword AND
-                    // byte i of the operand): with operand byte i = 128 >> i, bit e of the
-                    // weight-2^e plane's bit for column i — its code, in column order.
-                    let unit = _mm512_set1_epi64(0x0102_0408_1020_4080);
-                    for k in 0..4 {
-                        let halves = [
-                            _mm512_unpacklo_epi32(b[k], b[4 + k]),
-                            _mm512_unpackhi_epi32(b[k], b[4 + k]),
-                        ];
-                        for (h, v) in halves.into_iter().enumerate() {
-                            // Lane l: column bytes 16l + 2m, 16l + 2m + 1.
-                            let m = 2 * k + h;
-                            let q = _mm512_gf2p8affine_epi64_epi8::<0>(unit, v);
-                            _mm512_storeu_si512(op.add(c + 64 * m).cast(), q);
-                        }
+                    let codes = nested_codes_512(&self.at, row_byte + c / 8);
+                    for (m, q) in codes.into_iter().enumerate() {
+                        _mm512_storeu_si512(op.add(c + 64 * m).cast(), q);
                     }
                     c += WIDE;
                 }
@@ -1194,7 +1215,6 @@ mod avx512 {
             .map(|&(_, w)| _mm512_set1_epi8(w as i8))
             .collect();
         let low = _mm512_set1_epi32(0xff);
-        let unit = _mm512_set1_epi64(0x0102_0408_1020_4080);
         // Lane i of a scale vector: scale i / 4.
         let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
         let xp = xr.as_ptr();
@@ -1214,37 +1234,8 @@ mod avx512 {
             let mut acc = _mm512_setzero_ps();
             let mut c = 0;
             while c < wide_end {
-                let at_byte = row_byte + c / 8;
-                let mut p = [_mm512_setzero_si512(); 8];
-                for (v, bits) in p.iter_mut().zip(&at) {
-                    if let Some(bits) = bits {
-                        // SAFETY: `c + 512 <= n`: bytes `at_byte .. at_byte + 64` are in
-                        // the row.
-                        *v = unsafe { _mm512_loadu_si512(bits.as_ptr().add(at_byte).cast()) };
-                    }
-                }
-                // Pairs, quads, then qwords of plane bytes: `b[k]` (positions 0–3) and
-                // `b[4 + k]` (4–7) hold, in lane `l`, column bytes `16l + 4k ..+ 4`.
-                let a = [
-                    _mm512_unpacklo_epi8(p[0], p[1]),
-                    _mm512_unpackhi_epi8(p[0], p[1]),
-                    _mm512_unpacklo_epi8(p[2], p[3]),
-                    _mm512_unpackhi_epi8(p[2], p[3]),
-                    _mm512_unpacklo_epi8(p[4], p[5]),
-                    _mm512_unpackhi_epi8(p[4], p[5]),
-                    _mm512_unpacklo_epi8(p[6], p[7]),
-                    _mm512_unpackhi_epi8(p[6], p[7]),
-                ];
-                let b = [
-                    _mm512_unpacklo_epi16(a[0], a[2]),
-                    _mm512_unpackhi_epi16(a[0], a[2]),
-                    _mm512_unpacklo_epi16(a[1], a[3]),
-                    _mm512_unpackhi_epi16(a[1], a[3]),
-                    _mm512_unpacklo_epi16(a[4], a[6]),
-                    _mm512_unpackhi_epi16(a[4], a[6]),
-                    _mm512_unpacklo_epi16(a[5], a[7]),
-                    _mm512_unpackhi_epi16(a[5], a[7]),
-                ];
+                // SAFETY: `c + 512 <= n`: bytes `.. + 64` from there are in the row.
+                let q = unsafe { nested_codes_512(&at, row_byte + c / 8) };
                 let (mut d0, mut d1, mut d2, mut d3) = (
                     _mm512_setzero_ps(),
                     _mm512_setzero_ps(),
@@ -1254,12 +1245,8 @@ mod avx512 {
                 // One register of codes (`m`: its index), unrolled by hand: a loop kept
                 // the unpacked vectors on the stack and branched on `m`.
                 macro_rules! step {
-                    ($v:expr, $m:literal) => {{
-                        // Byte i of the result has bit t = parity(byte 7 − t of its qword
-                        // AND byte i of the operand): with operand byte i = 128 >> i, bit e
-                        // of the weight-2^e plane's bit for column i — its code, in column
-                        // order.
-                        let q = _mm512_gf2p8affine_epi64_epi8::<0>(unit, $v);
+                    ($m:literal) => {{
+                        let q = q[$m];
                         let codes = [
                             _mm512_and_si512(q, low),
                             _mm512_and_si512(_mm512_srli_epi32::<8>(q), low),
@@ -1305,15 +1292,14 @@ mod avx512 {
                         }
                     }};
                 }
-                // Register m = 2k + h, lane l: column bytes 16l + 2m, 16l + 2m + 1.
-                step!(_mm512_unpacklo_epi32(b[0], b[4]), 0);
-                step!(_mm512_unpackhi_epi32(b[0], b[4]), 1);
-                step!(_mm512_unpacklo_epi32(b[1], b[5]), 2);
-                step!(_mm512_unpackhi_epi32(b[1], b[5]), 3);
-                step!(_mm512_unpacklo_epi32(b[2], b[6]), 4);
-                step!(_mm512_unpackhi_epi32(b[2], b[6]), 5);
-                step!(_mm512_unpacklo_epi32(b[3], b[7]), 6);
-                step!(_mm512_unpackhi_epi32(b[3], b[7]), 7);
+                step!(0);
+                step!(1);
+                step!(2);
+                step!(3);
+                step!(4);
+                step!(5);
+                step!(6);
+                step!(7);
                 c += WIDE;
             }
             // The rest (a group may start before `wide_end`).
@@ -2115,13 +2101,7 @@ mod tests {
                 shift: -3.5,
             };
             let want = naive(&planes, &grid, &x);
-            for simd in [
-                Simd::Auto,
-                Simd::Avx512,
-                Simd::Avx2,
-                Simd::Avx2Gfni,
-                Simd::Portable,
-            ] {
+            for simd in Simd::ALL {
                 let mut y = vec![1.0f32; rows];
                 codes_matvec_add(&refs, &grid, &x, &mut y, par, simd);
                 for (r, (&got, &(w, mag))) in y.iter().zip(&want).enumerate() {
@@ -2161,13 +2141,7 @@ mod tests {
                 scale: 0.125,
                 shift: -3.5,
             };
-            for simd in [
-                Simd::Auto,
-                Simd::Avx512,
-                Simd::Avx2,
-                Simd::Avx2Gfni,
-                Simd::Portable,
-            ] {
+            for simd in Simd::ALL {
                 let mut tile = start.clone();
                 codes_rows_to_dense(&refs, &grid, row0, &mut tile, simd);
                 for (i, (&got, &was)) in tile.iter().zip(&start).enumerate() {

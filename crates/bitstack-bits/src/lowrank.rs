@@ -71,6 +71,17 @@ pub enum Simd {
     Avx512,
 }
 
+impl Simd {
+    /// Every variant (what the tests compare with the portable reference).
+    pub const ALL: [Simd; 5] = [
+        Simd::Auto,
+        Simd::Avx512,
+        Simd::Avx2,
+        Simd::Avx2Gfni,
+        Simd::Portable,
+    ];
+}
+
 /// One residual block `S ⊙ (u v)` as the decode kernel reads it: packed signs `S`
 /// (`rows × cols`), `u` (`rows × k`) and `v` (`k × cols`), both row-major f16.
 #[derive(Debug, Clone, Copy)]

@@ -206,13 +206,7 @@ fn check_lowrank(s: &SignMatrix, u: &[f16], v: &[f16], k: usize, x: &[f32]) {
     s.as_view().lowrank_matvec_add_naive(u, v, k, x, &mut want);
     let scale = lowrank_scale(u, v, k, x);
     for par in [Parallelism::Sequential, Parallelism::Auto] {
-        for simd in [
-            Simd::Auto,
-            Simd::Avx512,
-            Simd::Avx2,
-            Simd::Avx2Gfni,
-            Simd::Portable,
-        ] {
+        for simd in Simd::ALL {
             let mut got = start.clone();
             s.as_view()
                 .lowrank_matvec_add_with(u, v, k, x, &mut got, par, simd);
@@ -312,13 +306,7 @@ fn lowrank_many_blocks_threaded_and_sequential() {
         })
         .collect();
     for par in [Parallelism::Sequential, Parallelism::Auto] {
-        for simd in [
-            Simd::Auto,
-            Simd::Avx512,
-            Simd::Avx2,
-            Simd::Avx2Gfni,
-            Simd::Portable,
-        ] {
+        for simd in Simd::ALL {
             let mut got = vec![0.5f32; m];
             lowrank_matvec_add(&blocks, &x, &mut got, par, simd);
             for r in 0..m {

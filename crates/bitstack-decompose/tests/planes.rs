@@ -104,7 +104,7 @@ proptest! {
             for b in &chosen {
                 b.add_to_dense(&mut part);
             }
-            for simd in [Simd::Auto, Simd::Avx512, Simd::Avx2, Simd::Avx2Gfni, Simd::Portable] {
+            for simd in Simd::ALL {
                 let mut y = vec![0.0f32; rows];
                 planes_matvec_add_with(&chosen, &table, &mut y, simd);
                 for r in 0..rows {
@@ -161,13 +161,7 @@ fn fused_planes_product_matches_dense_on_a_large_matrix() {
         for b in &chosen {
             b.add_to_dense(&mut dense);
         }
-        for simd in [
-            Simd::Auto,
-            Simd::Avx512,
-            Simd::Avx2,
-            Simd::Avx2Gfni,
-            Simd::Portable,
-        ] {
+        for simd in Simd::ALL {
             let tiles = rebuilt_in_tiles(&chosen, rows, cols, 7, simd);
             if let Err(e) = check_rebuilt(&tiles, &dense, &d.grid, cols) {
                 panic!("{simd:?} tiles of planes {subset:?}: {e}");
