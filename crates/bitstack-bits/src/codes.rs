@@ -549,6 +549,39 @@ fn rows_portable(
     }
 }
 
+/// The first two rounds of the nested planes' byte transpose, for `ymm` or `zmm` vectors
+/// (the unpack intrinsics of that width given, in scope where it is used): from 8 plane
+/// vectors `p` (by position), pairs then quads of plane bytes. `b[k]` (positions 0–3) and
+/// `b[4 + k]` (4–7) hold, in each 128-bit lane `l`, column bytes `16l + 4k ..+ 4`; a third
+/// round of 32-bit unpacks of `b[k]` with `b[4 + k]` gives qwords of one byte of every
+/// plane.
+#[cfg(target_arch = "x86_64")]
+macro_rules! plane_quads {
+    ($p:expr, $lo8:ident, $hi8:ident, $lo16:ident, $hi16:ident) => {{
+        let p = $p;
+        let a = [
+            $lo8(p[0], p[1]),
+            $hi8(p[0], p[1]),
+            $lo8(p[2], p[3]),
+            $hi8(p[2], p[3]),
+            $lo8(p[4], p[5]),
+            $hi8(p[4], p[5]),
+            $lo8(p[6], p[7]),
+            $hi8(p[6], p[7]),
+        ];
+        [
+            $lo16(a[0], a[2]),
+            $hi16(a[0], a[2]),
+            $lo16(a[1], a[3]),
+            $hi16(a[1], a[3]),
+            $lo16(a[4], a[6]),
+            $hi16(a[4], a[6]),
+            $lo16(a[5], a[7]),
+            $hi16(a[5], a[7]),
+        ]
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx512 {
@@ -1040,28 +1073,13 @@ mod avx512 {
                     *v = _mm512_loadu_si512(bits.as_ptr().add(at_byte).cast());
                 }
             }
-            // Pairs, quads, then qwords of plane bytes: `b[k]` (positions 0–3) and `b[4 + k]`
-            // (4–7) hold, in lane `l`, column bytes `16l + 4k ..+ 4`.
-            let a = [
-                _mm512_unpacklo_epi8(p[0], p[1]),
-                _mm512_unpackhi_epi8(p[0], p[1]),
-                _mm512_unpacklo_epi8(p[2], p[3]),
-                _mm512_unpackhi_epi8(p[2], p[3]),
-                _mm512_unpacklo_epi8(p[4], p[5]),
-                _mm512_unpackhi_epi8(p[4], p[5]),
-                _mm512_unpacklo_epi8(p[6], p[7]),
-                _mm512_unpackhi_epi8(p[6], p[7]),
-            ];
-            let b = [
-                _mm512_unpacklo_epi16(a[0], a[2]),
-                _mm512_unpackhi_epi16(a[0], a[2]),
-                _mm512_unpacklo_epi16(a[1], a[3]),
-                _mm512_unpackhi_epi16(a[1], a[3]),
-                _mm512_unpacklo_epi16(a[4], a[6]),
-                _mm512_unpackhi_epi16(a[4], a[6]),
-                _mm512_unpacklo_epi16(a[5], a[7]),
-                _mm512_unpackhi_epi16(a[5], a[7]),
-            ];
+            let b = plane_quads!(
+                p,
+                _mm512_unpacklo_epi8,
+                _mm512_unpackhi_epi8,
+                _mm512_unpacklo_epi16,
+                _mm512_unpackhi_epi16
+            );
             // Register m = 2k + h holds, in lane l, column bytes 16l + 2m and 16l + 2m + 1
             // (one byte of every plane per qword). Byte i of the transpose has bit t =
             // parity(byte 7 − t of its qword AND byte i of the operand): with operand byte
@@ -1572,29 +1590,15 @@ mod avx2 {
                                 _mm256_loadu_si256(bits.as_ptr().add(at).cast());
                         }
                     }
-                    // Pairs, quads, then qwords of plane bytes: `b[k]` (planes 0–3) and
-                    // `b[4 + k]` (planes 4–7) hold column bytes 4k .. 4k + 4 in the low
-                    // lane and 16 + 4k .. in the high lane.
-                    let a = [
-                        _mm256_unpacklo_epi8(p[0], p[1]),
-                        _mm256_unpackhi_epi8(p[0], p[1]),
-                        _mm256_unpacklo_epi8(p[2], p[3]),
-                        _mm256_unpackhi_epi8(p[2], p[3]),
-                        _mm256_unpacklo_epi8(p[4], p[5]),
-                        _mm256_unpackhi_epi8(p[4], p[5]),
-                        _mm256_unpacklo_epi8(p[6], p[7]),
-                        _mm256_unpackhi_epi8(p[6], p[7]),
-                    ];
-                    let b = [
-                        _mm256_unpacklo_epi16(a[0], a[2]),
-                        _mm256_unpackhi_epi16(a[0], a[2]),
-                        _mm256_unpacklo_epi16(a[1], a[3]),
-                        _mm256_unpackhi_epi16(a[1], a[3]),
-                        _mm256_unpacklo_epi16(a[4], a[6]),
-                        _mm256_unpackhi_epi16(a[4], a[6]),
-                        _mm256_unpacklo_epi16(a[5], a[7]),
-                        _mm256_unpackhi_epi16(a[5], a[7]),
-                    ];
+                    // `b[k]` and `b[4 + k]`: column bytes 4k .. 4k + 4 in the low lane and
+                    // 16 + 4k .. in the high lane.
+                    let b = plane_quads!(
+                        p,
+                        _mm256_unpacklo_epi8,
+                        _mm256_unpackhi_epi8,
+                        _mm256_unpacklo_epi16,
+                        _mm256_unpackhi_epi16
+                    );
                     for k in 0..4 {
                         let halves = [
                             _mm256_unpacklo_epi32(b[k], b[4 + k]),
