@@ -367,8 +367,12 @@ impl LoadedStack {
     /// # Panics
     /// If the slice lengths do not match the shapes.
     pub fn matmul(&self, m: usize, x: &[f32], tokens: usize, y: &mut [f32]) {
-        let cols = self.file.shape(m).1.max(1);
-        self.matmul_tiled(m, x, tokens, y, (TILE_FLOATS / cols).max(8));
+        let (rows, cols) = self.file.shape(m);
+        // A tile's floats, or more for at least `MIN_TILE_ROWS` rows; at least two tiles a
+        // thread.
+        let by_size = (TILE_FLOATS / cols.max(1)).max(MIN_TILE_ROWS);
+        let by_threads = rows.div_ceil(2 * rayon::current_num_threads());
+        self.matmul_tiled(m, x, tokens, y, by_size.min(by_threads).max(8));
     }
 
     /// [`LoadedStack::matmul`] with `tile_rows` rows per tile (for tests and benchmarks).
@@ -409,8 +413,15 @@ impl LoadedStack {
     }
 }
 
-/// f32 values in one tile of the batch product (256 kB).
+/// f32 values in one tile of the batch product (256 kB) for matrices of up to 1024
+/// columns; wider ones take [`MIN_TILE_ROWS`] rows.
 const TILE_FLOATS: usize = 1 << 16;
+
+/// Fewest rows of a tile: each tile multiplies all of `X`, so narrow tiles read it many
+/// times. 256 kB tiles of a 4096-column matrix (16 rows) read 512 tokens' 8 MB 256 times and
+/// took 1.41–1.46× a dense GEMM at 4096², 4 blocks; 64 rows (1 MiB) 1.12–1.29× (512 kB
+/// 1.16–1.30, 2 MiB 1.26–1.31, 4 MiB 1.26–1.30; `bitstack bench --only kernels`).
+const MIN_TILE_ROWS: usize = 64;
 
 fn check_available(file: &StackFile, budget: u64) -> Result<(), RuntimeError> {
     let full = file.full_layout();
