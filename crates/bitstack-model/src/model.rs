@@ -315,6 +315,11 @@ impl Embedding {
 /// Rows of the lm_head evaluated at once when scoring (bounds the logits buffer).
 const LOGIT_CHUNK: usize = 128;
 
+/// Tokens that [`CausalLm::perplexity`] runs through the layers together (consecutive windows
+/// of one length, [`CausalLm::windows_nll`]): two windows of 512. A stack's batch products
+/// rebuild their tiles of `Ŵ` once per call, so this halves that work per token.
+const BATCH_TOKENS: usize = 1024;
+
 fn load_vec(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
     let (found, values) = src.tensor_f32(name)?;
     if found != shape {
@@ -569,7 +574,17 @@ impl CausalLm {
         let l = self.layer(layer)?;
         let mut scratch = Scratch::default();
         let mut obs = observer;
-        self.layer_step(layer, l, hidden, tokens, 0, None, &mut obs, &mut scratch);
+        self.layer_step(
+            layer,
+            l,
+            hidden,
+            tokens,
+            tokens,
+            0,
+            None,
+            &mut obs,
+            &mut scratch,
+        );
         Ok(())
     }
 
@@ -617,6 +632,7 @@ impl CausalLm {
                 l,
                 &mut hidden,
                 tokens.len(),
+                tokens.len(),
                 0,
                 None,
                 &mut obs,
@@ -639,6 +655,45 @@ impl CausalLm {
     ) -> Result<f64, ModelError> {
         let hidden = self.forward_hidden(tokens, observer)?;
         self.hidden_nll(&hidden, tokens)
+    }
+
+    /// [`window_nll`](Self::window_nll) of windows of one length, run through the layers
+    /// together: every linear takes all their tokens in one product (so a stack's tiles of
+    /// `Ŵ` are rebuilt once for all of them), each window keeps its own positions and causal
+    /// attention.
+    pub fn windows_nll(&self, windows: &[&[u32]]) -> Result<Vec<f64>, ModelError> {
+        let Some(first) = windows.first() else {
+            return Ok(Vec::new());
+        };
+        let seq = first.len();
+        if seq == 0 || windows.iter().any(|w| w.len() != seq) {
+            return Err(ModelError::InvalidArgument(
+                "windows_nll: the windows must be non-empty and of one length".into(),
+            ));
+        }
+        let tokens = windows.concat();
+        let mut hidden = self.embed(&tokens)?;
+        let mut scratch = Scratch::default();
+        let mut obs: Option<&mut Observer<'_>> = None;
+        for (i, l) in self.layers.iter().enumerate() {
+            self.layer_step(
+                i,
+                l,
+                &mut hidden,
+                tokens.len(),
+                seq,
+                0,
+                None,
+                &mut obs,
+                &mut scratch,
+            );
+        }
+        let h = self.config.hidden_size;
+        windows
+            .iter()
+            .zip(hidden.chunks_exact(seq * h))
+            .map(|(w, hs)| self.hidden_nll(hs, w))
+            .collect()
     }
 
     /// NLL sum of `tokens[1..]` from the last layer's hidden states (`tokens.len() × hidden`),
@@ -696,18 +751,33 @@ impl CausalLm {
         windows: &[&[u32]],
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Perplexity, ModelError> {
+        if let Some((i, w)) = windows.iter().enumerate().find(|(_, w)| w.len() < 2) {
+            return Err(ModelError::InvalidArgument(format!(
+                "window {i} has {} tokens; at least 2 are needed",
+                w.len()
+            )));
+        }
         let mut nll = 0.0f64;
         let mut count = 0usize;
-        for (i, w) in windows.iter().enumerate() {
-            if w.len() < 2 {
-                return Err(ModelError::InvalidArgument(format!(
-                    "window {i} has {} tokens; at least 2 are needed",
-                    w.len()
-                )));
+        let mut done = 0;
+        while done < windows.len() {
+            // Consecutive windows of one length, up to `BATCH_TOKENS` tokens together.
+            let len = windows[done].len();
+            let most = (BATCH_TOKENS / len).max(1);
+            let batch = windows[done..]
+                .iter()
+                .take(most)
+                .take_while(|w| w.len() == len)
+                .count();
+            for (w, window_nll) in windows[done..done + batch]
+                .iter()
+                .zip(self.windows_nll(&windows[done..done + batch])?)
+            {
+                nll += window_nll;
+                count += w.len() - 1;
             }
-            nll += self.window_nll(w)?;
-            count += w.len() - 1;
-            progress(i + 1, windows.len());
+            done += batch;
+            progress(done, windows.len());
         }
         if count == 0 {
             return Err(ModelError::InvalidArgument("no windows to evaluate".into()));
@@ -790,6 +860,7 @@ impl CausalLm {
                 l,
                 &mut hidden,
                 t,
+                t,
                 pos0,
                 Some((keys, values)),
                 &mut obs,
@@ -857,12 +928,17 @@ impl CausalLm {
     /// One decoder layer on `t` rows at positions `pos0..pos0+t`. With `kv`, the new keys
     /// and values are appended to it and attention covers all its rows.
     #[allow(clippy::too_many_arguments)]
+    /// One decoder layer on `t` rows of `hidden`: `t / seq` sequences of `seq` tokens stacked
+    /// (each its own positions from `pos0` and its own causal attention; the linears take all
+    /// rows at once). With a KV cache, one sequence (`seq == t`).
+    #[allow(clippy::too_many_arguments)]
     fn layer_step(
         &self,
         li: usize,
         l: &DecoderLayer,
         hidden: &mut [f32],
         t: usize,
+        seq: usize,
         pos0: usize,
         kv: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
         obs: &mut Option<&mut Observer<'_>>,
@@ -895,14 +971,19 @@ impl CausalLm {
             self.project(l, LinearSlot::KProj, &s.xn, t, &mut s.k);
             self.project(l, LinearSlot::VProj, &s.xn, t, &mut s.v);
         }
-        self.rope.apply(&mut s.q, t, c.num_heads, pos0);
-        self.rope.apply(&mut s.k, t, c.num_kv_heads, pos0);
+        debug_assert!(seq > 0 && t.is_multiple_of(seq) && (kv.is_none() || seq == t));
+        for q in s.q.chunks_exact_mut(seq * qd) {
+            self.rope.apply(q, seq, c.num_heads, pos0);
+        }
+        for k in s.k.chunks_exact_mut(seq * kvd) {
+            self.rope.apply(k, seq, c.num_kv_heads, pos0);
+        }
         s.attn.resize(t * qd, 0.0);
         let shape = AttnShape {
             heads: c.num_heads,
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
-            tokens: t,
+            tokens: seq,
             pos0,
             window: c.sliding_window,
         };
@@ -912,7 +993,16 @@ impl CausalLm {
                 values.extend_from_slice(&s.v);
                 attention(shape, &s.q, keys, values, &mut s.attn, &mut s.att_scratch);
             }
-            None => attention(shape, &s.q, &s.k, &s.v, &mut s.attn, &mut s.att_scratch),
+            None => {
+                for (((q, k), v), out) in
+                    s.q.chunks_exact(seq * qd)
+                        .zip(s.k.chunks_exact(seq * kvd))
+                        .zip(s.v.chunks_exact(seq * kvd))
+                        .zip(s.attn.chunks_exact_mut(seq * qd))
+                {
+                    attention(shape, q, k, v, out, &mut s.att_scratch);
+                }
+            }
         }
         if let Some(o) = obs.as_deref_mut() {
             o(li, Site::OProjInput, &s.attn, t);

@@ -246,3 +246,40 @@ fn hook_set_linear_layers_and_sites() {
     assert!(model.set_linear(99, LinearSlot::QProj, counting).is_err());
     assert!(model.embed(&[9000]).is_err());
 }
+
+/// Windows run through the layers together (`windows_nll`, and `perplexity`, which batches
+/// consecutive windows of one length) score as each window alone: positions and causal
+/// attention stay per window. Both models (Qwen2 with biases, Llama with grouped-query
+/// attention); windows of one length and a last shorter one.
+#[test]
+fn stacked_windows_score_as_each_alone() {
+    for name in ["tiny-qwen2", "small-llama"] {
+        let model = CausalLm::load(model_dir(name)).unwrap();
+        let vocab = model.config().vocab_size as u32;
+        let ids: Vec<u32> = (0..4 * 37 + 20)
+            .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 7) % vocab)
+            .collect();
+        let mut wins: Vec<&[u32]> = ids.chunks(37).collect();
+        assert_eq!(wins.last().unwrap().len(), 20);
+        let alone: Vec<f64> = wins.iter().map(|w| model.window_nll(w).unwrap()).collect();
+        let together = model.windows_nll(&wins[..4]).unwrap();
+        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+            assert!(
+                ((a - b) / a).abs() < 1e-5,
+                "{name}: window {i}: {a} alone, {b} together"
+            );
+        }
+        let p = model.perplexity(&wins).unwrap();
+        let count: usize = wins.iter().map(|w| w.len() - 1).sum();
+        let want = (alone.iter().sum::<f64>() / count as f64).exp();
+        assert_eq!(p.predicted_tokens, count);
+        assert!(
+            (p.ppl / want - 1.0).abs() < 1e-5,
+            "{name}: {} vs {want}",
+            p.ppl
+        );
+        // Windows of different lengths are refused, not mixed up.
+        wins.swap(0, 4);
+        assert!(model.windows_nll(&wins[..2]).is_err());
+    }
+}
