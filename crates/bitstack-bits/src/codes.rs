@@ -19,8 +19,8 @@
 //! and the planes are nested (distinct power-of-two weights; from 5 planes in rows under 2048
 //! columns, from 7 in wider ones, 4 for the tile rebuild), the codes of 512 columns come
 //! from one 64-byte load per plane, three rounds of byte unpacks and one `gf2p8affineqb` (an
-//! 8×8 bit transpose) per 64 columns, whose cost does not grow with the planes. With AVX2 (and FMA) the
-//! codes of 32 columns are built in a `ymm` register, each plane's bits spread to bytes and
+//! 8×8 bit transpose) per 64 columns, whose cost does not grow with the planes. With AVX2
+//! (and FMA) the codes of 32 columns are built in a `ymm` register, each plane's bits spread to bytes and
 //! compared — or, for nested planes (distinct power-of-two weights), the planes' bytes
 //! gathered into one register and bit-transposed 8×8: one `gf2p8affineqb` where the CPU has
 //! GFNI (from 3 planes), else three delta swaps (from 5 planes); rows of 256 columns or
@@ -628,12 +628,13 @@ mod avx512 {
             "codes: short buffers"
         );
         if shape.order == XOrder::Nested {
-            if let Some(at) = super::gfni_positions(&bytes) {
-                // SAFETY: the caller checked AVX-512 F and BW, F16C and GFNI
-                // (`CodeKernel::choose`; `XOrder::Nested` is only chosen with GFNI); the
-                // lengths are asserted above.
-                return unsafe { rows_nested(&bytes, at, shape, s, o, row0, y) };
-            }
+            // `XOrder::Nested` is chosen for nested weights only, and `xr` is in its order.
+            let Some(at) = super::gfni_positions(&bytes) else {
+                unreachable!("codes: XOrder::Nested for planes that are not nested")
+            };
+            // SAFETY: the caller checked AVX-512 F and BW, F16C and GFNI (`CodeKernel::choose`;
+            // `XOrder::Nested` is only chosen with GFNI); the lengths are asserted above.
+            return unsafe { rows_nested(&bytes, at, shape, s, o, row0, y) };
         }
         if shape.order == XOrder::Unrolled {
             // Whole 64-column chunks only, `xr` in their lane order: the planes unrolled.
