@@ -1770,13 +1770,7 @@ mod avx2 {
         };
         // SAFETY: the caller checked AVX2, FMA and F16C, and GFNI if `gfni`
         // (`CodeKernel::choose`); the lengths are asserted.
-        unsafe {
-            if gfni {
-                rows_gfni(&r, y);
-            } else {
-                rows_plain(&r, y);
-            }
-        }
+        unsafe { rows_either(&r, y, gfni) }
     }
 
     /// The inputs of a product (`s`, `o`: the rows' scales and offsets).
@@ -1792,7 +1786,22 @@ mod avx2 {
     /// Two compiled copies of an `#[inline(always)]` kernel body generic over `GFNI`: one
     /// for AVX2 and FMA, one that also enables GFNI.
     macro_rules! isa_copies {
-        ($body:ident($input:ty): $plain:ident, $gfni:ident) => {
+        ($body:ident($input:ty): $plain:ident, $gfni:ident, $either:ident) => {
+            #[doc = concat!("[`", stringify!($gfni), "`] if `gfni`, else [`", stringify!($plain), "`].")]
+            ///
+            /// # Safety
+            /// As the one it calls.
+            unsafe fn $either(input: &$input, out: &mut [f32], gfni: bool) {
+                // SAFETY: as this function's.
+                unsafe {
+                    if gfni {
+                        $gfni(input, out)
+                    } else {
+                        $plain(input, out)
+                    }
+                }
+            }
+
             #[doc = concat!("[`", stringify!($body), "`] compiled for AVX2, FMA and F16C.")]
             ///
             /// # Safety
@@ -1817,7 +1826,7 @@ mod avx2 {
         };
     }
 
-    isa_copies!(rows_body(Rows<'_>): rows_plain, rows_gfni);
+    isa_copies!(rows_body(Rows<'_>): rows_plain, rows_gfni, rows_either);
 
     /// The product; inlined into a copy per instruction set (`GFNI`: the bit transpose is
     /// one `gf2p8affineqb`).
@@ -1921,13 +1930,7 @@ mod avx2 {
         };
         // SAFETY: the caller checked AVX2, FMA and F16C, and GFNI if `gfni`
         // (`CodeKernel::choose`); `tile_inputs` asserted the buffer lengths.
-        unsafe {
-            if gfni {
-                tile_gfni(&t, tile);
-            } else {
-                tile_plain(&t, tile);
-            }
-        }
+        unsafe { tile_either(&t, tile, gfni) }
     }
 
     /// The inputs of a tile rebuild.
@@ -1941,7 +1944,7 @@ mod avx2 {
         row0: usize,
     }
 
-    isa_copies!(tile_body(Tile<'_>): tile_plain, tile_gfni);
+    isa_copies!(tile_body(Tile<'_>): tile_plain, tile_gfni, tile_either);
 
     /// The tile rebuild; inlined into a copy per instruction set.
     ///
