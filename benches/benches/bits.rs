@@ -9,8 +9,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use bitstack_bits::{
-    codes_matvec_add, codes_rows_to_dense, lowrank_matvec_add, CodeGrid, LowRankRef, Parallelism,
-    SignMatrix, Simd, WeightedPlane,
+    codes_matvec_add, codes_rows_to_dense, lowrank_matvec_add, lowrank_matvec_add_q8, CodeGrid,
+    LowRankRef, Parallelism, SignMatrix, Simd, WeightedPlane,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
@@ -158,6 +158,18 @@ fn bench_decode(c: &mut Criterion) {
     for (name, par, simd) in VARIANTS {
         group.bench_function(name, |b| {
             b.iter(|| lowrank_matvec_add(&blocks, black_box(&x), black_box(&mut y), par, simd))
+        });
+    }
+    // 8-bit tables: the vectorized version (AVX-512 VBMI and VNNI) where the CPU has it, the
+    // portable one (the oracle) otherwise.
+    for (name, par) in [
+        ("q8_auto", Parallelism::Auto),
+        ("q8_1thread", Parallelism::Sequential),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                lowrank_matvec_add_q8(&blocks, black_box(&x), black_box(&mut y), par, Simd::Auto)
+            })
         });
     }
     group.finish();

@@ -423,7 +423,7 @@ fn fill_z(p: &Problem<'_>, col0: usize, z: &mut [f32], widened: &mut [f32]) {
 
 /// f16 → f32: 16 values per instruction with AVX-512 F where the CPU has it, else the `half`
 /// crate (F16C eight at a time, or portable). Conversion to f32 is exact either way.
-fn widen_into(src: &[f16], dst: &mut [f32]) {
+pub(crate) fn widen_into(src: &[f16], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx512::widen(src, dst) {
         return;
@@ -548,8 +548,11 @@ fn sweep_portable(
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx512 {
-    use std::arch::x86_64::{_mm512_mul_ps, _mm512_setzero_ps, _mm512_storeu_ps};
+pub(crate) mod avx512 {
+    use std::arch::x86_64::{
+        __m512, _mm512_mul_ps, _mm512_setzero_ps, _mm512_shuffle_f32x4, _mm512_shuffle_ps,
+        _mm512_storeu_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
+    };
 
     use super::Problem;
 
@@ -588,6 +591,38 @@ mod avx512 {
         }
     }
 
+    /// 16×16 transpose of floats: lane `i` of `out[c]` is lane `c` of `r[i]` (pairs, then
+    /// quads within 128-bit lanes, then the lanes).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
+        let mut a = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        let mut b = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            b[4 * i] = _mm512_shuffle_ps::<0x44>(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 2] = _mm512_shuffle_ps::<0x44>(a[4 * i + 1], a[4 * i + 3]);
+            b[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(a[4 * i + 1], a[4 * i + 3]);
+        }
+        // `b[4i + e]`, lane `L`: column `4L + e` of rows `4i..4i + 4`.
+        let mut out = [_mm512_setzero_ps(); 16];
+        for e in 0..4 {
+            let c0 = _mm512_shuffle_f32x4::<0x44>(b[e], b[4 + e]);
+            let c1 = _mm512_shuffle_f32x4::<0xEE>(b[e], b[4 + e]);
+            let c2 = _mm512_shuffle_f32x4::<0x44>(b[8 + e], b[12 + e]);
+            let c3 = _mm512_shuffle_f32x4::<0xEE>(b[8 + e], b[12 + e]);
+            out[e] = _mm512_shuffle_f32x4::<0x88>(c0, c2);
+            out[4 + e] = _mm512_shuffle_f32x4::<0xDD>(c0, c2);
+            out[8 + e] = _mm512_shuffle_f32x4::<0x88>(c1, c3);
+            out[12 + e] = _mm512_shuffle_f32x4::<0xDD>(c1, c3);
+        }
+        out
+    }
+
     /// [`super::fill_z`] with AVX-512 F: 16 columns of 16 rows of `v` widened, scaled by `x`
     /// and transposed in registers (the portable loop writes one float at a time, strided).
     /// `false` (nothing written) without AVX-512 F or for a stride that is not a multiple of
@@ -622,7 +657,6 @@ mod avx512 {
     ) {
         use std::arch::x86_64::{
             __m256i, _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_maskz_loadu_ps,
-            _mm512_shuffle_f32x4, _mm512_shuffle_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
         };
         let cols = z.len() / stride;
         let present = (n - col0).min(cols);
@@ -655,31 +689,7 @@ mod avx512 {
                     };
                     *ri = _mm512_mul_ps(_mm512_cvtph_ps(h), xv);
                 }
-                // 16×16 transpose: pairs, then quads within 128-bit lanes, then the lanes.
-                let mut a = [_mm512_setzero_ps(); 16];
-                for i in 0..8 {
-                    a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-                    a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-                }
-                let mut b = [_mm512_setzero_ps(); 16];
-                for i in 0..4 {
-                    b[4 * i] = _mm512_shuffle_ps::<0x44>(a[4 * i], a[4 * i + 2]);
-                    b[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(a[4 * i], a[4 * i + 2]);
-                    b[4 * i + 2] = _mm512_shuffle_ps::<0x44>(a[4 * i + 1], a[4 * i + 3]);
-                    b[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(a[4 * i + 1], a[4 * i + 3]);
-                }
-                // `b[4i + e]`, lane `L`: column `4L + e` of rows `4i..4i + 4`.
-                let mut out = [_mm512_setzero_ps(); 16];
-                for e in 0..4 {
-                    let c0 = _mm512_shuffle_f32x4::<0x44>(b[e], b[4 + e]);
-                    let c1 = _mm512_shuffle_f32x4::<0xEE>(b[e], b[4 + e]);
-                    let c2 = _mm512_shuffle_f32x4::<0x44>(b[8 + e], b[12 + e]);
-                    let c3 = _mm512_shuffle_f32x4::<0xEE>(b[8 + e], b[12 + e]);
-                    out[e] = _mm512_shuffle_f32x4::<0x88>(c0, c2);
-                    out[4 + e] = _mm512_shuffle_f32x4::<0xDD>(c0, c2);
-                    out[8 + e] = _mm512_shuffle_f32x4::<0x88>(c1, c3);
-                    out[12 + e] = _mm512_shuffle_f32x4::<0xDD>(c1, c3);
-                }
+                let out = transpose16(&r);
                 for (i, column) in out.iter().enumerate().take(width) {
                     // SAFETY: `c + i < present <= cols` and `j0 + 16 <= stride`: within `z`.
                     unsafe { _mm512_storeu_ps(zp.add((c + i) * stride + j0), *column) };

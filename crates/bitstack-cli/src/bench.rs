@@ -19,7 +19,7 @@ use bitstack::decompose::{
 use bitstack::engine::model_of;
 use bitstack::format::ContainerWriter;
 use bitstack::model::{dense_forward, matvec, CausalLm, Sampler};
-use bitstack::runtime::{LoadedStack, StackFile};
+use bitstack::runtime::{DecodeTables, LoadedStack, StackFile};
 use clap::Args;
 use serde_json::{json, Map, Value};
 
@@ -281,6 +281,7 @@ fn kernels(
     note: &dyn Fn(&str),
 ) {
     let mut decode = Vec::new();
+    let mut decode_f32_tables = Vec::new();
     let mut planes_decode = Vec::new();
     let mut batch = Vec::new();
     for (r, c, w, stack) in stacks {
@@ -290,6 +291,10 @@ fn kernels(
         let mut y = vec![0.0f32; r];
         let dense = best_of(10, || matvec(w, r, c, &x, &mut y));
         let ours = best_of(10, || stack.matvec(0, &x, &mut y));
+        // The same product with f32 tables (exact to f32 rounding), side by side.
+        stack.set_decode_tables(DecodeTables::F32);
+        let exact = best_of(10, || stack.matvec(0, &x, &mut y));
+        stack.set_decode_tables(DecodeTables::default());
         // The dense product is memory-bound: its bytes over its time is the bandwidth a
         // streaming kernel gets here; the floor is the packed bytes at that bandwidth.
         let bandwidth = (r * c * 4) as f64 / dense;
@@ -313,6 +318,13 @@ fn kernels(
             format!("decode_vs_bandwidth_floor_{r}x{c}"),
             json!(ours / floor),
         );
+        decode_f32_tables.push(exact / dense);
+        rows.push(Row {
+            what: format!("decode matvec {r}x{c}, {blocks} blocks, f32 tables"),
+            ours: exact,
+            baseline: dense,
+            unit: "s",
+        });
         // Best mode's format in no more bytes: as many bit planes (groups of 128) as fit.
         let plane_bytes = |p: usize| -> u64 {
             (0..p)
@@ -367,7 +379,14 @@ fn kernels(
     ]
     .into_iter()
     .zip(planes_decode)
-    {
+    .chain(
+        [
+            "decode_vs_dense_f32_f32_tables",
+            "decode_vs_dense_f32_f32_tables_large",
+        ]
+        .into_iter()
+        .zip(decode_f32_tables),
+    ) {
         keys.insert(key.into(), json!(ratio));
     }
     keys.insert("batch_vs_dense_f32".into(), json!(batch[0]));

@@ -35,7 +35,7 @@ mod loaded;
 pub use block::Block;
 pub use export::ExportDtype;
 pub use file::StackFile;
-pub use loaded::{Counters, FixedTensor, LoadedStack, ResizeReport};
+pub use loaded::{Counters, DecodeTables, FixedTensor, LoadedStack, ResizeReport};
 
 /// Errors of the runtime.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,7 @@
 //! A budget loaded into owned memory, resizable while in use.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bitstack_bits::{Parallelism, Simd};
@@ -73,6 +73,21 @@ pub struct ResizeReport {
     pub blocks_dropped: usize,
 }
 
+/// How [`LoadedStack::matvec`] multiplies residual (AVD) blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum DecodeTables {
+    /// 8-bit table entries ([`bitstack_bits::lowrank_matvec_add_q8`]: one scale per 256
+    /// columns and rank index, error bounded by half a step per 4-column group) where the
+    /// CPU has AVX-512 VBMI and VNNI, about four times faster than [`DecodeTables::F32`];
+    /// elsewhere the f32 tables (the portable 8-bit version would be slower).
+    #[default]
+    Int8,
+    /// f32 table entries ([`bitstack_bits::lowrank_matvec_add`]): the exact product up to
+    /// f32 rounding.
+    F32,
+}
+
 /// Cumulative counters of a [`LoadedStack`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counters {
@@ -103,6 +118,8 @@ pub struct LoadedStack {
     bytes_read: AtomicU64,
     bytes_freed: AtomicU64,
     resident: AtomicU64,
+    /// [`DecodeTables::F32`] is set.
+    f32_tables: AtomicBool,
 }
 
 impl LoadedStack {
@@ -168,6 +185,7 @@ impl LoadedStack {
             bytes_read: AtomicU64::new(0),
             bytes_freed: AtomicU64::new(0),
             resident: AtomicU64::new(0),
+            f32_tables: AtomicBool::new(false),
         };
         stack.apply(plan)?;
         Ok(stack)
@@ -337,12 +355,34 @@ impl LoadedStack {
             }
         }
         if !lowrank.is_empty() {
-            bitstack_bits::lowrank_matvec_add(&lowrank, x, y, Parallelism::Auto, Simd::Auto);
+            if self.decode_tables() == DecodeTables::Int8
+                && bitstack_bits::lowrank_q8_vectorized(Simd::Auto)
+            {
+                bitstack_bits::lowrank_matvec_add_q8(&lowrank, x, y, Parallelism::Auto, Simd::Auto);
+            } else {
+                bitstack_bits::lowrank_matvec_add(&lowrank, x, y, Parallelism::Auto, Simd::Auto);
+            }
         }
         if let Some(first) = planes.first() {
             let table = PlaneTable::new(x, first.grid().group());
             planes_matvec_add(&planes, &table, y);
         }
+    }
+
+    /// How [`LoadedStack::matvec`] multiplies AVD blocks (default [`DecodeTables::Int8`]).
+    pub fn decode_tables(&self) -> DecodeTables {
+        if self.f32_tables.load(Ordering::Relaxed) {
+            DecodeTables::F32
+        } else {
+            DecodeTables::Int8
+        }
+    }
+
+    /// Chooses how [`LoadedStack::matvec`] multiplies AVD blocks, e.g. [`DecodeTables::F32`]
+    /// for products exact to f32 rounding. Takes effect with the next product.
+    pub fn set_decode_tables(&self, tables: DecodeTables) {
+        self.f32_tables
+            .store(tables == DecodeTables::F32, Ordering::Relaxed);
     }
 
     /// Writes row `row` of `Ŵ` of matrix `m` into `out` (e.g. one token's embedding).

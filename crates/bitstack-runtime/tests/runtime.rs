@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bitstack_decompose::{decompose, AvdParams, SvdMethod};
 use bitstack_format::{ContainerWriter, Dtype, PartData};
-use bitstack_runtime::{LoadedStack, RuntimeError, StackFile};
+use bitstack_runtime::{DecodeTables, LoadedStack, RuntimeError, StackFile};
 use half::f16;
 
 /// Deterministic pseudo-random matrix with a decaying spectrum-ish structure.
@@ -178,8 +178,12 @@ fn reconstruction_and_products_agree() {
                 want[t * rows + r] = (0..cols).map(|c| w[r * cols + c] * x[t * cols + c]).sum();
             }
         }
+        // The exact decode tables (the 8-bit ones are checked against their bound in
+        // `matvec_matches_dense_reconstruction`).
+        stack.set_decode_tables(DecodeTables::F32);
         let mut y = vec![0.0; rows];
         stack.matvec(m, &x[..cols], &mut y);
+        stack.set_decode_tables(DecodeTables::default());
         let mut yb = vec![0.0; tokens * rows];
         stack.matmul(m, &x, tokens, &mut yb);
         let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
@@ -418,8 +422,10 @@ proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
 
     /// The decode product over all blocks agrees with the dense reconstruction times `x`:
-    /// `|matvec - Ŵx| <= 1e-5 · max(1, Σ_b Σ_c Σ_j |u_rj v_jc x_c|)` per row. Random shapes
-    /// (columns rarely a multiple of 8 or 64), `k` from 1 to 32, 1 to 16 blocks.
+    /// with f32 tables `|matvec - Ŵx| <= 1e-5 · max(1, Σ_b Σ_c Σ_j |u_rj v_jc x_c|)` per row;
+    /// with 8-bit tables (the default) within their rounding bound
+    /// (`bitstack_bits::lowrank_q8_error_bound`) plus that. Random shapes (columns rarely a
+    /// multiple of 8 or 64), `k` from 1 to 32, 1 to 16 blocks.
     #[test]
     fn matvec_matches_dense_reconstruction(
         rows in 1usize..70,
@@ -432,7 +438,12 @@ proptest::proptest! {
         let x: Vec<f32> = matrix(1, cols, seed ^ 5).iter().map(|v| 8.0 * v).collect();
         let w = stack.reconstruct_f32(0);
         let mut y = vec![f32::NAN; rows];
+        stack.set_decode_tables(DecodeTables::F32);
         stack.matvec(0, &x, &mut y);
+        let mut y8 = vec![f32::NAN; rows];
+        stack.set_decode_tables(DecodeTables::Int8);
+        stack.matvec(0, &x, &mut y8);
+        let refs: Vec<_> = made.iter().map(|b| b.as_lowrank()).collect();
         for r in 0..rows {
             let want: f32 = (0..cols).map(|c| w[r * cols + c] * x[c]).sum();
             let scale: f32 = made
@@ -455,6 +466,13 @@ proptest::proptest! {
                 (y[r] - want).abs() <= tol,
                 "{rows}x{cols} k={k} {blocks} blocks, row {r}: {} vs {want} (tol {tol})",
                 y[r]
+            );
+            let tol8 = bitstack_bits::lowrank_q8_error_bound(&refs, &x, r) as f32 + tol;
+            proptest::prop_assert!(
+                (y8[r] - want).abs() <= tol8,
+                "8-bit tables, {rows}x{cols} k={k} {blocks} blocks, row {r}: {} vs {want} \
+                 (tol {tol8})",
+                y8[r]
             );
         }
     }

@@ -12,7 +12,7 @@ use bitstack::calibrate::CalibrationOptions;
 use bitstack::chain::ChainChoice;
 use bitstack::engine::{model_of, tokenizer_of};
 use bitstack::model::windows;
-use bitstack::runtime::Block;
+use bitstack::runtime::{Block, DecodeTables};
 use bitstack::{CompressOptions, LoadedStack, StackFile};
 
 mod common;
@@ -164,6 +164,9 @@ fn fast_path_matches_naive_while_resizing(file: Arc<StackFile>) {
 
     let data = root().join("fixtures/data");
     let stack = Arc::new(LoadedStack::load(file.clone(), layout.min_memory()).unwrap());
+    // Exact decode tables for the AVD blocks of mixed chains (the 8-bit ones are checked
+    // against their rounding bound in bitstack-runtime's and bitstack-bits' tests).
+    stack.set_decode_tables(DecodeTables::F32);
     let fast = model_of(&stack).unwrap();
     let tokenizer = tokenizer_of(&stack).unwrap();
     let text = std::fs::read_to_string(data.join("test.txt")).unwrap();
@@ -237,6 +240,8 @@ fn products_and_rows_match_the_reconstruction(file: &Arc<StackFile>) {
     let layout = file.layout().clone();
     let budget = (layout.min_memory() + layout.max_memory()) / 2;
     let stack = LoadedStack::load(file.clone(), budget).unwrap();
+    // Exact decode tables (as in `fast_path_matches_naive_while_resizing`).
+    stack.set_decode_tables(DecodeTables::F32);
     let oracle = block_by_block(file, &stack);
     for (m, want) in oracle.iter().enumerate() {
         let (rows, cols) = file.shape(m);

@@ -1,0 +1,838 @@
+//! The decode kernel of residual blocks with 8-bit tables: `y += Σ_b (S_b ⊙ (u_b v_b)) x`
+//! like [`crate::lowrank_matvec_add`], with each table entry rounded to a signed byte.
+//!
+//! As in the f32 kernel (`lowrank.rs`), a group of 4 columns has a 16-entry table per rank
+//! index `j`: entry `e` is `T_j[e] = Σ_c ±z_j[c]` over the group's columns, `z_j[c] =
+//! v[j, c]·x[c]`, `+` where the column's bit in `e` is set (the first column in the most
+//! significant bit). Here the entries are quantized: the columns go in chunks of
+//! [`CHUNK_COLS`], and for each chunk and `j` a scale `s = max_group Σ_c |z_j[c]| / 127`
+//! (the largest entry's magnitude) turns every entry into `q = round(T/s)` in `−127..=127`.
+//! A row's sums over a chunk are exact in integers; the accumulator of row `r` and `j` gains
+//! `s · Σ q` per chunk, and `y[r] += Σ_j u[r, j] · acc[r, j]` at the end.
+//!
+//! The error is therefore that of rounding each entry: at most `s/2` per group and chunk,
+//! so `|Δy[r]| ≤ Σ_j |u[r, j]| · Σ_chunks (groups in chunk) · s_chunk,j / 2` — the bound the
+//! tests check against an exact product. It is the same trade as llama.cpp's 8-bit
+//! activations in its `Q8_K` blocks of 256 values.
+//!
+//! With AVX-512 VBMI and VNNI (AMD Zen 4, Intel from Ice Lake), one `vpermb` looks up 64
+//! entries: 16 rows × 4 groups, the register holding the 4 groups' tables (64 bytes) for one
+//! `j` and each index byte a row's half byte plus the group's number in bits 4–5. One
+//! `vpdpbusd` adds the 4 bytes of each row into its 32-bit sum. A row tile's index bytes
+//! (16 rows × one chunk: 16 registers) are made once and used for every `j`; the chunk's
+//! tables (`k` KiB) stay in L1 while the tiles of a row block sweep them. The portable
+//! version does the same integer sums one entry at a time and is the tests' oracle: both
+//! round the same entries and add the same values in the same order, so on one thread they
+//! agree exactly.
+//!
+//! Threads: as in the f32 kernel, each thread takes a contiguous share of the chunks (its
+//! own tables and partial `y`, summed at the end), or of the rows where there are fewer
+//! chunks than threads.
+
+use std::cell::RefCell;
+
+use rayon::prelude::{
+    IndexedParallelIterator, IntoParallelIterator, ParallelIterator, ParallelSliceMut,
+};
+
+use crate::lowrank::widen_into;
+use crate::lut::use_parallel;
+use crate::{LowRankRef, Parallelism, Simd};
+
+/// Columns per chunk: one scale per chunk and rank index.
+pub const CHUNK_COLS: usize = 256;
+/// Sign bytes of a row in one chunk.
+const CHUNK_BYTES: usize = CHUNK_COLS / 8;
+/// Groups of 16 columns (4 tables of 16 entries, one 64-byte register) per chunk.
+const QUADS: usize = CHUNK_COLS / 16;
+/// Bytes of the tables of one quad and one rank index.
+const QUAD_TABLE: usize = 64;
+/// Table bytes of one chunk and one rank index.
+const CHUNK_TABLE: usize = QUADS * QUAD_TABLE;
+/// Rows per tile: the 32-bit lanes of one register.
+const TILE: usize = 16;
+/// Bytes of accumulators of one block of rows (they stay in L2 while the chunks sweep them).
+const ROW_BLOCK_ACC_BYTES: usize = 256 << 10;
+/// How many tiles ahead the sign bytes are prefetched.
+const PREFETCH_TILES: usize = 2;
+/// The largest quantized entry.
+const QMAX: f32 = 127.0;
+
+/// Scratch memory of one thread, kept between calls.
+#[derive(Default)]
+struct Buffers {
+    tables: Vec<u8>,
+    scales: Vec<f32>,
+    z: Vec<f32>,
+    acc: Vec<f32>,
+    u: Vec<f32>,
+}
+
+thread_local! {
+    static BUFFERS: RefCell<Buffers> = RefCell::default();
+}
+
+/// Runs `f` with this thread's buffers (fresh ones if they are in use further up the stack).
+fn with_buffers<R>(f: impl FnOnce(&mut Buffers) -> R) -> R {
+    BUFFERS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffers) => f(&mut buffers),
+        Err(_) => f(&mut Buffers::default()),
+    })
+}
+
+/// The first `len` values of `v`, grown if needed; contents are unspecified.
+fn sized<T: Default + Clone>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
+    &mut v[..len]
+}
+
+/// Whether [`matvec_add_q8`] runs its AVX-512 version with `simd` on this CPU.
+pub(crate) fn vectorized(simd: Simd) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(simd, Simd::Auto | Simd::Avx512) {
+        return avx512::available();
+    }
+    let _ = simd;
+    false
+}
+
+/// `y += Σ_b (S_b ⊙ (u_b v_b)) x` over `blocks` with 8-bit tables (see the module docs).
+///
+/// # Panics
+/// If a block's shape or factor lengths do not match `x`, `y` and its `k`.
+pub(crate) fn matvec_add_q8(
+    blocks: &[LowRankRef<'_>],
+    x: &[f32],
+    y: &mut [f32],
+    par: Parallelism,
+    simd: Simd,
+) {
+    let (m, n) = (y.len(), x.len());
+    let mut work = 0usize;
+    for (i, b) in blocks.iter().enumerate() {
+        let k = b.k;
+        assert!(
+            b.signs.rows() == m
+                && b.signs.cols() == n
+                && Some(b.u.len()) == m.checked_mul(k)
+                && Some(b.v.len()) == n.checked_mul(k),
+            "lowrank_matvec_add_q8: block {i} is {}x{} with k = {k}, u of {} and v of {} \
+             values; x has {n} and y {m} values",
+            b.signs.rows(),
+            b.signs.cols(),
+            b.u.len(),
+            b.v.len()
+        );
+        work = work.saturating_add(m.saturating_mul(n).saturating_mul(k));
+    }
+    let blocks: Vec<LowRankRef<'_>> = blocks.iter().filter(|b| b.k > 0).copied().collect();
+    if m == 0 || n == 0 || blocks.is_empty() {
+        return;
+    }
+    let vector = vectorized(simd);
+    let chunks = n.div_ceil(CHUNK_COLS);
+    let threads = if use_parallel(par, work) {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let parts = threads.min(chunks);
+    let blocks = &blocks;
+    if parts <= 1 && threads > 1 && m >= 8 * TILE {
+        // One chunk (up to 256 columns): the rows are split, each thread building the same
+        // small tables.
+        let rows = m.div_ceil(threads).next_multiple_of(TILE);
+        y.par_chunks_mut(rows)
+            .enumerate()
+            .for_each(|(t, ys)| run_share(blocks, x, (0, chunks), t * rows, ys, vector));
+        return;
+    }
+    if parts <= 1 {
+        run_share(blocks, x, (0, chunks), 0, y, vector);
+        return;
+    }
+    let at = |i: usize| chunks * i / parts;
+    let (_, partials) = rayon::join(
+        || run_share(blocks, x, (at(0), at(1)), 0, y, vector),
+        || {
+            (1..parts)
+                .into_par_iter()
+                .map(|i| {
+                    let mut part = vec![0.0f32; m];
+                    run_share(blocks, x, (at(i), at(i + 1)), 0, &mut part, vector);
+                    part
+                })
+                .collect::<Vec<_>>()
+        },
+    );
+    for part in partials {
+        y.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
+    }
+}
+
+/// Adds the chunks `c0..c1` of every block's product to `y`, which holds the rows
+/// `row0..row0 + y.len()`.
+fn run_share(
+    blocks: &[LowRankRef<'_>],
+    x: &[f32],
+    (c0, c1): (usize, usize),
+    row0: usize,
+    y: &mut [f32],
+    vector: bool,
+) {
+    with_buffers(|buf| {
+        for b in blocks {
+            let k = b.k;
+            let count = c1 - c0;
+            let Buffers {
+                tables,
+                scales,
+                z,
+                acc,
+                u,
+            } = &mut *buf;
+            let tables = sized(tables, count * k * CHUNK_TABLE);
+            let scales = sized(scales, count * k);
+            let z = sized(z, k * CHUNK_COLS);
+            for ((c, t), s) in (c0..c1)
+                .zip(tables.chunks_exact_mut(k * CHUNK_TABLE))
+                .zip(scales.chunks_exact_mut(k))
+            {
+                fill_z(b, x, c * CHUNK_COLS, z);
+                build_tables(z, k, t, s, vector);
+            }
+            let block_rows = (ROW_BLOCK_ACC_BYTES / (4 * k * TILE)).max(1) * TILE;
+            for (i, ys) in y.chunks_mut(block_rows).enumerate() {
+                let first = row0 + i * block_rows;
+                let tiles = ys.len().div_ceil(TILE);
+                let acc = sized(acc, tiles * k * TILE);
+                acc.fill(0.0);
+                for ((c, t), s) in (c0..c1)
+                    .zip(tables.chunks_exact(k * CHUNK_TABLE))
+                    .zip(scales.chunks_exact(k))
+                {
+                    sweep(b, c, (first, ys.len()), t, s, acc, vector);
+                }
+                apply_u(b, first, acc, ys, u, vector);
+            }
+        }
+    });
+}
+
+/// `z[j·CHUNK_COLS + i] = v[j, col0 + i] · x[col0 + i]`, zero past the last column.
+fn fill_z(b: &LowRankRef<'_>, x: &[f32], col0: usize, z: &mut [f32]) {
+    let n = x.len();
+    let present = (n - col0).min(CHUNK_COLS);
+    for (j, zj) in z.chunks_exact_mut(CHUNK_COLS).enumerate() {
+        let (live, rest) = zj.split_at_mut(present);
+        widen_into(&b.v[j * n + col0..j * n + col0 + present], live);
+        live.iter_mut()
+            .zip(&x[col0..col0 + present])
+            .for_each(|(v, &xc)| *v *= xc);
+        rest.fill(0.0);
+    }
+}
+
+/// The sign of column `b` (0 = first) of a group in table entry `e`.
+#[inline]
+fn sign_in(e: usize, b: usize) -> f32 {
+    if e >> (3 - b) & 1 == 1 {
+        1.0
+    } else {
+        -1.0
+    }
+}
+
+/// The scale of one chunk and rank index: the largest `(|z0| + |z1|) + (|z2| + |z3|)` over
+/// its groups, divided by 127 — NaN where a value is not finite (so that the product is).
+fn scale_of(zj: &[f32]) -> f32 {
+    let mut max = 0.0f32;
+    for g in zj.chunks_exact(4) {
+        max = max.max((g[0].abs() + g[1].abs()) + (g[2].abs() + g[3].abs()));
+    }
+    finite_scale(max, zj.iter().all(|v| v.is_finite()))
+}
+
+/// `max / 127`, or NaN where a value was not finite.
+#[inline]
+fn finite_scale(max: f32, finite: bool) -> f32 {
+    if finite {
+        max / QMAX
+    } else {
+        f32::NAN
+    }
+}
+
+/// The quantized entry `round(T[e] · inv)` (ties to even), `inv` = [`inverse`] of the scale.
+#[inline]
+fn quantize(zg: &[f32], e: usize, inv: f32) -> i8 {
+    let t = ((sign_in(e, 0) * zg[0] + sign_in(e, 1) * zg[1]) + sign_in(e, 2) * zg[2])
+        + sign_in(e, 3) * zg[3];
+    // In range by construction (|T| ≤ the largest group sum); the clamp guards the rounding.
+    (t * inv).round_ties_even().clamp(-QMAX, QMAX) as i8
+}
+
+/// The reciprocal used to quantize with scale `s` (zero for an all-zero chunk).
+#[inline]
+fn inverse(s: f32) -> f32 {
+    if s > 0.0 {
+        1.0 / s
+    } else {
+        0.0
+    }
+}
+
+/// The tables and scales of one chunk: `tables[(j·QUADS + q)·64 + 16·g + e]` is entry `e` of
+/// group `g` of quad `q` (columns `16q + 4g..`) for rank index `j`.
+#[allow(unsafe_code)]
+fn build_tables(z: &[f32], k: usize, tables: &mut [u8], scales: &mut [f32], vector: bool) {
+    for (j, (zj, s)) in z
+        .chunks_exact(CHUNK_COLS)
+        .zip(scales.iter_mut())
+        .enumerate()
+    {
+        let tj = &mut tables[j * CHUNK_TABLE..(j + 1) * CHUNK_TABLE];
+        #[cfg(target_arch = "x86_64")]
+        if vector {
+            // SAFETY: `vector` is only true where `avx512::available()` said so; `zj` holds
+            // `CHUNK_COLS` values and `tj` `CHUNK_TABLE` bytes.
+            *s = unsafe { avx512::build(zj, tj) };
+            continue;
+        }
+        let _ = vector;
+        *s = scale_of(zj);
+        let inv = inverse(*s);
+        for (zg, tg) in zj.chunks_exact(4).zip(tj.chunks_exact_mut(16)) {
+            for (e, t) in tg.iter_mut().enumerate() {
+                *t = quantize(zg, e, inv) as u8;
+            }
+        }
+    }
+    debug_assert_eq!(z.len(), k * CHUNK_COLS);
+}
+
+/// The sign bytes of `rows` rows from `first` in chunk `c`, row `i` at `i·CHUNK_BYTES`
+/// (zero past the matrix's rows and columns; columns past the last have zero weight).
+fn tile_bytes(s: crate::SignMatrixRef<'_>, c: usize, first: usize, rows: usize, out: &mut [u8]) {
+    let groups = s.cols().div_ceil(8);
+    let g0 = c * CHUNK_BYTES;
+    let g1 = (g0 + CHUNK_BYTES).min(groups);
+    out.fill(0);
+    let mut shifted = [0u8; CHUNK_BYTES];
+    for (i, row) in out.chunks_exact_mut(CHUNK_BYTES).take(rows).enumerate() {
+        let bytes = s.row_group_bytes(first + i, g0, g1, &mut shifted);
+        row[..bytes.len()].copy_from_slice(bytes);
+    }
+}
+
+/// Adds chunk `c` of rows `first..first + rows` to their accumulators (`acc[(t·k + j)·16 +
+/// lane]` for row `16t + lane` of the block), with the chunk's tables and scales.
+#[allow(unsafe_code)]
+fn sweep(
+    b: &LowRankRef<'_>,
+    c: usize,
+    (first, rows): (usize, usize),
+    tables: &[u8],
+    scales: &[f32],
+    acc: &mut [f32],
+    vector: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        sweep_vector(b, c, (first, rows), tables, scales, acc);
+        return;
+    }
+    let _ = vector;
+    let k = b.k;
+    let mut bytes = [0u8; TILE * CHUNK_BYTES];
+    for (t, tile_acc) in acc.chunks_exact_mut(k * TILE).enumerate() {
+        let row = first + t * TILE;
+        let tile_rows = (rows - t * TILE).min(TILE);
+        tile_bytes(b.signs, c, row, tile_rows, &mut bytes);
+        for ((tj, &s), aj) in tables
+            .chunks_exact(CHUNK_TABLE)
+            .zip(scales)
+            .zip(tile_acc.chunks_exact_mut(TILE))
+        {
+            for (row, a) in bytes.chunks_exact(CHUNK_BYTES).zip(aj.iter_mut()) {
+                let mut sum = 0i32;
+                for (q, tq) in tj.chunks_exact(QUAD_TABLE).enumerate() {
+                    let (hi, lo) = (row[2 * q], row[2 * q + 1]);
+                    for (g, e) in [hi >> 4, hi & 15, lo >> 4, lo & 15].into_iter().enumerate() {
+                        sum += i32::from(tq[16 * g + usize::from(e)] as i8);
+                    }
+                }
+                *a = (sum as f32).mul_add(s, *a);
+            }
+        }
+    }
+}
+
+/// [`sweep`] with AVX-512: each step makes the next tile's index bytes (its gathers then
+/// overlap the current tile's lookups) and does the current tile's lookups.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+fn sweep_vector(
+    b: &LowRankRef<'_>,
+    c: usize,
+    (first, rows): (usize, usize),
+    tables: &[u8],
+    scales: &[f32],
+    acc: &mut [f32],
+) {
+    let k = b.k;
+    let n = b.signs.cols();
+    // Rows on byte boundaries and a whole chunk: the tiles' bytes are read in place.
+    let in_place = n.is_multiple_of(8) && (c + 1) * CHUNK_COLS <= n && n / 8 < 1 << 26;
+    let mut scratch = [0u8; TILE * CHUNK_BYTES];
+    let tiles = acc.len() / (k * TILE);
+    let mut idx = [avx512::Indices::default(), avx512::Indices::default()];
+    {
+        let (src, stride) = tile_source(b, c, first, rows.min(TILE), in_place, &mut scratch);
+        // SAFETY: `vector` (the caller's) is only true where `avx512::available()` said so;
+        // `src` is as `source` describes.
+        unsafe { avx512::prepare(src, stride, &mut idx[0]) };
+    }
+    for (t, tile_acc) in acc.chunks_exact_mut(k * TILE).enumerate() {
+        let (even, odd) = idx.split_at_mut(1);
+        let (cur, next) = if t % 2 == 0 {
+            (&even[0], &mut odd[0])
+        } else {
+            (&odd[0], &mut even[0])
+        };
+        let row = first + (t + 1) * TILE;
+        let tile_rows = rows.saturating_sub((t + 1) * TILE).min(TILE);
+        let src =
+            (t + 1 < tiles).then(|| tile_source(b, c, row, tile_rows, in_place, &mut scratch));
+        // SAFETY: as above; `tables` holds `k` chunk tables, `scales` `k` values and
+        // `tile_acc` `k·16`.
+        unsafe { avx512::step(src, next, cur, tables, scales, tile_acc) };
+    }
+}
+
+/// Where a tile's rows are for the vectorized sweep: 16 rows of `CHUNK_BYTES` at a stride,
+/// the last row's ending within the slice (a whole chunk of a row of the matrix where
+/// `in_place` and the tile is whole, else the scratch they are copied to).
+#[cfg(target_arch = "x86_64")]
+fn tile_source<'s>(
+    b: &LowRankRef<'s>,
+    c: usize,
+    row: usize,
+    tile_rows: usize,
+    in_place: bool,
+    scratch: &'s mut [u8; TILE * CHUNK_BYTES],
+) -> (&'s [u8], usize) {
+    let n = b.signs.cols();
+    let all = b.signs.as_bytes();
+    if in_place && tile_rows == TILE {
+        // A tile further on: its rows' bytes are requested now (gathers do not train the
+        // hardware prefetchers).
+        let ahead = (row + PREFETCH_TILES * TILE).min(b.signs.rows() - 1);
+        let at = ahead * n / 8 + c * CHUNK_BYTES;
+        for i in 0..TILE {
+            if let Some(line) = all.get((at + i * n / 8).min(all.len() - 1)..) {
+                avx512::prefetch(line);
+            }
+        }
+        (&all[row * n / 8 + c * CHUNK_BYTES..], n / 8)
+    } else {
+        tile_bytes(b.signs, c, row, tile_rows, scratch);
+        (&scratch[..], CHUNK_BYTES)
+    }
+}
+
+/// `y[i] += Σ_j u[first + i, j] · acc[row i, j]`, the sum over `j` in order from zero.
+#[allow(unsafe_code)]
+fn apply_u(
+    b: &LowRankRef<'_>,
+    first: usize,
+    acc: &[f32],
+    y: &mut [f32],
+    u: &mut Vec<f32>,
+    vector: bool,
+) {
+    let k = b.k;
+    let u = sized(u, TILE * k);
+    for ((t, tile_acc), ys) in acc
+        .chunks_exact(k * TILE)
+        .enumerate()
+        .zip(y.chunks_mut(TILE))
+    {
+        let row = first + t * TILE;
+        let live = ys.len() * k;
+        let u_half = &b.u[row * k..row * k + live];
+        #[cfg(target_arch = "x86_64")]
+        if vector {
+            // SAFETY: as in `build_tables`; `tile_acc` holds `k·16` values, `u_half`
+            // `ys.len()·k`, `ys` at most 16.
+            unsafe { avx512::apply_tile(tile_acc, u_half, k, ys) };
+            continue;
+        }
+        let _ = vector;
+        let widened = &mut u[..live];
+        widen_into(u_half, widened);
+        for (lane, out) in ys.iter_mut().enumerate() {
+            let mut sum = 0.0f32;
+            for j in 0..k {
+                sum = tile_acc[j * TILE + lane].mul_add(widened[lane * k + j], sum);
+            }
+            *out += sum;
+        }
+    }
+}
+
+/// The rounding bound of [`matvec_add_q8`] for row `r`: `Σ_b Σ_j |u_b[r, j]| · Σ_chunks
+/// (groups in the chunk) · s / 2`, with the scales computed as the kernel does.
+pub(crate) fn error_bound(blocks: &[LowRankRef<'_>], x: &[f32], r: usize) -> f64 {
+    let n = x.len();
+    let mut bound = 0.0f64;
+    for b in blocks {
+        let k = b.k;
+        let mut z = vec![0.0f32; k * CHUNK_COLS];
+        let mut per_j = vec![0.0f64; k];
+        for c in 0..n.div_ceil(CHUNK_COLS) {
+            fill_z(b, x, c * CHUNK_COLS, &mut z);
+            let groups = (n - c * CHUNK_COLS).min(CHUNK_COLS).div_ceil(4);
+            for (zj, e) in z.chunks_exact(CHUNK_COLS).zip(per_j.iter_mut()) {
+                *e += groups as f64 * f64::from(scale_of(zj)) / 2.0;
+            }
+        }
+        bound += per_j
+            .iter()
+            .zip(&b.u[r * k..(r + 1) * k])
+            .map(|(e, u)| e * f64::from(u.to_f32()).abs())
+            .sum::<f64>();
+    }
+    bound
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512 {
+    use std::arch::x86_64::{
+        __m512, __m512i, _mm256_loadu_si256, _mm256_maskz_loadu_epi16, _mm512_abs_ps,
+        _mm512_add_epi32, _mm512_add_ps, _mm512_castsi256_si512, _mm512_cmp_ps_mask,
+        _mm512_cvtepi32_epi8, _mm512_cvtepi32_ps, _mm512_cvtph_ps, _mm512_cvtps_epi32,
+        _mm512_dpbusd_epi32, _mm512_fmadd_ps, _mm512_inserti64x4, _mm512_load_si512,
+        _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps,
+        _mm512_max_ps, _mm512_mul_ps, _mm512_multishift_epi64_epi8, _mm512_permute_ps,
+        _mm512_permutex2var_epi64, _mm512_permutexvar_epi8, _mm512_reduce_max_ps,
+        _mm512_set1_epi32, _mm512_set1_epi64, _mm512_set1_epi8, _mm512_set1_ps, _mm512_setr_epi64,
+        _mm512_setr_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_store_si512,
+        _mm512_storeu_ps, _mm512_ternarylogic_epi32, _mm512_unpackhi_epi32, _mm512_unpackhi_epi64,
+        _mm512_unpacklo_epi32, _mm512_unpacklo_epi64, _mm_storeu_si128, _CMP_LT_OQ,
+    };
+
+    use super::{CHUNK_BYTES, CHUNK_COLS, CHUNK_TABLE, QUADS, QUAD_TABLE, TILE};
+    use crate::lowrank::avx512::transpose16;
+
+    /// AVX-512 F, BW, VBMI and VNNI.
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vbmi")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// Asks for the cache line at the start of `bytes` (a hint; nothing is read).
+    #[inline(always)]
+    pub(super) fn prefetch(bytes: &[u8]) {
+        // SAFETY: a prefetch does not access memory architecturally; the pointer is that of
+        // a live slice.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                bytes.as_ptr().cast(),
+            );
+        }
+    }
+
+    /// The 16 entries' signs of a group's column `b`, as in [`super::sign_in`].
+    #[inline(always)]
+    fn signs(b: usize) -> [f32; 16] {
+        std::array::from_fn(|e| super::sign_in(e, b))
+    }
+
+    /// The tables of one chunk and rank index (see [`super::build_tables`]) and its scale,
+    /// computed as [`super::scale_of`] and [`super::quantize`] do.
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`available`]; `zj` holds `CHUNK_COLS` values and
+    /// `tj` `CHUNK_TABLE` bytes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    pub(super) unsafe fn build(zj: &[f32], tj: &mut [u8]) -> f32 {
+        debug_assert!(zj.len() == CHUNK_COLS && tj.len() == CHUNK_TABLE);
+        // The scale: per lane, |z| plus its neighbour's, then plus the other pair's: each
+        // lane of a group holds `(|z0| + |z1|) + (|z2| + |z3|)` (the same additions).
+        let mut max = _mm512_setzero_ps();
+        let mut finite: u16 = u16::MAX;
+        let inf = _mm512_set1_ps(f32::INFINITY);
+        for z16 in zj.chunks_exact(16) {
+            // SAFETY: 16 floats (unaligned).
+            let a = _mm512_abs_ps(unsafe { _mm512_loadu_ps(z16.as_ptr()) });
+            finite &= _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, inf);
+            let pairs = _mm512_add_ps(a, _mm512_permute_ps::<0xB1>(a));
+            max = _mm512_max_ps(max, _mm512_add_ps(pairs, _mm512_permute_ps::<0x4E>(pairs)));
+        }
+        let scale = super::finite_scale(_mm512_reduce_max_ps(max), finite == u16::MAX);
+        let p: [_; 4] = std::array::from_fn(|b| {
+            let s = signs(b);
+            _mm512_setr_ps(
+                s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11], s[12],
+                s[13], s[14], s[15],
+            )
+        });
+        let inv = _mm512_set1_ps(super::inverse(scale));
+        for (zg, tg) in zj.chunks_exact(4).zip(tj.chunks_exact_mut(16)) {
+            let t = _mm512_mul_ps(p[0], _mm512_set1_ps(zg[0]));
+            let t = _mm512_fmadd_ps(p[1], _mm512_set1_ps(zg[1]), t);
+            let t = _mm512_fmadd_ps(p[2], _mm512_set1_ps(zg[2]), t);
+            let t = _mm512_fmadd_ps(p[3], _mm512_set1_ps(zg[3]), t);
+            // In −127..=127: |T| is at most the largest group sum (NaN only with a NaN
+            // scale, whose product is NaN whatever the entries).
+            let q = _mm512_cvtps_epi32(_mm512_mul_ps(t, inv));
+            // SAFETY: `tg` holds 16 bytes (unaligned store).
+            unsafe { _mm_storeu_si128(tg.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q)) };
+        }
+        scale
+    }
+
+    /// A tile's index bytes: for each quad, 16 rows × 4 groups (see [`step`]).
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    pub(super) struct Indices([u8; QUADS * 64]);
+
+    impl Default for Indices {
+        fn default() -> Self {
+            Self([0; QUADS * 64])
+        }
+    }
+
+    /// Makes a tile's index bytes.
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`available`]; `bytes` holds 16 rows of
+    /// `CHUNK_BYTES` at `stride` (`15·stride + CHUNK_BYTES` bytes at least, `stride < 2^26`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    pub(super) unsafe fn prepare(bytes: &[u8], stride: usize, out: &mut Indices) {
+        // SAFETY: the caller's.
+        unsafe { prepare_into(bytes, stride, out) }
+    }
+
+    /// # Safety
+    /// As [`prepare`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    unsafe fn prepare_into(bytes: &[u8], stride: usize, out: &mut Indices) {
+        debug_assert!(bytes.len() >= (TILE - 1) * stride + CHUNK_BYTES && stride < 1 << 26);
+        // The rows' bytes as 8 dwords each, transposed into `d[p]`: lane `i` holds dword
+        // `p` of row `i` (bytes 4p..4p + 4, i.e. quads 2p and 2p + 1). Rows `a` and `a + 8`
+        // share a register (a 256-bit half each), so one 8×8 transpose per half does it.
+        // SAFETY: row `i`'s 32 bytes lie within `bytes` (the caller's).
+        let z: [__m512i; 8] = std::array::from_fn(|a| unsafe {
+            let lo = _mm256_loadu_si256(bytes.as_ptr().add(a * stride).cast());
+            let hi = _mm256_loadu_si256(bytes.as_ptr().add((a + 8) * stride).cast());
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        });
+        // 4×4 transposes within 128-bit lanes: `u[e]` (rows 0..4) and `u[4 + e]` (rows
+        // 4..8) hold, per lane `L`, dword `4L + e` (lanes 2, 3: of rows 8.., dwords 4(L−2)).
+        let t: [__m512i; 8] = std::array::from_fn(|i| {
+            let (x, y) = (z[2 * (i / 2)], z[2 * (i / 2) + 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_epi32(x, y)
+            } else {
+                _mm512_unpackhi_epi32(x, y)
+            }
+        });
+        let u: [__m512i; 8] = std::array::from_fn(|i| {
+            let (h, e) = (4 * (i / 4), i % 4);
+            let (x, y) = (t[h + e / 2], t[h + 2 + e / 2]);
+            if e % 2 == 0 {
+                _mm512_unpacklo_epi64(x, y)
+            } else {
+                _mm512_unpackhi_epi64(x, y)
+            }
+        });
+        // Lanes of rows 0..4, 4..8, 8..12, 12..16: dword `e` from lanes 0 and 2, `4 + e`
+        // from lanes 1 and 3.
+        let first = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+        let second = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+        let d: [__m512i; 8] = std::array::from_fn(|p| {
+            let (e, pick) = if p < 4 { (p, first) } else { (p - 4, second) };
+            _mm512_permutex2var_epi64(u[e], pick, u[4 + e])
+        });
+        // Quad 2p's groups are the high and low half of a row's first byte (bits 4 and 0),
+        // then of the second (bits 12 and 8); quad 2p + 1's 16 bits further. A qword holds
+        // 2 rows.
+        let even = _mm512_set1_epi64(0x282C_2024_080C_0004);
+        let odd = _mm512_set1_epi64(0x383C_3034_181C_1014);
+        let low = _mm512_set1_epi8(0x0F);
+        let group = _mm512_set1_epi32(0x3020_1000);
+        let o = out.0.as_mut_ptr();
+        for (p, &d) in d.iter().enumerate() {
+            // (half byte & 15) | group << 4: the `vpermb` index of its group's table.
+            let e = _mm512_ternarylogic_epi32::<0xEA>(
+                _mm512_multishift_epi64_epi8(even, d),
+                low,
+                group,
+            );
+            let f =
+                _mm512_ternarylogic_epi32::<0xEA>(_mm512_multishift_epi64_epi8(odd, d), low, group);
+            // SAFETY: `out` holds `QUADS` registers (aligned).
+            unsafe {
+                _mm512_store_si512(o.add(128 * p).cast(), e);
+                _mm512_store_si512(o.add(128 * p + 64).cast(), f);
+            }
+        }
+    }
+
+    /// Makes the next tile's index bytes (if any) and does the current tile's lookups over
+    /// a chunk: `acc[j·16 + lane] += s_j · Σ q` for its 16 rows (see [`super::sweep`]).
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`available`]; `next` as in [`prepare`], `tables`
+    /// holds `k` chunk tables, `scales` `k` values, `acc` `k·16`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    pub(super) unsafe fn step(
+        next: Option<(&[u8], usize)>,
+        next_out: &mut Indices,
+        cur: &Indices,
+        tables: &[u8],
+        scales: &[f32],
+        acc: &mut [f32],
+    ) {
+        let k = scales.len();
+        debug_assert!(tables.len() == k * CHUNK_TABLE && acc.len() == k * TILE);
+        if let Some((bytes, stride)) = next {
+            // SAFETY: the caller's.
+            unsafe { prepare_into(bytes, stride, next_out) };
+        }
+        let c = cur.0.as_ptr();
+        // SAFETY: `cur` holds `QUADS` registers (aligned).
+        let idx: [__m512i; QUADS] =
+            std::array::from_fn(|q| unsafe { _mm512_load_si512(c.add(64 * q).cast()) });
+        let ones = _mm512_set1_epi8(1);
+        // Two rank indices at a time, two chains of sums each (even and odd quads): four
+        // independent chains of `vpdpbusd` interleaved.
+        let pairs = k / 2;
+        for jp in 0..pairs {
+            let j = 2 * jp;
+            let (t0, t1) = (
+                tables[j * CHUNK_TABLE..].as_ptr(),
+                tables[(j + 1) * CHUNK_TABLE..].as_ptr(),
+            );
+            let mut sums = [_mm512_setzero_si512(); 4];
+            for (q, &ix) in idx.iter().enumerate() {
+                // SAFETY: quad `q` of tables `j` and `j + 1` lies within `tables`.
+                let (a, b) = unsafe {
+                    (
+                        _mm512_loadu_si512(t0.add(q * QUAD_TABLE).cast()),
+                        _mm512_loadu_si512(t1.add(q * QUAD_TABLE).cast()),
+                    )
+                };
+                let e = q % 2;
+                sums[e] = _mm512_dpbusd_epi32(sums[e], ones, _mm512_permutexvar_epi8(ix, a));
+                sums[2 + e] =
+                    _mm512_dpbusd_epi32(sums[2 + e], ones, _mm512_permutexvar_epi8(ix, b));
+            }
+            // SAFETY: `acc` holds 16 floats at `j·16` and `(j + 1)·16`.
+            unsafe {
+                accumulate(
+                    &mut acc[j * TILE..],
+                    _mm512_add_epi32(sums[0], sums[1]),
+                    scales[j],
+                );
+                accumulate(
+                    &mut acc[(j + 1) * TILE..],
+                    _mm512_add_epi32(sums[2], sums[3]),
+                    scales[j + 1],
+                );
+            }
+        }
+        if k % 2 == 1 {
+            let j = k - 1;
+            let tj = tables[j * CHUNK_TABLE..].as_ptr();
+            let mut sums = [_mm512_setzero_si512(); 2];
+            for (q, &ix) in idx.iter().enumerate() {
+                // SAFETY: quad `q` of table `j` lies within `tables` (64 bytes).
+                let t = unsafe { _mm512_loadu_si512(tj.add(q * QUAD_TABLE).cast()) };
+                sums[q % 2] =
+                    _mm512_dpbusd_epi32(sums[q % 2], ones, _mm512_permutexvar_epi8(ix, t));
+            }
+            // SAFETY: `acc` holds 16 floats at `j·16`.
+            unsafe {
+                accumulate(
+                    &mut acc[j * TILE..],
+                    _mm512_add_epi32(sums[0], sums[1]),
+                    scales[j],
+                )
+            };
+        }
+    }
+
+    /// `acc[..16] += s · sum` (the integer sums converted exactly: at most 64·127 each).
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`available`]; `acc` holds 16 floats at least.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    unsafe fn accumulate(acc: &mut [f32], sum: __m512i, s: f32) {
+        debug_assert!(acc.len() >= TILE);
+        let a = acc.as_mut_ptr();
+        // SAFETY: 16 floats (unaligned).
+        unsafe {
+            let next = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(sum),
+                _mm512_set1_ps(s),
+                _mm512_loadu_ps(a),
+            );
+            _mm512_storeu_ps(a, next);
+        }
+    }
+
+    /// `y[lane] += Σ_j acc[j·16 + lane] · u[lane·k + j]` for the tile's rows (`y.len() ≤
+    /// 16`; `u` their `y.len()·k` factors), as [`super::apply_u`] does: 16 columns of `u` at
+    /// a time widened and transposed in registers.
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`available`]; `acc` holds `k·16` values, `u`
+    /// `y.len()·k`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    pub(super) unsafe fn apply_tile(acc: &[f32], u: &[half::f16], k: usize, y: &mut [f32]) {
+        debug_assert!(acc.len() == k * TILE && u.len() == y.len() * k && y.len() <= TILE);
+        let mut sum = _mm512_setzero_ps();
+        for j0 in (0..k).step_by(16) {
+            let width = (k - j0).min(16);
+            let keep = (u32::MAX >> (32 - width)) as u16;
+            // Row `i`'s factors `j0..j0 + width` (zero for the rows past `y.len()`).
+            let rows: [__m512; 16] = std::array::from_fn(|i| {
+                if i < y.len() {
+                    // SAFETY: `width` halves at `i·k + j0 < y.len()·k` lie within `u`.
+                    let h = unsafe {
+                        _mm256_maskz_loadu_epi16(keep, u.as_ptr().add(i * k + j0).cast())
+                    };
+                    _mm512_cvtph_ps(h)
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            let columns = transpose16(&rows);
+            for (j, column) in columns.iter().enumerate().take(width) {
+                // SAFETY: 16 floats at `(j0 + j)·16 < k·16`.
+                let a = unsafe { _mm512_loadu_ps(acc.as_ptr().add((j0 + j) * TILE)) };
+                sum = _mm512_fmadd_ps(a, *column, sum);
+            }
+        }
+        let keep: u16 = if y.len() == TILE {
+            u16::MAX
+        } else {
+            (1u16 << y.len()) - 1
+        };
+        // SAFETY: the masked lanes are the first `y.len()` floats of `y`.
+        unsafe {
+            let old = _mm512_maskz_loadu_ps(keep, y.as_ptr());
+            _mm512_mask_storeu_ps(y.as_mut_ptr(), keep, _mm512_add_ps(old, sum));
+        }
+    }
+}
