@@ -528,10 +528,11 @@ mod avx512 {
     use super::{CHUNK_BYTES, CHUNK_COLS, CHUNK_TABLE, QUADS, QUAD_TABLE, TILE};
     use crate::lowrank::avx512::transpose16;
 
-    /// AVX-512 F, BW, VBMI and VNNI.
+    /// AVX-512 F, BW, VL, VBMI and VNNI.
     pub(super) fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vbmi")
             && std::arch::is_x86_feature_detected!("avx512vnni")
     }
@@ -560,7 +561,7 @@ mod avx512 {
     /// # Safety
     /// The CPU must have the features of [`available`]; `zj` holds `CHUNK_COLS` values and
     /// `tj` `CHUNK_TABLE` bytes.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
     pub(super) unsafe fn build(zj: &[f32], tj: &mut [u8]) -> f32 {
         debug_assert!(zj.len() == CHUNK_COLS && tj.len() == CHUNK_TABLE);
         // The scale: per lane, |z| plus its neighbour's, then plus the other pair's: each
@@ -614,7 +615,7 @@ mod avx512 {
     /// # Safety
     /// The CPU must have the features of [`available`]; `bytes` holds 16 rows of
     /// `CHUNK_BYTES` at `stride` (`15·stride + CHUNK_BYTES` bytes at least, `stride < 2^26`).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
     pub(super) unsafe fn prepare(bytes: &[u8], stride: usize, out: &mut Indices) {
         // SAFETY: the caller's.
         unsafe { prepare_into(bytes, stride, out) }
@@ -623,7 +624,7 @@ mod avx512 {
     /// # Safety
     /// As [`prepare`].
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
     unsafe fn prepare_into(bytes: &[u8], stride: usize, out: &mut Indices) {
         debug_assert!(bytes.len() >= (TILE - 1) * stride + CHUNK_BYTES && stride < 1 << 26);
         // The rows' bytes as 8 dwords each, transposed into `d[p]`: lane `i` holds dword
@@ -693,7 +694,7 @@ mod avx512 {
     /// # Safety
     /// The CPU must have the features of [`available`]; `next` as in [`prepare`], `tables`
     /// holds `k` chunk tables, `scales` `k` values, `acc` `k·16`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
     pub(super) unsafe fn step(
         next: Option<(&[u8], usize)>,
         next_out: &mut Indices,
@@ -776,7 +777,7 @@ mod avx512 {
     /// # Safety
     /// The CPU must have the features of [`available`]; `acc` holds 16 floats at least.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
     unsafe fn accumulate(acc: &mut [f32], sum: __m512i, s: f32) {
         debug_assert!(acc.len() >= TILE);
         let a = acc.as_mut_ptr();
@@ -798,7 +799,7 @@ mod avx512 {
     /// # Safety
     /// The CPU must have the features of [`available`]; `acc` holds `k·16` values, `u`
     /// `y.len()·k`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
     pub(super) unsafe fn apply_tile(acc: &[f32], u: &[half::f16], k: usize, y: &mut [f32]) {
         debug_assert!(acc.len() == k * TILE && u.len() == y.len() * k && y.len() <= TILE);
         let mut sum = _mm512_setzero_ps();
