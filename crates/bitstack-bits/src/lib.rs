@@ -107,7 +107,7 @@ pub fn lowrank_matvec_add(
 /// portable version with the same rounding runs (slower than [`lowrank_matvec_add`]'s
 /// vectorized versions: it is the reference).
 ///
-/// The result differs from the exact product by at most [`lowrank_q8_error_bound`] per row
+/// The result differs from the exact product by at most [`lowrank_q8_error_bounds`] per row
 /// (half a quantization step per group and chunk, weighted by `|u|`); on one thread the
 /// vectorized and the portable version agree exactly.
 ///
@@ -130,14 +130,15 @@ pub fn lowrank_q8_vectorized(simd: Simd) -> bool {
     lowrank_q8::vectorized(simd)
 }
 
-/// The bound on `|Δy[row]|` of [`lowrank_matvec_add_q8`] against the exact product (before
-/// f32 rounding of the sums): `Σ_b Σ_j |u_b[row, j]| · Σ_chunks groups · scale / 2`.
+/// The bounds on `|Δy[row]|` of [`lowrank_matvec_add_q8`] against the exact product (before
+/// f32 rounding of the sums), one per row of the blocks (empty without blocks): `Σ_b Σ_j
+/// |u_b[row, j]| · Σ_chunks groups · scale / 2`.
 ///
 /// # Panics
-/// As [`lowrank_matvec_add`], or if `row` is out of range.
+/// If the blocks' shapes differ or do not match `x` (as [`lowrank_matvec_add`]).
 #[must_use]
-pub fn lowrank_q8_error_bound(blocks: &[LowRankRef<'_>], x: &[f32], row: usize) -> f64 {
-    lowrank_q8::error_bound(blocks, x, row)
+pub fn lowrank_q8_error_bounds(blocks: &[LowRankRef<'_>], x: &[f32]) -> Vec<f64> {
+    lowrank_q8::error_bounds(blocks, x)
 }
 
 /// Columns per chunk of [`lowrank_matvec_add_q8`]: one scale per chunk and rank index.

@@ -483,13 +483,25 @@ fn apply_u(
     }
 }
 
-/// The rounding bound of [`matvec_add_q8`] for row `r`: `Σ_b Σ_j |u_b[r, j]| · Σ_chunks
-/// (groups in the chunk) · s / 2`, with the scales computed as the kernel does.
-pub(crate) fn error_bound(blocks: &[LowRankRef<'_>], x: &[f32], r: usize) -> f64 {
+/// The rounding bounds of [`matvec_add_q8`], one per row `r`: `Σ_b Σ_j |u_b[r, j]| ·
+/// Σ_chunks (groups in the chunk) · s / 2`, with the scales computed as the kernel does
+/// (empty without blocks).
+///
+/// # Panics
+/// As [`matvec_add_q8`].
+pub(crate) fn error_bounds(blocks: &[LowRankRef<'_>], x: &[f32]) -> Vec<f64> {
     let n = x.len();
-    let mut bound = 0.0f64;
-    for b in blocks {
+    let m = blocks.first().map_or(0, |b| b.signs.rows());
+    let mut bounds = vec![0.0f64; m];
+    for (i, b) in blocks.iter().enumerate() {
         let k = b.k;
+        assert!(
+            b.signs.rows() == m
+                && b.signs.cols() == n
+                && Some(b.u.len()) == m.checked_mul(k)
+                && Some(b.v.len()) == n.checked_mul(k),
+            "lowrank_q8_error_bounds: block {i} does not match the first block and x"
+        );
         let mut z = vec![0.0f32; k * CHUNK_COLS];
         let mut per_j = vec![0.0f64; k];
         for c in 0..n.div_ceil(CHUNK_COLS) {
@@ -499,13 +511,18 @@ pub(crate) fn error_bound(blocks: &[LowRankRef<'_>], x: &[f32], r: usize) -> f64
                 *e += groups as f64 * f64::from(scale_of(zj)) / 2.0;
             }
         }
-        bound += per_j
-            .iter()
-            .zip(&b.u[r * k..(r + 1) * k])
-            .map(|(e, u)| e * f64::from(u.to_f32()).abs())
-            .sum::<f64>();
+        if k == 0 {
+            continue;
+        }
+        for (bound, u) in bounds.iter_mut().zip(b.u.chunks_exact(k)) {
+            *bound += per_j
+                .iter()
+                .zip(u)
+                .map(|(e, u)| e * f64::from(u.to_f32()).abs())
+                .sum::<f64>();
+        }
     }
-    bound
+    bounds
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -210,7 +210,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let loaded = stack.plan().memory_bytes;
         let ours = model_of(&stack)?;
         let dense = CausalLm::load(&model_dir)?;
-        let t = decode_and_eval(&ours, &dense, quick)?;
+        let t = decode_and_eval(&ours, &dense, Some(&stack), quick)?;
         rows.extend(t.rows(&format!("stack at {loaded} B")));
         keys.insert("stack_memory_bytes".into(), json!(loaded));
         keys.insert(
@@ -427,6 +427,12 @@ fn e2e_group(
     let (best_decode, best_eval) = ratios(&e2e.best);
     keys.insert("e2e_budget_bytes".into(), json!(e2e.budget));
     keys.insert("e2e_decode_speedup".into(), json!(paper_decode));
+    if let Some(tps) = e2e.paper.decode_f32_tables {
+        keys.insert(
+            "e2e_decode_speedup_f32_tables".into(),
+            json!(tps / e2e.paper.decode.1),
+        );
+    }
     keys.insert("e2e_eval_ratio".into(), json!(paper_eval));
     keys.insert("e2e_best_decode_speedup".into(), json!(best_decode));
     keys.insert("e2e_best_eval_ratio".into(), json!(best_eval));
@@ -599,12 +605,20 @@ fn print_results(as_json: bool, rows: &[Row], keys: &Map<String, Value>) -> Resu
 struct Throughput {
     decode: (f64, f64),
     eval: (f64, f64),
+    /// Decoding with f32 decode tables (paper mode), timed in turn with the two others.
+    decode_f32_tables: Option<f64>,
 }
 
 impl Throughput {
     /// The two table rows, labelled with `what` (the stack against the dense f32 model).
     fn rows(&self, what: &str) -> Vec<Row> {
-        vec![
+        let exact = self.decode_f32_tables.map(|tps| Row {
+            what: format!("decode, {what}, f32 decode tables (tokens/s)"),
+            ours: tps,
+            baseline: self.decode.1,
+            unit: "tok/s",
+        });
+        [
             Row {
                 what: format!("decode, {what} vs dense f32 (tokens/s)"),
                 ours: self.decode.0,
@@ -618,13 +632,22 @@ impl Throughput {
                 unit: "tok/s",
             },
         ]
+        .into_iter()
+        .chain(exact)
+        .collect()
     }
 }
 
 /// Greedy decoding (64 tokens after an 8-token prompt) and perplexity evaluation (two
 /// 512-token windows) with `ours` and `dense`, alternately in this process, each the best
-/// of three runs (tokens per second).
-fn decode_and_eval(ours: &CausalLm, dense: &CausalLm, quick: bool) -> Result<Throughput> {
+/// of three runs (tokens per second); with `stack` (the one `ours` runs on) decoding also
+/// with f32 decode tables, in turn with the others.
+fn decode_and_eval(
+    ours: &CausalLm,
+    dense: &CausalLm,
+    stack: Option<&LoadedStack>,
+    quick: bool,
+) -> Result<Throughput> {
     let prompt: Vec<u32> = (1..9).collect();
     let new_tokens = if quick { 16 } else { 64 };
     let gen = |m: &CausalLm| -> Result<f64> {
@@ -634,9 +657,16 @@ fn decode_and_eval(ours: &CausalLm, dense: &CausalLm, quick: bool) -> Result<Thr
         Ok(out.len() as f64 / t.elapsed().as_secs_f64())
     };
     let mut decode = (0.0f64, 0.0f64);
+    let mut decode_f32_tables = stack.map(|_| 0.0f64);
     for _ in 0..3 {
         decode.0 = decode.0.max(gen(ours)?);
         decode.1 = decode.1.max(gen(dense)?);
+        if let (Some(stack), Some(best)) = (stack, decode_f32_tables.as_mut()) {
+            stack.set_decode_tables(DecodeTables::F32);
+            let tps = gen(ours);
+            stack.set_decode_tables(DecodeTables::default());
+            *best = best.max(tps?);
+        }
     }
     let seq = if quick { 128 } else { 512 };
     let window: Vec<u32> = (0..seq as u32).map(|i| (i * 7 + 3) % 1000).collect();
@@ -651,7 +681,11 @@ fn decode_and_eval(ours: &CausalLm, dense: &CausalLm, quick: bool) -> Result<Thr
         eval.0 = eval.0.max(timed(ours)?);
         eval.1 = eval.1.max(timed(dense)?);
     }
-    Ok(Throughput { decode, eval })
+    Ok(Throughput {
+        decode,
+        eval,
+        decode_f32_tables,
+    })
 }
 
 fn end_to_end(dir: &Path, quick: bool) -> Result<(E2e, Vec<Row>)> {
@@ -673,7 +707,7 @@ fn end_to_end(dir: &Path, quick: bool) -> Result<(E2e, Vec<Row>)> {
         // The budget of 4 blocks per matrix: the whole paper-mode stack.
         let budget = file.layout().max_memory();
         let stack = Arc::new(LoadedStack::load(file, budget)?);
-        let paper = decode_and_eval(&model_of(&stack)?, &dense, quick)?;
+        let paper = decode_and_eval(&model_of(&stack)?, &dense, Some(&stack), quick)?;
         drop(stack);
         // Best mode at the same budget (which planes are loaded at this budget does not
         // depend on the order: a quick data-free order and a few calibration windows).
@@ -704,7 +738,7 @@ fn end_to_end(dir: &Path, quick: bool) -> Result<(E2e, Vec<Row>)> {
             budget,
         )?);
         let loaded = stack.plan().memory_bytes;
-        let best = decode_and_eval(&model_of(&stack)?, &dense, quick)?;
+        let best = decode_and_eval(&model_of(&stack)?, &dense, None, quick)?;
         let mut rows = paper.rows(&format!("paper mode, 4 blocks/matrix ({budget} B)"));
         rows.extend(best.rows(&format!("best mode at {budget} B ({loaded} B loaded)")));
         Ok((
