@@ -32,7 +32,7 @@ use rayon::prelude::{
     IndexedParallelIterator, IntoParallelIterator, ParallelIterator, ParallelSliceMut,
 };
 
-use crate::lut::{sized_aligned, use_parallel};
+use crate::lut::{sized, sized_aligned, use_parallel, with_scratch};
 use crate::{Parallelism, SignMatrixRef};
 
 /// Bytes of tables built at once per thread (they should stay in the L2 cache).
@@ -197,20 +197,9 @@ thread_local! {
     static BUFFERS: RefCell<Buffers> = RefCell::default();
 }
 
-/// Runs `f` with this thread's buffers (fresh ones if they are in use further up the stack).
+/// Runs `f` with this thread's buffers.
 fn with_buffers<R>(f: impl FnOnce(&mut Buffers) -> R) -> R {
-    BUFFERS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buffers) => f(&mut buffers),
-        Err(_) => f(&mut Buffers::default()),
-    })
-}
-
-/// The first `len` values of `v`, grown (with zeros) if needed; contents are unspecified.
-fn sized<T: Default + Clone>(v: &mut Vec<T>, len: usize) -> &mut [T] {
-    if v.len() < len {
-        v.resize(len, T::default());
-    }
-    &mut v[..len]
+    with_scratch(&BUFFERS, f)
 }
 
 /// `y += Σ_b (S_b ⊙ (u_b v_b)) x` over `blocks`, all of `y.len()` rows and `x.len()` columns.

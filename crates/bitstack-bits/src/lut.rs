@@ -33,6 +33,26 @@ const MATMUL_ROW_BLOCK: usize = 64;
 /// Below this many multiply-adds (`m·n·k`) the kernels stay on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 
+/// Runs `f` with this thread's scratch memory in `key`, kept between calls (no page faults on
+/// every product); fresh scratch if it is in use further up the stack.
+pub(crate) fn with_scratch<T: Default + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => f(&mut scratch),
+        Err(_) => f(&mut T::default()),
+    })
+}
+
+/// The first `len` values of `v`, grown (with defaults) if needed; contents are unspecified.
+pub(crate) fn sized<T: Default + Clone>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
+    &mut v[..len]
+}
+
 /// `len` floats of `v` starting on a 64-byte boundary (a cache line: every table entry and
 /// accumulator row of the AVX-512 kernel is then one whole line, never split across two);
 /// contents are unspecified.
