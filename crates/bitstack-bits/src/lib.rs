@@ -101,7 +101,7 @@ pub fn lowrank_matvec_add(
 }
 /// [`lowrank_matvec_add`] with 8-bit tables: each 4-column table entry is rounded to a
 /// signed byte, with one scale per chunk of [`Q8_CHUNK_COLS`] columns and rank index (the
-/// largest entry's magnitude over 127). About 2.7 times faster than the f32 tables on
+/// largest entry's magnitude over 127). Two to 2.7 times faster than the f32 tables on
 /// CPUs with AVX-512 VBMI and VNNI (AMD Zen 4, Intel from Ice Lake: 4096², 4 blocks,
 /// k = 16); elsewhere, or with a `simd` other than [`Simd::Auto`] and [`Simd::Avx512`], a
 /// portable version with the same rounding runs (slower than [`lowrank_matvec_add`]'s
