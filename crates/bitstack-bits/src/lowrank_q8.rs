@@ -19,8 +19,10 @@
 //! entries: 16 rows × 4 groups, the register holding the 4 groups' tables (64 bytes) for one
 //! `j` and each index byte a row's half byte plus the group's number in bits 4–5. One
 //! `vpdpbusd` adds the 4 bytes of each row into its 32-bit sum. A row tile's index bytes
-//! (16 rows × one chunk: 16 registers) are made once and used for every `j`; the chunk's
-//! tables (`k` KiB) stay in L1 while the tiles of a row block sweep them. The portable
+//! (16 rows × one chunk: 16 registers) are made once and used for every `j`: the signs are
+//! row-major, so the tile's 16 × 32 bytes are transposed in registers, for the next tile
+//! while the current tile's lookups run. The chunk's tables (`k` KiB) stay in L1 while the
+//! tiles of a row block sweep them. The portable
 //! version does the same integer sums one entry at a time and is the tests' oracle: both
 //! round the same entries and add the same values in the same order, so on one thread they
 //! agree exactly.
