@@ -1,11 +1,13 @@
-//! Times the decode kernel with f32 and with 8-bit tables on a random `rows × cols` matrix
-//! of 4 blocks (k = 16), on one thread and on the pool, alternately:
+//! Times the decode kernel with f32 tables, with 8-bit tables and with 8-bit `z` (tile
+//! products where the CPU has AMX) on a random `rows × cols` matrix of 4 blocks (k = 16), on
+//! one thread and on the pool, alternately:
 //! `cargo run --release -p bitstack-bits --example q8_decode -- [rows] [cols]`.
 
 use std::time::Instant;
 
 use bitstack_bits::{
-    lowrank_matvec_add, lowrank_matvec_add_q8, LowRankRef, Parallelism, SignMatrix, Simd,
+    lowrank_i8_accelerated, lowrank_matvec_add, lowrank_matvec_add_i8, lowrank_matvec_add_q8,
+    LowRankRef, Parallelism, SignMatrix, Simd,
 };
 use half::f16;
 
@@ -48,7 +50,7 @@ fn main() {
     let mut y = vec![0.0f32; m];
     let reps = 20;
     for par in [Parallelism::Sequential, Parallelism::Auto] {
-        let (mut f32_best, mut q8_best) = (f64::MAX, f64::MAX);
+        let (mut f32_best, mut q8_best, mut i8_best) = (f64::MAX, f64::MAX, f64::MAX);
         for _ in 0..3 {
             let t = Instant::now();
             for _ in 0..reps {
@@ -60,6 +62,13 @@ fn main() {
                 lowrank_matvec_add_q8(&blocks, &x, &mut y, par, Simd::Auto);
             }
             q8_best = q8_best.min(t.elapsed().as_secs_f64() / reps as f64);
+            if lowrank_i8_accelerated(Simd::Auto) {
+                let t = Instant::now();
+                for _ in 0..reps {
+                    lowrank_matvec_add_i8(&blocks, &x, &mut y, par, Simd::Auto);
+                }
+                i8_best = i8_best.min(t.elapsed().as_secs_f64() / reps as f64);
+            }
         }
         println!(
             "{m}x{n}, 4 blocks, k = {k}, {par:?}: f32 tables {:.3} ms, 8-bit tables {:.3} ms ({:.2}x)",
@@ -67,5 +76,8 @@ fn main() {
             q8_best * 1e3,
             f32_best / q8_best
         );
+        if i8_best < f64::MAX {
+            println!("  8-bit z on tiles (AMX): {:.3} ms", i8_best * 1e3);
+        }
     }
 }

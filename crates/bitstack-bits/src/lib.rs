@@ -67,6 +67,7 @@
 mod codes;
 mod error;
 mod lowrank;
+mod lowrank_i8;
 mod lowrank_q8;
 mod lut;
 mod matrix;
@@ -140,6 +141,49 @@ pub fn lowrank_q8_vectorized(simd: Simd) -> bool {
 pub fn lowrank_q8_error_bounds(blocks: &[LowRankRef<'_>], x: &[f32]) -> Vec<f64> {
     lowrank_q8::error_bounds(blocks, x)
 }
+
+/// [`lowrank_matvec_add`] with 8-bit `z`: each `z = v[r, :] ⊙ x` is rounded to a signed
+/// byte, with one scale per chunk of [`I8_CHUNK_COLS`] columns and rank index (the largest
+/// `|z|` over 127); the ±1 signs times those bytes are exact `i32` sums, scaled back per
+/// chunk. On CPUs with AMX-INT8 (Intel from Sapphire Rapids, Linux) the integer products run
+/// on the tile unit ([`lowrank_i8_accelerated`]); elsewhere, or with a `simd` other than
+/// [`Simd::Auto`], a portable version with the same rounding and the same f32 operations in
+/// the same order runs (slow: it is the reference, and the two agree exactly).
+///
+/// The result differs from the exact product by at most [`lowrank_i8_error_bounds`] per row.
+///
+/// # Panics
+/// As [`lowrank_matvec_add`].
+pub fn lowrank_matvec_add_i8(
+    blocks: &[LowRankRef<'_>],
+    x: &[f32],
+    y: &mut [f32],
+    par: Parallelism,
+    simd: Simd,
+) {
+    lowrank_i8::matvec_add_i8(blocks, x, y, par, simd);
+}
+
+/// Whether [`lowrank_matvec_add_i8`] runs its tile (AMX) version with `simd` here: AMX-TILE,
+/// AMX-INT8, AVX-512 F and BW, Linux's permission for the tile state, and [`Simd::Auto`].
+/// (Matrices whose rows are not whole bytes of signs run the portable version.)
+#[must_use]
+pub fn lowrank_i8_accelerated(simd: Simd) -> bool {
+    lowrank_i8::accelerated(simd)
+}
+
+/// The bounds on `|Δy[row]|` of [`lowrank_matvec_add_i8`] against the exact product (before
+/// f32 rounding): `Σ_b Σ_r |u_b[row, r]| · Σ_chunks columns · scale / 2`.
+///
+/// # Panics
+/// If the blocks' shapes differ or do not match `x`.
+#[must_use]
+pub fn lowrank_i8_error_bounds(blocks: &[LowRankRef<'_>], x: &[f32]) -> Vec<f64> {
+    lowrank_i8::error_bounds(blocks, x)
+}
+
+/// Columns per chunk of [`lowrank_matvec_add_i8`]: one scale per chunk and rank index.
+pub const I8_CHUNK_COLS: usize = lowrank_i8::CHUNK_COLS;
 
 /// Columns per chunk of [`lowrank_matvec_add_q8`]: one scale per chunk and rank index.
 pub const Q8_CHUNK_COLS: usize = lowrank_q8::CHUNK_COLS;

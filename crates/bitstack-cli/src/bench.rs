@@ -282,6 +282,7 @@ fn kernels(
 ) {
     let mut decode = Vec::new();
     let mut decode_f32_tables = Vec::new();
+    let mut decode_tiles: Vec<f64> = Vec::new();
     let mut planes_decode = Vec::new();
     let mut batch = Vec::new();
     for (r, c, w, stack) in stacks {
@@ -294,6 +295,11 @@ fn kernels(
         // The same product with f32 tables (exact to f32 rounding), side by side.
         stack.set_decode_tables(DecodeTables::F32);
         let exact = best_of(10, || stack.matvec(0, &x, &mut y));
+        // Where the CPU has AMX, the 8-bit `z` on tiles too.
+        let tiles = bitstack::bits::lowrank_i8_accelerated(bitstack::bits::Simd::Auto).then(|| {
+            stack.set_decode_tables(DecodeTables::Int8Tiles);
+            best_of(10, || stack.matvec(0, &x, &mut y))
+        });
         stack.set_decode_tables(DecodeTables::default());
         // The dense product is memory-bound: its bytes over its time is the bandwidth a
         // streaming kernel gets here; the floor is the packed bytes at that bandwidth.
@@ -318,6 +324,24 @@ fn kernels(
             format!("decode_vs_bandwidth_floor_{r}x{c}"),
             json!(ours / floor),
         );
+        if let Some(t) = tiles {
+            let suffix = if decode_tiles.is_empty() {
+                ""
+            } else {
+                "_large"
+            };
+            decode_tiles.push(t / dense);
+            keys.insert(
+                format!("decode_vs_dense_f32_int8_tiles{suffix}"),
+                json!(t / dense),
+            );
+            rows.push(Row {
+                what: format!("decode matvec {r}x{c}, {blocks} blocks, 8-bit z on AMX tiles"),
+                ours: t,
+                baseline: dense,
+                unit: "s",
+            });
+        }
         decode_f32_tables.push(exact / dense);
         rows.push(Row {
             what: format!("decode matvec {r}x{c}, {blocks} blocks, f32 tables"),
@@ -427,6 +451,12 @@ fn e2e_group(
     let (best_decode, best_eval) = ratios(&e2e.best);
     keys.insert("e2e_budget_bytes".into(), json!(e2e.budget));
     keys.insert("e2e_decode_speedup".into(), json!(paper_decode));
+    if let Some(tps) = e2e.paper.decode_tiles {
+        keys.insert(
+            "e2e_decode_speedup_int8_tiles".into(),
+            json!(tps / e2e.paper.decode.1),
+        );
+    }
     if let Some(tps) = e2e.paper.decode_f32_tables {
         keys.insert(
             "e2e_decode_speedup_f32_tables".into(),
@@ -607,6 +637,8 @@ struct Throughput {
     eval: (f64, f64),
     /// Decoding with f32 decode tables (paper mode), timed in turn with the two others.
     decode_f32_tables: Option<f64>,
+    /// Decoding with 8-bit `z` on AMX tiles (paper mode, CPUs with AMX), timed likewise.
+    decode_tiles: Option<f64>,
 }
 
 impl Throughput {
@@ -614,6 +646,12 @@ impl Throughput {
     fn rows(&self, what: &str) -> Vec<Row> {
         let exact = self.decode_f32_tables.map(|tps| Row {
             what: format!("decode, {what}, f32 decode tables (tokens/s)"),
+            ours: tps,
+            baseline: self.decode.1,
+            unit: "tok/s",
+        });
+        let tiles = self.decode_tiles.map(|tps| Row {
+            what: format!("decode, {what}, 8-bit z on AMX tiles (tokens/s)"),
             ours: tps,
             baseline: self.decode.1,
             unit: "tok/s",
@@ -634,6 +672,7 @@ impl Throughput {
         ]
         .into_iter()
         .chain(exact)
+        .chain(tiles)
         .collect()
     }
 }
@@ -665,11 +704,19 @@ fn decode_and_eval(
     };
     let mut decode = (0.0f64, 0.0f64);
     let mut decode_f32_tables = stack.map(|_| 0.0f64);
+    let amx = bitstack::bits::lowrank_i8_accelerated(bitstack::bits::Simd::Auto);
+    let mut decode_tiles = stack.filter(|_| amx).map(|_| 0.0f64);
     for _ in 0..3 {
         decode.0 = decode.0.max(gen(ours)?);
         decode.1 = decode.1.max(gen(dense)?);
         if let (Some(stack), Some(best)) = (stack, decode_f32_tables.as_mut()) {
             stack.set_decode_tables(DecodeTables::F32);
+            let tps = gen(ours);
+            stack.set_decode_tables(DecodeTables::default());
+            *best = best.max(tps?);
+        }
+        if let (Some(stack), Some(best)) = (stack, decode_tiles.as_mut()) {
+            stack.set_decode_tables(DecodeTables::Int8Tiles);
             let tps = gen(ours);
             stack.set_decode_tables(DecodeTables::default());
             *best = best.max(tps?);
@@ -692,6 +739,7 @@ fn decode_and_eval(
         decode,
         eval,
         decode_f32_tables,
+        decode_tiles,
     })
 }
 

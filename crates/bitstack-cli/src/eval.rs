@@ -313,9 +313,11 @@ pub struct GenerateArgs {
     /// each change is applied between two tokens and reports the bytes moved.
     #[arg(long, value_name = "SCHEDULE")]
     pub budget_schedule: Option<String>,
-    /// Table entries of the residual-block (paper mode) products: `int8` (one scale per 256
-    /// columns; about twice as fast where the CPU has AVX-512 VBMI and VNNI, f32 elsewhere)
-    /// or `f32` (exact to f32 rounding: the same samples on every CPU).
+    /// Residual-block (paper mode) decode products: `int8` (8-bit table entries, one scale
+    /// per 256 columns; about twice as fast where the CPU has AVX-512 VBMI and VNNI, f32
+    /// elsewhere), `int8-tiles` (8-bit `z` on the AMX tile unit where the CPU has it, for
+    /// blocks of k ≥ 8: faster on one thread; `int8` elsewhere) or `f32` (exact to f32 rounding: the same samples on
+    /// every CPU).
     #[arg(long, value_enum, default_value_t = Tables::Int8)]
     pub decode_tables: Tables,
 }
@@ -323,8 +325,10 @@ pub struct GenerateArgs {
 /// `--decode-tables`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Tables {
-    /// 8-bit entries.
+    /// 8-bit table entries.
     Int8,
+    /// 8-bit `z` on AMX tiles where present, else 8-bit table entries.
+    Int8Tiles,
     /// f32 entries.
     F32,
 }
@@ -369,6 +373,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let stack = Arc::new(LoadedStack::load(file, budget)?);
     stack.set_decode_tables(match args.decode_tables {
         Tables::Int8 => DecodeTables::Int8,
+        Tables::Int8Tiles => DecodeTables::Int8Tiles,
         Tables::F32 => DecodeTables::F32,
     });
     let model = model_of(&stack)?;

@@ -138,12 +138,18 @@ impl Linear for HalfLinear {
         if tokens == 1 {
             use rayon::prelude::*;
             // One token: each thread widens and multiplies its own tiles.
-            if self.weight.kind == HalfKind::F16 && crate::linear::dot_f16_available() {
-                // Each row read once as f16 and widened in registers.
+            // Each row read once as 16 bits and widened in registers: bf16 always (a shift),
+            // f16 where F16C is present.
+            let fused: Option<RowDot> = match self.weight.kind {
+                HalfKind::Bf16 => Some(crate::linear::dot_bf16),
+                HalfKind::F16 if crate::linear::dot_f16_available() => Some(crate::linear::dot_f16),
+                HalfKind::F16 => None,
+            };
+            if let Some(dot) = fused {
                 y.par_chunks_mut(TILE_ROWS).enumerate().for_each(|(t, ys)| {
                     for (i, yi) in ys.iter_mut().enumerate() {
                         let at = (t * TILE_ROWS + i) * inp * 2;
-                        *yi = crate::linear::dot_f16(&self.weight.bytes[at..at + 2 * inp], x);
+                        *yi = dot(&self.weight.bytes[at..at + 2 * inp], x);
                     }
                 });
                 return;
@@ -185,6 +191,9 @@ impl Linear for HalfLinear {
             .for_each(|(t, ys)| leaf(t * tile_rows, ys));
     }
 }
+
+/// A product of one 16-bit row (little-endian bytes) with an f32 vector.
+type RowDot = fn(&[u8], &[f32]) -> f32;
 
 /// f32 values in one widened tile of the batch product (256 kB).
 const BATCH_TILE_FLOATS: usize = 1 << 16;

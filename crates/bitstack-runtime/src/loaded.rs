@@ -1,7 +1,7 @@
 //! A budget loaded into owned memory, resizable while in use.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bitstack_bits::{Parallelism, Simd};
@@ -83,10 +83,23 @@ pub enum DecodeTables {
     /// elsewhere the f32 tables (the portable 8-bit version would be slower).
     #[default]
     Int8,
+    /// 8-bit `z` multiplied on the AMX tile unit ([`bitstack_bits::lowrank_matvec_add_i8`]:
+    /// one scale per 256 columns and rank index, error bounded by half a step per column)
+    /// where the CPU has AMX-INT8 (Intel from Sapphire Rapids, Linux), rows are whole bytes
+    /// of signs and every block has `k ≥ 8` (a tile product always computes 16 rank
+    /// indices: at `k = 2` it was 1.6× slower than the tables); elsewhere as
+    /// [`DecodeTables::Int8`]. On one thread it is about twice
+    /// as fast as the 8-bit tables; on the 2-vCPU machine measured, the tile unit did not
+    /// run faster on two threads, where the tables caught up (docs/NOTES.md), so it is not
+    /// the default.
+    Int8Tiles,
     /// f32 table entries ([`bitstack_bits::lowrank_matvec_add`]): the exact product up to
     /// f32 rounding.
     F32,
 }
+
+/// The smallest rank for which [`DecodeTables::Int8Tiles`] uses the tile unit.
+const TILE_MIN_RANK: usize = 8;
 
 /// Cumulative counters of a [`LoadedStack`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,8 +131,8 @@ pub struct LoadedStack {
     bytes_read: AtomicU64,
     bytes_freed: AtomicU64,
     resident: AtomicU64,
-    /// [`DecodeTables::F32`] is set.
-    f32_tables: AtomicBool,
+    /// The [`DecodeTables`] setting (its discriminant).
+    decode_tables: AtomicU8,
 }
 
 impl LoadedStack {
@@ -185,7 +198,7 @@ impl LoadedStack {
             bytes_read: AtomicU64::new(0),
             bytes_freed: AtomicU64::new(0),
             resident: AtomicU64::new(0),
-            f32_tables: AtomicBool::new(false),
+            decode_tables: AtomicU8::new(DecodeTables::Int8 as u8),
         };
         stack.apply(plan)?;
         Ok(stack)
@@ -355,7 +368,14 @@ impl LoadedStack {
             }
         }
         if !lowrank.is_empty() {
-            if self.decode_tables() == DecodeTables::Int8
+            let tables = self.decode_tables();
+            if tables == DecodeTables::Int8Tiles
+                && cols % 8 == 0
+                && lowrank.iter().all(|b| b.k >= TILE_MIN_RANK)
+                && bitstack_bits::lowrank_i8_accelerated(Simd::Auto)
+            {
+                bitstack_bits::lowrank_matvec_add_i8(&lowrank, x, y, Parallelism::Auto, Simd::Auto);
+            } else if tables != DecodeTables::F32
                 && bitstack_bits::lowrank_q8_vectorized(Simd::Auto)
             {
                 bitstack_bits::lowrank_matvec_add_q8(&lowrank, x, y, Parallelism::Auto, Simd::Auto);
@@ -371,18 +391,17 @@ impl LoadedStack {
 
     /// How [`LoadedStack::matvec`] multiplies AVD blocks (default [`DecodeTables::Int8`]).
     pub fn decode_tables(&self) -> DecodeTables {
-        if self.f32_tables.load(Ordering::Relaxed) {
-            DecodeTables::F32
-        } else {
-            DecodeTables::Int8
+        match self.decode_tables.load(Ordering::Relaxed) {
+            x if x == DecodeTables::F32 as u8 => DecodeTables::F32,
+            x if x == DecodeTables::Int8Tiles as u8 => DecodeTables::Int8Tiles,
+            _ => DecodeTables::Int8,
         }
     }
 
     /// Chooses how [`LoadedStack::matvec`] multiplies AVD blocks, e.g. [`DecodeTables::F32`]
     /// for products exact to f32 rounding. Takes effect with the next product.
     pub fn set_decode_tables(&self, tables: DecodeTables) {
-        self.f32_tables
-            .store(tables == DecodeTables::F32, Ordering::Relaxed);
+        self.decode_tables.store(tables as u8, Ordering::Relaxed);
     }
 
     /// Writes row `row` of `Ŵ` of matrix `m` into `out` (e.g. one token's embedding).

@@ -439,12 +439,28 @@ proptest::proptest! {
         let w = stack.reconstruct_f32(0);
         let mut y = vec![f32::NAN; rows];
         stack.set_decode_tables(DecodeTables::F32);
+        proptest::prop_assert_eq!(stack.decode_tables(), DecodeTables::F32);
         stack.matvec(0, &x, &mut y);
         let mut y8 = vec![f32::NAN; rows];
-        stack.set_decode_tables(DecodeTables::Int8);
+        stack.set_decode_tables(DecodeTables::Int8Tiles);
+        proptest::prop_assert_eq!(stack.decode_tables(), DecodeTables::Int8Tiles);
         stack.matvec(0, &x, &mut y8);
+        let mut yt = vec![f32::NAN; rows];
+        stack.set_decode_tables(DecodeTables::Int8);
+        proptest::prop_assert_eq!(stack.decode_tables(), DecodeTables::Int8);
+        stack.matvec(0, &x, &mut yt);
         let refs: Vec<_> = made.iter().map(|b| b.as_lowrank()).collect();
-        let bounds = bitstack_bits::lowrank_q8_error_bounds(&refs, &x);
+        // `Int8Tiles` runs the tile kernel where AMX is present (whole bytes of signs per
+        // row, k ≥ 8), else the 8-bit tables.
+        let tiles = cols % 8 == 0
+            && k >= 8
+            && bitstack_bits::lowrank_i8_accelerated(bitstack_bits::Simd::Auto);
+        let bounds = if tiles {
+            bitstack_bits::lowrank_i8_error_bounds(&refs, &x)
+        } else {
+            bitstack_bits::lowrank_q8_error_bounds(&refs, &x)
+        };
+        let table_bounds = bitstack_bits::lowrank_q8_error_bounds(&refs, &x);
         for r in 0..rows {
             let want: f32 = (0..cols).map(|c| w[r * cols + c] * x[c]).sum();
             let scale: f32 = made
@@ -471,9 +487,16 @@ proptest::proptest! {
             let tol8 = bounds[r] as f32 + tol;
             proptest::prop_assert!(
                 (y8[r] - want).abs() <= tol8,
-                "8-bit tables, {rows}x{cols} k={k} {blocks} blocks, row {r}: {} vs {want} \
-                 (tol {tol8})",
+                "8-bit tiles (AMX: {tiles}), {rows}x{cols} k={k} {blocks} blocks, row {r}: \
+                 {} vs {want} (tol {tol8})",
                 y8[r]
+            );
+            let tolt = table_bounds[r] as f32 + tol;
+            proptest::prop_assert!(
+                (yt[r] - want).abs() <= tolt,
+                "8-bit tables, {rows}x{cols} k={k} {blocks} blocks, row {r}: {} vs {want} \
+                 (tol {tolt})",
+                yt[r]
             );
         }
     }

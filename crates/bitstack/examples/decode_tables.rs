@@ -1,5 +1,5 @@
 //! Decode-path perplexity (one token at a time, the packed products of every matrix) of a
-//! stack with 8-bit and with f32 decode tables, side by side:
+//! stack with f32 decode tables, 8-bit tables and 8-bit `z` on AMX tiles, side by side:
 //! `cargo run --release -p bitstack --example decode_tables -- FILE MODEL_DIR TEXT [BUDGET] [TOKENS]`
 //! (BUDGET in bytes, default the whole stack; TOKENS default 256).
 
@@ -26,7 +26,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ids = tokenizer.encode(&std::fs::read_to_string(text)?)?;
     let ids = &ids[..ids.len().min(tokens + 1)];
     let mut results = Vec::new();
-    for tables in [DecodeTables::F32, DecodeTables::Int8] {
+    for tables in [
+        DecodeTables::F32,
+        DecodeTables::Int8,
+        DecodeTables::Int8Tiles,
+    ] {
         stack.set_decode_tables(tables);
         let mut cache = model.new_cache();
         let (mut nll, mut logits_all) = (0.0f64, Vec::new());
@@ -40,22 +44,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let ppl = (nll / (ids.len() - 1) as f64).exp();
         results.push((tables, ppl, logits_all));
     }
-    let (exact, q8) = (&results[0], &results[1]);
-    let (mut diff, mut norm) = (0.0f64, 0.0f64);
-    for (a, b) in exact.2.iter().zip(&q8.2) {
-        for (x, y) in a.iter().zip(b) {
-            diff += f64::from(x - y).powi(2);
-            norm += f64::from(*x).powi(2);
+    let exact = &results[0];
+    for (other, what) in results[1..]
+        .iter()
+        .zip(["8-bit tables", "8-bit tiles (AMX where present)"])
+    {
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
+        for (a, b) in exact.2.iter().zip(&other.2) {
+            for (x, y) in a.iter().zip(b) {
+                diff += f64::from(x - y).powi(2);
+                norm += f64::from(*x).powi(2);
+            }
         }
+        println!(
+            "{} tokens one at a time: ppl {:.4} (f32 tables) vs {:.4} ({what}), ratio {:.5}; \
+             logits relative RMS difference {:.2e}",
+            ids.len() - 1,
+            exact.1,
+            other.1,
+            other.1 / exact.1,
+            (diff / norm).sqrt()
+        );
     }
-    println!(
-        "{} tokens one at a time: ppl {:.4} (f32 tables) vs {:.4} (8-bit tables), ratio {:.5}; \
-         logits relative RMS difference {:.2e}",
-        ids.len() - 1,
-        exact.1,
-        q8.1,
-        q8.1 / exact.1,
-        (diff / norm).sqrt()
-    );
     Ok(())
 }

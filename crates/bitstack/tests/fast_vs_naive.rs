@@ -64,33 +64,39 @@ fn small_llama_avd_fast_path_matches_the_naive_path() {
             assert!((x - y).abs() <= 1e-3 * scale, "{x} vs {y}");
         }
     }
-    // 8-bit tables: one token at a time over 128 tokens.
-    stack.set_decode_tables(DecodeTables::Int8);
-    let mut cache = fast.new_cache();
-    let mut naive_cache = naive.new_cache();
-    let (mut nll, mut naive_nll, mut diff, mut norm) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-    let log_prob = |logits: &[f32], next: u32| -> f64 {
-        let max = logits.iter().fold(f32::MIN, |a, &b| a.max(b));
-        let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
-        f64::from(logits[next as usize] - max) - sum.ln()
-    };
-    let tokens = &ids[..129];
-    for pair in tokens.windows(2) {
-        let a = fast.forward_next(pair[0], &mut cache).unwrap();
-        let b = naive.forward_next(pair[0], &mut naive_cache).unwrap();
-        nll -= log_prob(&a, pair[1]);
-        naive_nll -= log_prob(&b, pair[1]);
-        for (x, y) in a.iter().zip(&b) {
-            diff += f64::from(x - y).powi(2);
-            norm += f64::from(*y).powi(2);
+    // 8-bit products (tables; tiles where the CPU has AMX): one token at a time over 128
+    // tokens.
+    for (tables, what) in [
+        (DecodeTables::Int8, "8-bit tables"),
+        (DecodeTables::Int8Tiles, "8-bit tiles"),
+    ] {
+        stack.set_decode_tables(tables);
+        let mut cache = fast.new_cache();
+        let mut naive_cache = naive.new_cache();
+        let (mut nll, mut naive_nll, mut diff, mut norm) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        let log_prob = |logits: &[f32], next: u32| -> f64 {
+            let max = logits.iter().fold(f32::MIN, |a, &b| a.max(b));
+            let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+            f64::from(logits[next as usize] - max) - sum.ln()
+        };
+        let tokens = &ids[..129];
+        for pair in tokens.windows(2) {
+            let a = fast.forward_next(pair[0], &mut cache).unwrap();
+            let b = naive.forward_next(pair[0], &mut naive_cache).unwrap();
+            nll -= log_prob(&a, pair[1]);
+            naive_nll -= log_prob(&b, pair[1]);
+            for (x, y) in a.iter().zip(&b) {
+                diff += f64::from(x - y).powi(2);
+                norm += f64::from(*y).powi(2);
+            }
         }
+        let rms = (diff / norm).sqrt();
+        let ratio = ((nll - naive_nll) / 128.0).exp();
+        assert!(rms <= 3e-2, "{what}: logits differ by {rms} RMS");
+        assert!(
+            (ratio - 1.0).abs() <= 1e-2,
+            "{what}: decode-path perplexity ratio {ratio}"
+        );
+        eprintln!("{what}: logits RMS difference {rms:.2e}, perplexity ratio {ratio:.5}");
     }
-    let rms = (diff / norm).sqrt();
-    let ratio = ((nll - naive_nll) / 128.0).exp();
-    assert!(rms <= 3e-2, "8-bit tables: logits differ by {rms} RMS");
-    assert!(
-        (ratio - 1.0).abs() <= 1e-2,
-        "8-bit tables: decode-path perplexity ratio {ratio}"
-    );
-    eprintln!("8-bit tables: logits RMS difference {rms:.2e}, perplexity ratio {ratio:.5}");
 }

@@ -1,0 +1,162 @@
+//! The 8-bit-`z` decode kernel (`lowrank_matvec_add_i8`): the tile (AMX) version against the
+//! portable one (exactly equal, on one thread and on several: same rounding, same integer
+//! sums, same f32 operations in the same order), and both against the exact product computed
+//! in f64 (within the rounding bound `lowrank_i8_error_bounds`, plus f32 rounding of the
+//! sums: `1e-5 · Σ|u|·Σ|v·x|`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bitstack_bits::{
+    lowrank_i8_accelerated, lowrank_i8_error_bounds, lowrank_matvec_add_i8, LowRankRef,
+    Parallelism, SignMatrix, Simd,
+};
+use half::f16;
+use proptest::prelude::*;
+
+/// One random block: signs, `u` (`m × k`), `v` (`k × n`) as f16.
+type Parts = (SignMatrix, Vec<f16>, Vec<f16>, usize);
+
+fn block(m: usize, n: usize, k: usize, seed: u64) -> Parts {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
+    };
+    let signs: Vec<f32> = (0..m * n).map(|_| next()).collect();
+    let s = SignMatrix::from_signs_of(&signs, m, n).unwrap();
+    // Magnitudes over several orders, as in trained factors.
+    let u = (0..m * k)
+        .map(|i| f16::from_f32(next() * (1.0 + (i % 7) as f32)))
+        .collect();
+    let v = (0..k * n)
+        .map(|i| f16::from_f32(next() * 0.1 * (1.0 + (i % 5) as f32)))
+        .collect();
+    (s, u, v, k)
+}
+
+fn refs(parts: &[Parts]) -> Vec<LowRankRef<'_>> {
+    parts
+        .iter()
+        .map(|(s, u, v, k)| LowRankRef {
+            signs: s.as_view(),
+            u,
+            v,
+            k: *k,
+        })
+        .collect()
+}
+
+/// The exact product in f64 and the f32-rounding slack of each row.
+fn exact(parts: &[Parts], x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
+    let n = x.len();
+    let mut y = vec![0.0f64; m];
+    let mut slack = vec![0.0f64; m];
+    for (s, u, v, k) in parts {
+        let s = s.as_view();
+        for r in 0..m {
+            for j in 0..*k {
+                let uj = f64::from(u[r * k + j].to_f32());
+                let (mut dot, mut mag) = (0.0f64, 0.0f64);
+                for c in 0..n {
+                    let t = f64::from(v[j * n + c].to_f32()) * f64::from(x[c]);
+                    dot += f64::from(s.sign(r, c)) * t;
+                    mag += t.abs();
+                }
+                y[r] += uj * dot;
+                slack[r] += 1e-5 * uj.abs() * mag;
+            }
+        }
+    }
+    (y, slack)
+}
+
+fn check(parts: &[Parts], x: &[f32], m: usize) -> Result<(), TestCaseError> {
+    let blocks = refs(parts);
+    let (want, slack) = exact(parts, x, m);
+    let run = |par, simd| {
+        let mut y = vec![0.25f32; m];
+        lowrank_matvec_add_i8(&blocks, x, &mut y, par, simd);
+        y
+    };
+    let portable = run(Parallelism::Sequential, Simd::Portable);
+    let bounds = lowrank_i8_error_bounds(&blocks, x);
+    for r in 0..m {
+        let bound = bounds[r] + slack[r] + 1e-6;
+        let err = (f64::from(portable[r]) - 0.25 - want[r]).abs();
+        prop_assert!(err <= bound, "row {r}: error {err} over the bound {bound}");
+    }
+    for simd in Simd::ALL {
+        for par in [Parallelism::Sequential, Parallelism::Auto] {
+            let same = run(par, simd);
+            prop_assert_eq!(&same, &portable, "{:?}, {:?}", simd, par);
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Random shapes (columns not a multiple of 8, 16 or 256; rows not of 16), `k` from 1 to
+    /// 32, 1 to 16 blocks of different `k`.
+    #[test]
+    fn i8_matches_portable_and_stays_within_its_bound(
+        m in 1usize..80,
+        n in 1usize..700,
+        ks in prop::collection::vec(1usize..=32, 1..=16),
+        seed in any::<u64>(),
+    ) {
+        let parts: Vec<Parts> = ks
+            .iter()
+            .enumerate()
+            .map(|(b, &k)| block(m, n, k, seed ^ (b as u64 * 7919)))
+            .collect();
+        let x: Vec<f32> = block(1, n, 1, seed ^ 5).2.iter().map(|h| h.to_f32()).collect();
+        check(&parts, &x, m)?;
+    }
+}
+
+/// Shapes large enough for several threads and chunks (rows not a multiple of 32, columns
+/// of 64 or not, ranks over 16: two passes), with zero and tiny columns in `x`.
+#[test]
+fn i8_large_shapes_and_threads() {
+    for (m, n, k) in [
+        (300, 1040, 16),
+        (520, 200, 8),
+        (64, 2048, 32),
+        (100, 512, 20),
+    ] {
+        let parts = vec![block(m, n, k, 1), block(m, n, k, 2)];
+        let mut x: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        x[..n / 5].iter_mut().for_each(|v| *v = 0.0);
+        x[n / 2] = 1e-30;
+        check(&parts, &x, m).unwrap();
+    }
+}
+
+/// A non-finite input gives a non-finite output, as the exact product does.
+#[test]
+fn i8_propagates_nan() {
+    let parts = vec![block(20, 300, 4, 3)];
+    let mut x = vec![0.5f32; 300];
+    x[7] = f32::NAN;
+    for simd in [Simd::Auto, Simd::Portable] {
+        let mut y = vec![0.0f32; 20];
+        lowrank_matvec_add_i8(&refs(&parts), &x, &mut y, Parallelism::Sequential, simd);
+        assert!(y.iter().all(|v| v.is_nan()), "{simd:?}: {y:?}");
+    }
+}
+
+/// Reports (in the test output) which version ran, so a CI log shows whether the
+/// tile version was checked.
+#[test]
+fn i8_reports_its_version() {
+    eprintln!(
+        "tile (AMX) i8 kernel: {}",
+        lowrank_i8_accelerated(Simd::Auto)
+    );
+}
