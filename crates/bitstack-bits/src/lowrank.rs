@@ -202,6 +202,28 @@ fn with_buffers<R>(f: impl FnOnce(&mut Buffers) -> R) -> R {
     with_scratch(&BUFFERS, f)
 }
 
+/// Checks that block `i` is `m × n` with factors of `m·k` and `k·n` values, and returns its
+/// multiply-adds `m·n·k` (saturating).
+///
+/// # Panics
+/// If it is not (the message names `kernel`, the block and the lengths).
+pub(crate) fn check_block(kernel: &str, i: usize, b: &LowRankRef<'_>, m: usize, n: usize) -> usize {
+    let k = b.k;
+    assert!(
+        b.signs.rows() == m
+            && b.signs.cols() == n
+            && Some(b.u.len()) == m.checked_mul(k)
+            && Some(b.v.len()) == n.checked_mul(k),
+        "{kernel}: block {i} is {}x{} with k = {k}, u of {} and v of {} values; x has {n} and \
+         y {m} values",
+        b.signs.rows(),
+        b.signs.cols(),
+        b.u.len(),
+        b.v.len()
+    );
+    m.saturating_mul(n).saturating_mul(k)
+}
+
 /// `y += Σ_b (S_b ⊙ (u_b v_b)) x` over `blocks`, all of `y.len()` rows and `x.len()` columns.
 ///
 /// # Panics
@@ -218,18 +240,7 @@ pub(crate) fn lowrank_matvec_add(
     let mut problems = Vec::with_capacity(blocks.len());
     for (i, b) in blocks.iter().enumerate() {
         let k = b.k;
-        assert!(
-            b.signs.rows() == m
-                && b.signs.cols() == n
-                && Some(b.u.len()) == m.checked_mul(k)
-                && Some(b.v.len()) == n.checked_mul(k),
-            "lowrank_matvec_add: block {i} is {}x{} with k = {k}, u of {} and v of {} values; \
-             x has {n} and y {m} values",
-            b.signs.rows(),
-            b.signs.cols(),
-            b.u.len(),
-            b.v.len()
-        );
+        check_block("lowrank_matvec_add", i, b, m, n);
         if m == 0 || n == 0 || k == 0 {
             continue;
         }

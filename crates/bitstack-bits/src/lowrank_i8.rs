@@ -163,20 +163,13 @@ pub(crate) fn matvec_add_i8(
     let (m, n) = (y.len(), x.len());
     let mut work = 0usize;
     for (i, b) in blocks.iter().enumerate() {
-        let k = b.k;
-        assert!(
-            b.signs.rows() == m
-                && b.signs.cols() == n
-                && Some(b.u.len()) == m.checked_mul(k)
-                && Some(b.v.len()) == n.checked_mul(k),
-            "lowrank_matvec_add_i8: block {i} is {}x{} with k = {k}, u of {} and v of {} \
-             values; x has {n} and y {m} values",
-            b.signs.rows(),
-            b.signs.cols(),
-            b.u.len(),
-            b.v.len()
-        );
-        work = work.saturating_add(m.saturating_mul(n).saturating_mul(k));
+        work = work.saturating_add(crate::lowrank::check_block(
+            "lowrank_matvec_add_i8",
+            i,
+            b,
+            m,
+            n,
+        ));
     }
     if m == 0 || n == 0 {
         return;

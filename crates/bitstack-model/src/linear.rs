@@ -582,51 +582,39 @@ mod tests {
             .collect()
     }
 
-    /// The f16 row product against a widen-then-multiply oracle in f64, at lengths that are
-    /// and are not multiples of 16.
+    /// The f16 and bf16 row products against a widen-then-multiply oracle in f64 (the `half`
+    /// crate's conversions), at lengths that are and are not multiples of 16.
     #[test]
-    fn f16_dot_matches_naive() {
-        for n in [0usize, 1, 15, 16, 17, 64, 200, 512] {
-            let w: Vec<half::f16> = pseudo(n, n as u64 + 3)
-                .into_iter()
-                .map(half::f16::from_f32)
-                .collect();
-            let bytes: Vec<u8> = w.iter().flat_map(|h| h.to_le_bytes()).collect();
-            let x = pseudo(n, 5);
-            let want: f64 = w
-                .iter()
-                .zip(&x)
-                .map(|(h, &xi)| f64::from(h.to_f32()) * f64::from(xi))
-                .sum();
-            let got = dot_f16(&bytes, &x);
-            assert!(
-                (f64::from(got) - want).abs() <= 1e-5 * (n.max(1) as f64),
-                "{n}: {got} vs {want}"
-            );
-        }
-    }
-
-    /// The bf16 row product against a widen-then-multiply oracle in f64 (the `half` crate's
-    /// conversion), at lengths that are and are not multiples of 16.
-    #[test]
-    fn bf16_dot_matches_naive() {
-        for n in [0usize, 1, 15, 16, 17, 64, 200, 512] {
-            let w: Vec<half::bf16> = pseudo(n, n as u64 + 11)
-                .into_iter()
-                .map(half::bf16::from_f32)
-                .collect();
-            let bytes: Vec<u8> = w.iter().flat_map(|h| h.to_le_bytes()).collect();
-            let x = pseudo(n, 9);
-            let want: f64 = w
-                .iter()
-                .zip(&x)
-                .map(|(h, &xi)| f64::from(h.to_f32()) * f64::from(xi))
-                .sum();
-            let got = dot_bf16(&bytes, &x);
-            assert!(
-                (f64::from(got) - want).abs() <= 1e-5 * (n.max(1) as f64),
-                "{n}: {got} vs {want}"
-            );
+    fn half_dots_match_naive() {
+        type Dot = fn(&[u8], &[f32]) -> f32;
+        for (name, dot) in [("f16", dot_f16 as Dot), ("bf16", dot_bf16)] {
+            for n in [0usize, 1, 15, 16, 17, 64, 200, 512] {
+                let v = pseudo(n, n as u64 + 3);
+                let (bytes, w): (Vec<u8>, Vec<f32>) = if name == "f16" {
+                    let h: Vec<half::f16> = v.into_iter().map(half::f16::from_f32).collect();
+                    (
+                        h.iter().flat_map(|h| h.to_le_bytes()).collect(),
+                        h.iter().map(|h| h.to_f32()).collect(),
+                    )
+                } else {
+                    let h: Vec<half::bf16> = v.into_iter().map(half::bf16::from_f32).collect();
+                    (
+                        h.iter().flat_map(|h| h.to_le_bytes()).collect(),
+                        h.iter().map(|h| h.to_f32()).collect(),
+                    )
+                };
+                let x = pseudo(n, 5);
+                let want: f64 = w
+                    .iter()
+                    .zip(&x)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum();
+                let got = dot(&bytes, &x);
+                assert!(
+                    (f64::from(got) - want).abs() <= 1e-5 * (n.max(1) as f64),
+                    "{name} {n}: {got} vs {want}"
+                );
+            }
         }
     }
 
