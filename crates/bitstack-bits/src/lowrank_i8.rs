@@ -280,11 +280,8 @@ pub(crate) fn error_bounds(blocks: &[LowRankRef<'_>], x: &[f32]) -> Vec<f64> {
     };
     let (m, n) = (first.signs.rows(), x.len());
     let mut bound = vec![0.0f64; m];
-    for b in blocks {
-        assert!(
-            b.signs.rows() == m && b.signs.cols() == n,
-            "lowrank_i8_error_bounds: blocks of different shapes"
-        );
+    for (i, b) in blocks.iter().enumerate() {
+        crate::lowrank::check_block("lowrank_i8_error_bounds", i, b, m, n);
         for p in 0..b.k.div_ceil(RANKS) {
             let (r0, kr) = (p * RANKS, (b.k - p * RANKS).min(RANKS));
             let pass = quantize(*b, r0, kr, x);

@@ -479,13 +479,7 @@ pub(crate) fn error_bounds(blocks: &[LowRankRef<'_>], x: &[f32]) -> Vec<f64> {
     let mut bounds = vec![0.0f64; m];
     for (i, b) in blocks.iter().enumerate() {
         let k = b.k;
-        assert!(
-            b.signs.rows() == m
-                && b.signs.cols() == n
-                && Some(b.u.len()) == m.checked_mul(k)
-                && Some(b.v.len()) == n.checked_mul(k),
-            "lowrank_q8_error_bounds: block {i} does not match the first block and x"
-        );
+        crate::lowrank::check_block("lowrank_q8_error_bounds", i, b, m, n);
         let mut z = vec![0.0f32; k * CHUNK_COLS];
         let mut per_j = vec![0.0f64; k];
         for c in 0..n.div_ceil(CHUNK_COLS) {

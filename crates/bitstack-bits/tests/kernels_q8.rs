@@ -11,7 +11,7 @@ use bitstack_bits::{
 use proptest::prelude::*;
 
 mod common;
-use common::{block, exact, refs, Parts};
+use common::{assert_nan_propagates, block, exact, refs, spread_x, Parts};
 
 fn check(parts: &[Parts], x: &[f32], m: usize) -> Result<(), TestCaseError> {
     let blocks = refs(parts);
@@ -75,26 +75,14 @@ proptest! {
 fn q8_large_shapes_and_threads() {
     for (m, n, k) in [(300, 1040, 16), (520, 200, 8), (64, 2048, 32)] {
         let parts = vec![block(m, n, k, 1), block(m, n, k, 2)];
-        let mut x: Vec<f32> = (0..n)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
-            .collect();
-        x[..n / 5].iter_mut().for_each(|v| *v = 0.0);
-        x[n / 2] = 1e-30;
-        check(&parts, &x, m).unwrap();
+        check(&parts, &spread_x(n), m).unwrap();
     }
 }
 
 /// A non-finite input gives a non-finite output, as the exact product does.
 #[test]
 fn q8_propagates_nan() {
-    let parts = vec![block(20, 300, 4, 3)];
-    let mut x = vec![0.5f32; 300];
-    x[7] = f32::NAN;
-    for simd in [Simd::Auto, Simd::Portable] {
-        let mut y = vec![0.0f32; 20];
-        lowrank_matvec_add_q8(&refs(&parts), &x, &mut y, Parallelism::Sequential, simd);
-        assert!(y.iter().all(|v| v.is_nan()), "{simd:?}: {y:?}");
-    }
+    assert_nan_propagates(lowrank_matvec_add_q8);
 }
 
 /// Reports (in the test output) which version ran, so a CI log shows whether the

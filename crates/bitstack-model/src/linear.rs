@@ -228,7 +228,7 @@ pub(crate) fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if dot_f16_available() {
         // SAFETY: AVX2, FMA and F16C were detected just above; the lengths match (asserted).
-        return unsafe { simd::dot_f16_avx2(w, x) };
+        return unsafe { simd::dot_half_avx2::<false>(w, x) };
     }
     w.chunks_exact(2)
         .zip(x)
@@ -237,17 +237,16 @@ pub(crate) fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
 }
 
 /// `w · x` for a row `w` of little-endian bf16 (`2·x.len()` bytes), widened in registers
-/// (a bf16 is the top half of an f32) where AVX2 and FMA are present, else one value at a
-/// time.
+/// (a bf16 is the top half of an f32) where [`dot_f16_available`], else one value at a time.
 ///
 /// # Panics
 /// If `w.len() != 2·x.len()`.
 pub(crate) fn dot_bf16(w: &[u8], x: &[f32]) -> f32 {
     assert_eq!(w.len(), 2 * x.len(), "dot_bf16: lengths differ");
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: AVX2 and FMA were detected just above; the lengths match (asserted).
-        return unsafe { simd::dot_bf16_avx2(w, x) };
+    if dot_f16_available() {
+        // SAFETY: AVX2, FMA and F16C were detected just above; the lengths match (asserted).
+        return unsafe { simd::dot_half_avx2::<true>(w, x) };
     }
     w.chunks_exact(2)
         .zip(x)
@@ -391,49 +390,17 @@ mod simd {
         total
     }
 
-    /// `w · x` with `w` little-endian f16 bytes, 16 values a step in two accumulators.
+    /// `w · x` with `w` little-endian 16-bit floats — bf16 (each the top half of an f32,
+    /// widened by a shift) if `BF16`, else f16 (widened by F16C) — 16 values a step in two
+    /// accumulators.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C; `w.len() == 2·x.len()`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_f16_avx2(w: &[u8], x: &[f32]) -> f32 {
-        use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm_loadu_si128};
-        let n = x.len().min(w.len() / 2);
-        let (pw, px) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let mut i = 0;
-        while i + 16 <= n {
-            for (j, aj) in acc.iter_mut().enumerate() {
-                // SAFETY: `i + 8j + 8 <= n`: 16 bytes of `w` at `2(i + 8j)` and 8 floats of
-                // `x` at `i + 8j` are within both slices.
-                unsafe {
-                    let h = _mm_loadu_si128(pw.add(2 * (i + 8 * j)).cast::<__m128i>());
-                    *aj = _mm256_fmadd_ps(
-                        _mm256_cvtph_ps(h),
-                        _mm256_loadu_ps(px.add(i + 8 * j)),
-                        *aj,
-                    );
-                }
-            }
-            i += 16;
-        }
-        let mut total = hsum(_mm256_add_ps(acc[0], acc[1]));
-        while i < n {
-            total += half::f16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32() * x[i];
-            i += 1;
-        }
-        total
-    }
-
-    /// `w · x` with `w` little-endian bf16 bytes (each the top half of an f32), 16 values a
-    /// step in two accumulators.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `w.len() == 2·x.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_bf16_avx2(w: &[u8], x: &[f32]) -> f32 {
+    pub(super) unsafe fn dot_half_avx2<const BF16: bool>(w: &[u8], x: &[f32]) -> f32 {
         use std::arch::x86_64::{
-            __m128i, _mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_slli_epi32, _mm_loadu_si128,
+            __m128i, _mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_cvtph_ps,
+            _mm256_slli_epi32, _mm_loadu_si128,
         };
         let n = x.len().min(w.len() / 2);
         let (pw, px) = (w.as_ptr(), x.as_ptr());
@@ -445,7 +412,11 @@ mod simd {
                 // `x` at `i + 8j` are within both slices.
                 unsafe {
                     let h = _mm_loadu_si128(pw.add(2 * (i + 8 * j)).cast::<__m128i>());
-                    let wf = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+                    let wf = if BF16 {
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+                    } else {
+                        _mm256_cvtph_ps(h)
+                    };
                     *aj = _mm256_fmadd_ps(wf, _mm256_loadu_ps(px.add(i + 8 * j)), *aj);
                 }
             }
@@ -453,7 +424,13 @@ mod simd {
         }
         let mut total = hsum(_mm256_add_ps(acc[0], acc[1]));
         while i < n {
-            total += super::bf16_le([w[2 * i], w[2 * i + 1]]) * x[i];
+            let b = [w[2 * i], w[2 * i + 1]];
+            let wi = if BF16 {
+                super::bf16_le(b)
+            } else {
+                half::f16::from_le_bytes(b).to_f32()
+            };
+            total += wi * x[i];
             i += 1;
         }
         total

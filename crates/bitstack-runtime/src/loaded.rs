@@ -88,10 +88,9 @@ pub enum DecodeTables {
     /// where the CPU has AMX-INT8 (Intel from Sapphire Rapids, Linux), rows are whole bytes
     /// of signs and every block has `k ≥ 8` (a tile product always computes 16 rank
     /// indices: at `k = 2` it was 1.6× slower than the tables); elsewhere as
-    /// [`DecodeTables::Int8`]. On one thread it is about twice
-    /// as fast as the 8-bit tables; on the 2-vCPU machine measured, the tile unit did not
-    /// run faster on two threads, where the tables caught up (docs/NOTES.md), so it is not
-    /// the default.
+    /// [`DecodeTables::Int8`]. On one thread it is about twice as fast as the 8-bit tables;
+    /// on the 2-vCPU machine measured it did not run faster on two threads, where the tables
+    /// caught up (docs/NOTES.md), so it is not the default.
     Int8Tiles,
     /// f32 table entries ([`bitstack_bits::lowrank_matvec_add`]): the exact product up to
     /// f32 rounding.

@@ -2,7 +2,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use bitstack_bits::{LowRankRef, SignMatrix};
+use bitstack_bits::{LowRankRef, Parallelism, SignMatrix, Simd};
 use half::f16;
 
 /// One random block: signs, `u` (`m × k`), `v` (`k × n`) as f16.
@@ -62,4 +62,29 @@ pub fn exact(parts: &[Parts], x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
         }
     }
     (y, slack)
+}
+
+/// A decode kernel's signature (`lowrank_matvec_add_q8`, `lowrank_matvec_add_i8`).
+pub type Kernel = fn(&[LowRankRef<'_>], &[f32], &mut [f32], Parallelism, Simd);
+
+/// An input of `n` values spread over [-2, 2], its first fifth zero and one tiny value.
+pub fn spread_x(n: usize) -> Vec<f32> {
+    let mut x: Vec<f32> = (0..n)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect();
+    x[..n / 5].iter_mut().for_each(|v| *v = 0.0);
+    x[n / 2] = 1e-30;
+    x
+}
+
+/// A non-finite input gives a non-finite output, as the exact product does.
+pub fn assert_nan_propagates(kernel: Kernel) {
+    let parts = vec![block(20, 300, 4, 3)];
+    let mut x = vec![0.5f32; 300];
+    x[7] = f32::NAN;
+    for simd in [Simd::Auto, Simd::Portable] {
+        let mut y = vec![0.0f32; 20];
+        kernel(&refs(&parts), &x, &mut y, Parallelism::Sequential, simd);
+        assert!(y.iter().all(|v| v.is_nan()), "{simd:?}: {y:?}");
+    }
 }
