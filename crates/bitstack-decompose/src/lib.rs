@@ -35,8 +35,10 @@
 //!
 //! Threads: large products and SVDs run on the current rayon pool (via faer's `Par::rayon`);
 //! run `decompose` inside `ThreadPool::install` to bound them. There are no feature flags.
+//!
+//! `unsafe` appears in one module only: the AVX-512 products of the randomized SVD.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod avd;
@@ -46,6 +48,7 @@ mod params;
 mod planes;
 mod planes_gptq;
 mod significance;
+mod skinny;
 mod svd;
 
 pub use avd::{decompose, decompose_with_significance, Decomposition};

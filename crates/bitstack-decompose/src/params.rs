@@ -40,9 +40,9 @@ impl SvdMethod {
     ///
     /// Measured (docs/NOTES.md, `examples/avd_quality.rs`, `bitstack bench --only avd`):
     /// on every small-llama matrix (raw, k = 4, 16 blocks) the error after 16 blocks is at most
-    /// 1.0092× [`SvdMethod::Exact`]'s (mean 1.002×; the per-matrix differences, of either
-    /// sign, are the greedy iteration's sensitivity to small perturbations), and 1.003× on the
-    /// bench's synthetic 512×512 matrix at k = 16 (the fast mode also carries the residual
+    /// 1.0096× [`SvdMethod::Exact`]'s (mean 1.002×; the per-matrix differences, of either
+    /// sign, are the greedy iteration's sensitivity to small perturbations), and 1.003–1.005×
+    /// on the bench's synthetic 512×512 matrices at k = 16 (the fast mode also carries the residual
     /// of the stored f16 blocks, the reference mode that of the f32 factors). At 14336×4096, k = 16 one block costs
     /// ~0.6× the previous default's (`oversample = 16`, `power_iters = 4`, cold start, no
     /// Krylov step: 10 products, max ratio 1.0086, mean 1.0013, synthetic 1.010).

@@ -1,0 +1,64 @@
+//! Time of the fast AVD on the bench's synthetic matrix, per block.
+//!
+//! `cargo run --release -p bitstack-decompose --example avd_time -- [ROWS COLS K NITER REPS]`
+//! (default 14336 4096 16 4 3) decomposes the matrix `REPS` times and prints seconds per
+//! block for each run and the relative error after the last block (a profile target).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Instant;
+
+use bitstack_decompose::{decompose, AvdParams, SvdMethod};
+
+/// The bench's synthetic matrix (crates/bitstack-cli/src/bench.rs `synthetic`).
+fn synthetic(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let scale: Vec<f32> = (0..cols).map(|j| (1.0 + j as f32).powf(-0.5)).collect();
+    let a: Vec<f32> = (0..rows * 8).map(|_| next()).collect();
+    let b: Vec<f32> = (0..8 * cols).map(|_| next()).collect();
+    let mut w = vec![0.0f32; rows * cols];
+    for i in 0..rows {
+        for j in 0..cols {
+            let g = next() + next() + next();
+            let low: f32 = (0..8).map(|r| a[i * 8 + r] * b[r * cols + j]).sum();
+            w[i * cols + j] = g * scale[j] + 0.05 * low;
+        }
+    }
+    w
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("numbers: ROWS COLS K NITER REPS"))
+        .collect();
+    let get = |i: usize, d: usize| args.get(i).copied().unwrap_or(d);
+    let (r, c, k, niter, reps) = (
+        get(0, 14336),
+        get(1, 4096),
+        get(2, 16),
+        get(3, 4),
+        get(4, 3),
+    );
+    let w = synthetic(r, c, (r * 31 + c) as u64);
+    let params = AvdParams {
+        k,
+        niter,
+        svd: SvdMethod::default(),
+        seed: 0,
+    };
+    for _ in 0..reps {
+        let t = Instant::now();
+        let d = decompose(&w, r, c, &params, None).unwrap();
+        let per = t.elapsed().as_secs_f64() / niter as f64;
+        println!(
+            "{r}x{c} k={k}: {per:.4} s per block, rel_err after {niter}: {:.6}",
+            d.rel_err[niter - 1]
+        );
+    }
+}
