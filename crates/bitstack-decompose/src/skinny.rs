@@ -48,6 +48,19 @@ pub(crate) fn accelerated() -> bool {
     }
 }
 
+/// `x` row-major, its rows padded with zeros to a multiple of `multiple` columns; and that
+/// padded width.
+fn padded_rows(x: MatRef<'_, f32>, multiple: usize) -> (Vec<f32>, usize) {
+    let width = x.ncols().div_ceil(multiple) * multiple;
+    let mut out = vec![0.0f32; x.nrows() * width];
+    for (i, row) in out.chunks_exact_mut(width).enumerate() {
+        for (c, v) in row[..x.ncols()].iter_mut().enumerate() {
+            *v = x[(i, c)];
+        }
+    }
+    (out, width)
+}
+
 /// `Y = A X` for the row-major `m × n` matrix `a` and `x` (`n × l`); `None` where
 /// [`accelerated`] is false.
 pub(crate) fn a_times(
@@ -64,14 +77,7 @@ pub(crate) fn a_times(
     if m == 0 || l == 0 {
         return Some(Mat::zeros(m, l));
     }
-    // X row-major with its rows padded to whole vectors (zeros).
-    let lp = l.div_ceil(16) * 16;
-    let mut xp = vec![0.0f32; n * lp];
-    for (j, row) in xp.chunks_exact_mut(lp).enumerate() {
-        for (c, v) in row[..l].iter_mut().enumerate() {
-            *v = x[(j, c)];
-        }
-    }
+    let (xp, lp) = padded_rows(x, 16);
     let mut y = vec![0.0f32; m * l];
     let task = |(t, yc): (usize, &mut [f32])| {
         let i0 = t * A_TASK_ROWS;
@@ -110,14 +116,7 @@ pub(crate) fn at_times(
     if n == 0 || w == 0 {
         return Some(Mat::zeros(n, w));
     }
-    // Q row-major with its rows padded to whole groups of 8 columns (zeros).
-    let wp = w.div_ceil(8) * 8;
-    let mut qp = vec![0.0f32; m * wp];
-    for (i, row) in qp.chunks_exact_mut(wp).enumerate() {
-        for (c, v) in row[..w].iter_mut().enumerate() {
-            *v = q[(i, c)];
-        }
-    }
+    let (qp, wp) = padded_rows(q, 8);
     let partial = |c: usize| {
         let r0 = c * AT_CHUNK;
         let rows = AT_CHUNK.min(m - r0);
@@ -237,64 +236,47 @@ mod avx512 {
         let mut g0 = 0;
         while g0 < l {
             let width = (l - g0).min(32);
-            let mut i = 0;
-            // SAFETY: every call below gets rows i.. of `a` and `y` that exist (i + tile
-            // rows ≤ rows), columns g0 .. g0 + 16·L of `x` that exist (g0 + 32 ≤ lp when
-            // width > 16, g0 + 16 ≤ lp otherwise), and masks its stores to `width` columns.
+            // SAFETY: columns g0 .. g0 + 16·L of `x` exist (g0 + 32 ≤ lp when width > 16,
+            // g0 + 16 ≤ lp otherwise); `rows_group` keeps to the rows and masks the stores.
             unsafe {
+                let (x0, y0) = (xp.add(g0), yp.add(g0));
                 if width > 16 {
-                    while i + R <= rows {
-                        tile::<R, 2>(
-                            ap.add(i * n),
-                            n,
-                            xp.add(g0),
-                            lp,
-                            yp.add(i * l + g0),
-                            l,
-                            width,
-                        );
-                        i += R;
-                    }
-                    while i < rows {
-                        tile::<1, 2>(
-                            ap.add(i * n),
-                            n,
-                            xp.add(g0),
-                            lp,
-                            yp.add(i * l + g0),
-                            l,
-                            width,
-                        );
-                        i += 1;
-                    }
+                    rows_group::<2>(ap, n, x0, lp, y0, l, width, rows);
                 } else {
-                    while i + R <= rows {
-                        tile::<R, 1>(
-                            ap.add(i * n),
-                            n,
-                            xp.add(g0),
-                            lp,
-                            yp.add(i * l + g0),
-                            l,
-                            width,
-                        );
-                        i += R;
-                    }
-                    while i < rows {
-                        tile::<1, 1>(
-                            ap.add(i * n),
-                            n,
-                            xp.add(g0),
-                            lp,
-                            yp.add(i * l + g0),
-                            l,
-                            width,
-                        );
-                        i += 1;
-                    }
+                    rows_group::<1>(ap, n, x0, lp, y0, l, width, rows);
                 }
             }
             g0 += 32;
+        }
+    }
+
+    /// All `rows` rows of one group of `16·L` columns: tiles of [`R`] rows, then single rows.
+    ///
+    /// # Safety
+    /// As [`tile`], for `rows` rows of `a` and `y`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_group<const L: usize>(
+        a: *const f32,
+        n: usize,
+        x: *const f32,
+        lp: usize,
+        y: *mut f32,
+        l: usize,
+        width: usize,
+        rows: usize,
+    ) {
+        let mut i = 0;
+        // SAFETY: rows i .. i + R (or i + 1) ≤ rows exist (the caller's contract).
+        unsafe {
+            while i + R <= rows {
+                tile::<R, L>(a.add(i * n), n, x, lp, y.add(i * l), l, width);
+                i += R;
+            }
+            while i < rows {
+                tile::<1, L>(a.add(i * n), n, x, lp, y.add(i * l), l, width);
+                i += 1;
+            }
         }
     }
 
