@@ -167,8 +167,8 @@ fn randomized(
         }
         Some(z0) => {
             // Q = orth([Q₀ Q₁ … Q_q]) (`krylov_basis`, else Householder: orthonormal even
-            // where the blocks are nearly dependent). Its first l columns span Q₀: Q[:, :l] = Q₀ T with
-            // T = Q₀ᵀ Q[:, :l] orthogonal, so Aᵀ Q[:, :l] = Z₀ T and the last product with
+            // where the blocks are nearly dependent). Its first l columns span Q₀:
+            // Q[:, :l] = Q₀ T with T = Q₀ᵀ Q[:, :l] orthogonal, so Aᵀ Q[:, :l] = Z₀ T and the last product with
             // Aᵀ has width q·l instead of (q + 1)·l.
             let w = (l * (later.len() + 1)).min(m.min(n));
             let mut blocks = Vec::with_capacity(later.len());
@@ -256,8 +256,8 @@ fn a_times(a: &[f32], at: MatRef<'_, f32>, x: MatRef<'_, f32>, par: Par) -> Mat<
 /// `z = Aᵀ q` for `at = Aᵀ` (`n × m`, column-major, the same data as the row-major `a`) and
 /// `q` (`m × w`): [`skinny::at_times`] where it runs, else faer.
 ///
-/// With faer: faer does not split the reduction over the long dimension `m` across threads (one thread
-/// does all the work); so the rows of `A` are cut into fixed chunks of [`AT_CHUNK`], whose
+/// faer does not split the reduction over the long dimension `m` across threads (one
+/// thread does all the work); so with faer the rows of `A` are cut into fixed chunks of [`AT_CHUNK`], whose
 /// partial products run in parallel and are added in chunk order. The chunking does not
 /// depend on the thread count, so neither does the result.
 fn at_times(a: &[f32], mut z: MatMut<'_, f32>, at: MatRef<'_, f32>, q: MatRef<'_, f32>, par: Par) {
