@@ -79,7 +79,8 @@ mod naive;
 struct ReadmeDoctests;
 
 pub use codes::{
-    codes_matvec_add, codes_rows_to_dense, codes_simd_available, CodeGrid, WeightedPlane,
+    codes_matvec_add, codes_matvec_add_q16, codes_q16_vectorized, codes_rows_to_dense,
+    codes_simd_available, quantize_x_q16, CodeGrid, WeightedPlane, Q16_SEGMENT,
 };
 pub use error::BitsError;
 pub use lowrank::{LowRankRef, Simd};

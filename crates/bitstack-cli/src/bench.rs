@@ -13,8 +13,8 @@ use bitstack::calibrate::CalibrationOptions;
 use bitstack::chain::ChainChoice;
 use bitstack::compress::{compress as run_compress, CompressOptions};
 use bitstack::decompose::{
-    decompose, decompose_planes, planes_matvec_add, AvdParams, PlaneBlock, PlaneParams, PlaneTable,
-    SvdMethod,
+    decompose, decompose_planes, planes_matvec_add, planes_matvec_add_q16, AvdParams, PlaneBlock,
+    PlaneParams, PlaneTable, SvdMethod,
 };
 use bitstack::engine::model_of;
 use bitstack::format::ContainerWriter;
@@ -58,6 +58,50 @@ pub struct BenchArgs {
 fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
     (0..reps.max(1))
         .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Bytes of the last-level cache (Linux sysfs; 64 MiB where it cannot be read).
+fn last_level_cache_bytes() -> usize {
+    let parse = |t: &str| -> Option<usize> {
+        let t = t.trim();
+        let (num, mult) = match t.strip_suffix('K') {
+            Some(n) => (n, 1 << 10),
+            None => match t.strip_suffix('M') {
+                Some(n) => (n, 1 << 20),
+                None => (t, 1),
+            },
+        };
+        num.parse::<usize>().ok().map(|n| n * mult)
+    };
+    (0..8)
+        .filter_map(|i| {
+            std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size"))
+                .ok()
+                .and_then(|t| parse(&t))
+        })
+        .max()
+        .unwrap_or(64 << 20)
+}
+
+/// Best wall time of `reps` runs of `f`, each run after `evict` has been read through, so
+/// that `f` finds its operands in main memory rather than in the caches: the situation of
+/// a model larger than the last-level cache, whose every matrix is read once per token.
+fn best_of_cold(reps: usize, evict: &mut [u64], mut f: impl FnMut()) -> f64 {
+    (0..reps.max(1))
+        .map(|rep| {
+            // Write every line (a read could leave clean copies that a non-inclusive L3
+            // keeps); the sum keeps the pass from being optimized away.
+            let mut sum = 0u64;
+            for (i, v) in evict.iter_mut().enumerate().step_by(8) {
+                *v = v.wrapping_add(rep as u64 ^ i as u64);
+                sum = sum.wrapping_add(*v);
+            }
+            std::hint::black_box(sum);
             let t = Instant::now();
             f();
             t.elapsed().as_secs_f64()
@@ -210,7 +254,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let loaded = stack.plan().memory_bytes;
         let ours = model_of(&stack)?;
         let dense = CausalLm::load(&model_dir)?;
-        let t = decode_and_eval(&ours, &dense, Some(&stack), quick)?;
+        let t = decode_and_eval(&ours, &dense, Some(&stack), quick, true)?;
         rows.extend(t.rows(&format!("stack at {loaded} B")));
         keys.insert("stack_memory_bytes".into(), json!(loaded));
         keys.insert(
@@ -284,7 +328,18 @@ fn kernels(
     let mut decode_f32_tables = Vec::new();
     let mut decode_tiles: Vec<f64> = Vec::new();
     let mut planes_decode = Vec::new();
+    let mut planes_exact = Vec::new();
     let mut batch = Vec::new();
+    let mut cold = Vec::new();
+    // Twice the last-level cache, written between timed runs of the cold rows.
+    let mut evict = vec![
+        0u64;
+        if quick {
+            0
+        } else {
+            last_level_cache_bytes() / 4
+        }
+    ];
     for (r, c, w, stack) in stacks {
         let (r, c) = (*r, *c);
         note(&format!("decode and batch {r}x{c}"));
@@ -342,6 +397,23 @@ fn kernels(
                 unit: "s",
             });
         }
+        if !quick {
+            // The same two products with the caches evicted before each: the weights come
+            // from main memory, as a model larger than the cache reads them.
+            let dense_cold = best_of_cold(5, &mut evict, || matvec(w, r, c, &x, &mut y));
+            let ours_cold = best_of_cold(5, &mut evict, || stack.matvec(0, &x, &mut y));
+            cold.push(ours_cold / dense_cold);
+            keys.insert(
+                format!("dram_bandwidth_gb_s_{r}x{c}"),
+                json!((r * c * 4) as f64 / dense_cold / 1e9),
+            );
+            rows.push(Row {
+                what: format!("decode matvec {r}x{c}, {blocks} blocks, caches evicted"),
+                ours: ours_cold,
+                baseline: dense_cold,
+                unit: "s",
+            });
+        }
         decode_f32_tables.push(exact / dense);
         rows.push(Row {
             what: format!("decode matvec {r}x{c}, {blocks} blocks, f32 tables"),
@@ -363,21 +435,31 @@ fn kernels(
             };
             if let Ok(d) = decompose_planes(w, r, c, &params, None, None) {
                 let planes: Vec<&PlaneBlock> = d.blocks.iter().collect();
+                // As the runtime decodes (8-bit `x` where the CPU has VNNI and GFNI), and
+                // exactly, side by side.
                 let time = best_of(10, || {
+                    y.fill(0.0);
+                    let table = PlaneTable::new(&x, PLANE_GROUP);
+                    planes_matvec_add_q16(&planes, &table, &mut y);
+                });
+                let exact = best_of(10, || {
                     y.fill(0.0);
                     let table = PlaneTable::new(&x, PLANE_GROUP);
                     planes_matvec_add(&planes, &table, &mut y);
                 });
                 planes_decode.push(time / dense);
-                rows.push(Row {
-                    what: format!(
-                        "decode matvec {r}x{c}, {p} bit planes ({} B)",
-                        plane_bytes(p)
-                    ),
-                    ours: time,
-                    baseline: dense,
-                    unit: "s",
-                });
+                planes_exact.push(exact / dense);
+                for (what, t) in [("", time), (", exact x", exact)] {
+                    rows.push(Row {
+                        what: format!(
+                            "decode matvec {r}x{c}, {p} bit planes ({} B){what}",
+                            plane_bytes(p)
+                        ),
+                        ours: t,
+                        baseline: dense,
+                        unit: "s",
+                    });
+                }
             }
         }
         let tokens = if quick { 128 } else { 512 };
@@ -410,10 +492,24 @@ fn kernels(
         ]
         .into_iter()
         .zip(decode_f32_tables),
+    )
+    .chain(
+        [
+            "decode_vs_dense_f32_planes_exact",
+            "decode_vs_dense_f32_planes_exact_large",
+        ]
+        .into_iter()
+        .zip(planes_exact),
     ) {
         keys.insert(key.into(), json!(ratio));
     }
     keys.insert("batch_vs_dense_f32".into(), json!(batch[0]));
+    for (key, ratio) in ["decode_vs_dense_f32_cold", "decode_vs_dense_f32_cold_large"]
+        .into_iter()
+        .zip(cold)
+    {
+        keys.insert(key.into(), json!(ratio));
+    }
 }
 
 /// The model of the end-to-end and scorer rows: `--model`, else the bundled tiny model
@@ -465,6 +561,12 @@ fn e2e_group(
     }
     keys.insert("e2e_eval_ratio".into(), json!(paper_eval));
     keys.insert("e2e_best_decode_speedup".into(), json!(best_decode));
+    if let Some(tps) = e2e.best.decode_f32_tables {
+        keys.insert(
+            "e2e_best_decode_speedup_exact".into(),
+            json!(tps / e2e.best.decode.1),
+        );
+    }
     keys.insert("e2e_best_eval_ratio".into(), json!(best_eval));
     Ok(())
 }
@@ -635,7 +737,8 @@ fn print_results(as_json: bool, rows: &[Row], keys: &Map<String, Value>) -> Resu
 struct Throughput {
     decode: (f64, f64),
     eval: (f64, f64),
-    /// Decoding with f32 decode tables (paper mode), timed in turn with the two others.
+    /// Decoding with exact products (`DecodeTables::F32`: f32 tables for AVD blocks, f32
+    /// `x` for planes), timed in turn with the others.
     decode_f32_tables: Option<f64>,
     /// Decoding with 8-bit `z` on AMX tiles (paper mode, CPUs with AMX), timed likewise.
     decode_tiles: Option<f64>,
@@ -645,7 +748,7 @@ impl Throughput {
     /// The two table rows, labelled with `what` (the stack against the dense f32 model).
     fn rows(&self, what: &str) -> Vec<Row> {
         let exact = self.decode_f32_tables.map(|tps| Row {
-            what: format!("decode, {what}, f32 decode tables (tokens/s)"),
+            what: format!("decode, {what}, exact products (f32 tables, f32 x) (tokens/s)"),
             ours: tps,
             baseline: self.decode.1,
             unit: "tok/s",
@@ -686,6 +789,7 @@ fn decode_and_eval(
     dense: &CausalLm,
     stack: Option<&LoadedStack>,
     quick: bool,
+    tiles: bool,
 ) -> Result<Throughput> {
     let prompt: Vec<u32> = (1..9).collect();
     let new_tokens = if quick { 16 } else { 64 };
@@ -705,7 +809,7 @@ fn decode_and_eval(
     let mut decode = (0.0f64, 0.0f64);
     let mut decode_f32_tables = stack.map(|_| 0.0f64);
     let amx = bitstack::bits::lowrank_i8_accelerated(bitstack::bits::Simd::Auto);
-    let mut decode_tiles = stack.filter(|_| amx).map(|_| 0.0f64);
+    let mut decode_tiles = stack.filter(|_| amx && tiles).map(|_| 0.0f64);
     for _ in 0..3 {
         decode.0 = decode.0.max(gen(ours)?);
         decode.1 = decode.1.max(gen(dense)?);
@@ -762,7 +866,7 @@ fn end_to_end(dir: &Path, quick: bool) -> Result<(E2e, Vec<Row>)> {
         // The budget of 4 blocks per matrix: the whole paper-mode stack.
         let budget = file.layout().max_memory();
         let stack = Arc::new(LoadedStack::load(file, budget)?);
-        let paper = decode_and_eval(&model_of(&stack)?, &dense, Some(&stack), quick)?;
+        let paper = decode_and_eval(&model_of(&stack)?, &dense, Some(&stack), quick, true)?;
         drop(stack);
         // Best mode at the same budget (which planes are loaded at this budget does not
         // depend on the order: a quick data-free order and a few calibration windows).
@@ -793,7 +897,7 @@ fn end_to_end(dir: &Path, quick: bool) -> Result<(E2e, Vec<Row>)> {
             budget,
         )?);
         let loaded = stack.plan().memory_bytes;
-        let best = decode_and_eval(&model_of(&stack)?, &dense, None, quick)?;
+        let best = decode_and_eval(&model_of(&stack)?, &dense, Some(&stack), quick, false)?;
         let mut rows = paper.rows(&format!("paper mode, 4 blocks/matrix ({budget} B)"));
         rows.extend(best.rows(&format!("best mode at {budget} B ({loaded} B loaded)")));
         Ok((

@@ -56,9 +56,9 @@ pub use block::AvdBlock;
 pub use error::{DecomposeError, ExpectedLen};
 pub use params::{AvdParams, SvdMethod};
 pub use planes::{
-    decompose_planes, planes_matvec_add, planes_matvec_add_with, planes_rows_to_dense,
-    planes_rows_to_dense_with, PlaneBlock, PlaneDecomposition, PlaneGrid, PlaneParams, PlaneTable,
-    MAX_PLANES,
+    decompose_planes, planes_matvec_add, planes_matvec_add_q16, planes_matvec_add_with,
+    planes_rows_to_dense, planes_rows_to_dense_with, PlaneBlock, PlaneDecomposition, PlaneGrid,
+    PlaneParams, PlaneTable, MAX_PLANES,
 };
 pub use planes_gptq::{
     decompose_planes_compensated, decompose_planes_gptq, decompose_planes_with_factor,
