@@ -86,7 +86,9 @@ pub const Q16_SEGMENT: usize = 128;
 /// largest magnitude over 127): `x[c] ≈ d·(hi[c] + lo[c] / 254)`, `hi` the rounding of
 /// `x / d` and `lo` that of the residual in steps of `d / 254`, both within ±127. The error
 /// is at most about `d / 508` (about `1.6e-5` of the segment's largest magnitude, a little
-/// under 16 bits). A segment of zeros (or with a non-finite value) gets scale 0 and bytes 0.
+/// under 16 bits). A segment of zeros gets scale 0 and bytes 0; one with a NaN or an
+/// infinity gets scale NaN (and bytes 0), so that products with it are NaN, as exact ones
+/// would be.
 pub fn quantize_x_q16(x: &[f32]) -> (Vec<i8>, Vec<i8>, Vec<f32>) {
     let mut hi = vec![0i8; x.len()];
     let mut lo = vec![0i8; x.len()];
@@ -102,21 +104,20 @@ pub fn quantize_x_q16(x: &[f32]) -> (Vec<i8>, Vec<i8>, Vec<f32>) {
     (hi, lo, scales)
 }
 
-/// The scale of one segment of [`quantize_x_q16`]: its largest magnitude over 127, or 0.
+/// The scale of one segment of [`quantize_x_q16`]: its largest magnitude over 127, 0 for
+/// zeros, NaN if a value is not finite.
 fn q16_scale(xs: &[f32]) -> f32 {
-    let amax = xs.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    if amax > 0.0 && amax.is_finite() {
-        amax / 127.0
-    } else {
-        0.0
+    if !xs.iter().all(|v| v.is_finite()) {
+        return f32::NAN;
     }
+    xs.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0
 }
 
-/// The two bytes of each of `xs` at scale `d` (zeros where `d` is 0), rounded to nearest
+/// The two bytes of each of `xs` at scale `d` (zeros where `d` is 0 or NaN), rounded to nearest
 /// (ties to even, by adding and subtracting `1.5·2^23`: exact for these magnitudes, and no
 /// call to `roundf`).
 fn quantize_q16(xs: &[f32], d: f32, hi: &mut [i8], lo: &mut [i8]) {
-    if d == 0.0 {
+    if d == 0.0 || d.is_nan() {
         hi.fill(0);
         lo.fill(0);
         return;
@@ -2697,6 +2698,54 @@ mod tests {
                 let approx = f64::from(d[seg]) * (f64::from(hi[c]) + f64::from(lo[c]) / 254.0);
                 let err = (f64::from(v) - approx).abs();
                 prop_assert!(err <= f64::from(d[seg]) / 508.0 * 1.01 + 1e-30, "{} vs {}", v, approx);
+            }
+        }
+    }
+
+    /// A NaN or an infinity in `x` gives its segment scale NaN, and the two-byte product is
+    /// not finite where the exact one is not.
+    #[test]
+    fn q16_products_keep_non_finite_x() {
+        let weights: Vec<u8> = (0..8).map(|p| 128u8 >> p).collect();
+        let (planes, scales, _) = random_grid(4, 1024, 128, &weights, 9);
+        let refs: Vec<WeightedPlane<'_>> = planes
+            .iter()
+            .map(|(b, w)| WeightedPlane {
+                bits: b.as_view(),
+                weight: *w,
+            })
+            .collect();
+        let grid = CodeGrid {
+            group: 128,
+            scales: &scales,
+            offsets: None,
+            scale: 0.125,
+            shift: 0.0,
+        };
+        let (_, _, d) = quantize_x_q16(&[1.0, f32::NAN, 2.0, f32::INFINITY]);
+        assert!(d[0].is_nan());
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut x = pseudo(1024, 1);
+            x[300] = bad;
+            let (mut y, mut exact) = (vec![0.0f32; 4], vec![0.0f32; 4]);
+            codes_matvec_add_q16(
+                &refs,
+                &grid,
+                &x,
+                &mut y,
+                Parallelism::Sequential,
+                Simd::Auto,
+            );
+            codes_matvec_add(
+                &refs,
+                &grid,
+                &x,
+                &mut exact,
+                Parallelism::Sequential,
+                Simd::Auto,
+            );
+            for (a, b) in y.iter().zip(&exact) {
+                assert!(!a.is_finite() && !b.is_finite(), "{bad}: {a} vs {b}");
             }
         }
     }
