@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use bitstack_bits::Simd;
 use bitstack_decompose::{
-    decompose, decompose_planes, planes_matvec_add_with, planes_rows_to_dense_with, AvdParams,
-    PlaneBlock, PlaneParams, PlaneTable, SvdMethod,
+    decompose, decompose_planes, planes_matvec_add_q16, planes_matvec_add_with,
+    planes_rows_to_dense_with, AvdParams, PlaneBlock, PlaneParams, PlaneTable, SvdMethod,
 };
 use criterion::{criterion_group, Criterion};
 use rand::{Rng, SeedableRng};
@@ -137,7 +137,8 @@ fn exact_single_shot() {
 }
 
 /// Best mode's planes of a 4096² matrix (8 planes, groups of 128) through the runtime's
-/// paths: the one-token product (8-bit tables of `x`, the AVX-512 code kernel, the AVX2 one)
+/// paths: the one-token product (8-bit tables of `x`, the AVX-512 code kernel, the AVX2 one,
+/// and with `x` as two bytes: the VNNI code kernel where the CPU has it)
 /// and the batch tile rebuild (one plane at a time, or all planes as codes), whole matrix
 /// through one 256 kB tile.
 fn planes(c: &mut Criterion) {
@@ -160,6 +161,9 @@ fn planes(c: &mut Criterion) {
             b.iter(|| planes_matvec_add_with(&planes, &table, black_box(&mut y), simd))
         });
     }
+    g.bench_function("matvec_codes_q16", |b| {
+        b.iter(|| planes_matvec_add_q16(&planes, &table, black_box(&mut y)))
+    });
     let rows = (1 << 16) / n;
     let mut tile = vec![0.0f32; rows * n];
     g.bench_function("tiles_per_plane", |b| {
