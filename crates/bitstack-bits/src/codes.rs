@@ -65,13 +65,15 @@ pub fn codes_simd_available() -> bool {
     CodeKernel::choose(Simd::Auto) != CodeKernel::Portable
 }
 
-/// Whether [`codes_matvec_add_q16`] takes its integer path on this CPU (with
-/// [`Simd::Auto`]: AVX-512 F, BW, VL, VNNI and GFNI, for nested planes); elsewhere it is
+/// Whether [`codes_matvec_add_q16`] has an integer path on this CPU (with [`Simd::Auto`]:
+/// AVX-512 F, BW, VL, VNNI and GFNI, for nested planes; or AVX2 with GFNI and AVX-VNNI,
+/// for widths and groups of whole 32-column registers); elsewhere it is
 /// [`codes_matvec_add`].
 pub fn codes_q16_vectorized() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        kernel_has_vnni(CodeKernel::choose(Simd::Auto))
+        let kernel = CodeKernel::choose(Simd::Auto);
+        kernel_has_vnni(kernel) || q16_natural(kernel, 32, 32)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -132,12 +134,18 @@ fn quantize_q16(xs: &[f32], d: f32, hi: &mut [i8], lo: &mut [i8]) {
 }
 
 /// [`codes_matvec_add`] with `x` as two bytes ([`quantize_x_q16`]) in the sums of codes
-/// times `x`, where the CPU has AVX-512 VNNI and GFNI and the planes are nested (the path of
-/// `gf2p8affineqb`-built codes): two `vpdpbusd` multiply 64 codes with the 64 high and low
-/// bytes of `x` and add them in fours, instead of widening the codes to f32 for four
-/// multiply-adds (about twice as fast; products within ~1e-4 relative of the exact ones).
-/// The per-row constant `(s·shift + o)·Σx` and the last `cols % 512` columns use `x` as it
-/// is. Elsewhere it is exactly [`codes_matvec_add`] ([`codes_q16_vectorized`] tells).
+/// times `x`, products within ~1e-4 relative of the exact ones:
+/// - where the CPU has AVX-512 VNNI and GFNI and the planes are nested (the path of
+///   `gf2p8affineqb`-built codes), two `vpdpbusd` multiply 64 codes with the 64 high and
+///   low bytes of `x` and add them in fours, instead of widening the codes to f32 for four
+///   multiply-adds (1.6–2.6× faster at 4096² and 1536×512, 8 planes); the last
+///   `cols % 512` columns use `x` as it is;
+/// - with AVX2, GFNI and AVX-VNNI (e.g. Intel from Alder Lake) the same with 32
+///   codes a `ymm` (1.3–1.45× faster than the AVX2 code kernel), for widths and groups of
+///   whole 32-column registers, the group dividing 128 or a multiple of it.
+///
+/// The per-row constant `(s·shift + o)·Σx` uses `x` as it is. Elsewhere it is exactly
+/// [`codes_matvec_add`] ([`codes_q16_vectorized`] tells).
 ///
 /// # Panics
 /// As [`codes_matvec_add`].
@@ -253,6 +261,8 @@ fn codes_matvec_add_impl(
     // Nested planes with GFNI build their codes in column order: `x` as it is.
     // With integer `x` the nested rows are faster than the masked adds at any number of
     // planes (their per-plane work was the widening to f32, which `vpdpbusd` replaces).
+    // The AVX2 rows with AVX-VNNI read `x` as two bytes in column order.
+    let natural_q16 = q16 && q16_natural(kernel, n, group);
     let q16 = q16 && kernel_has_vnni(kernel);
     let order = if !vector {
         XOrder::Natural
@@ -294,32 +304,14 @@ fn codes_matvec_add_impl(
             *d = x.get(column).copied().unwrap_or(0.0);
         }
     }
-    // The two-byte `x` of the nested rows' whole 512-column blocks, in their byte order:
-    // byte `64m + 4i + j` of a block is lane `i`'s byte `j` of register `m` (column
-    // `128·(i / 4) + 16·m + 4·(i % 4) + j`), what `vpdpbusd` pairs with the codes.
-    // (A 16-column piece `128l + 16m ..` of a block goes to bytes `64m + 16l ..`.)
-    let q16x = integer.then(|| {
-        let mut q = Q16X {
-            hi: vec![0; wide_end],
-            lo: vec![0; wide_end],
-            scales: x[..wide_end].chunks(Q16_SEGMENT).map(q16_scale).collect(),
-        };
-        for block in (0..wide_end).step_by(512) {
-            for l in 0..4 {
-                let d = q.scales[(block + 128 * l) / Q16_SEGMENT];
-                for m in 0..8 {
-                    let (from, to) = (block + 128 * l + 16 * m, block + 64 * m + 16 * l);
-                    quantize_q16(
-                        &x[from..from + 16],
-                        d,
-                        &mut q.hi[to..to + 16],
-                        &mut q.lo[to..to + 16],
-                    );
-                }
-            }
-        }
-        q
-    });
+    // The two-byte `x`: in column order for the AVX2 rows, in the nested registers' order
+    // for the AVX-512 ones.
+    let q16x = if natural_q16 {
+        let (hi, lo, scales) = quantize_x_q16(x);
+        Some(Q16X { hi, lo, scales })
+    } else {
+        integer.then(|| q16_nested(x, wide_end))
+    };
     let shape = Shape {
         n,
         group,
@@ -543,14 +535,62 @@ struct Shape {
     q16x: Option<Q16X>,
 }
 
-/// The two-byte `x` of [`codes_matvec_add_q16`]'s whole 512-column blocks.
+/// The two-byte `x` of [`codes_matvec_add_q16`]: every column in column order (the AVX2
+/// rows), or the whole 512-column blocks in the nested registers' order ([`q16_nested`]).
 struct Q16X {
-    /// The high bytes in the nested rows' byte order (see where it is built).
+    /// The high bytes.
     hi: Vec<i8>,
     /// The low bytes (steps of `scale / 254`), same order.
     lo: Vec<i8>,
     /// One scale per [`Q16_SEGMENT`] columns, in column order.
     scales: Vec<f32>,
+}
+
+/// `x`'s two-byte form for the AVX-512 nested rows' whole 512-column blocks (the first
+/// `wide_end` columns), in their byte order: byte `64m + 4i + j` of a block is lane `i`'s
+/// byte `j` of register `m` (column `128·(i / 4) + 16·m + 4·(i % 4) + j`), what `vpdpbusd`
+/// pairs with the codes; a 16-column piece `128l + 16m ..` of a block goes to bytes
+/// `64m + 16l ..`.
+fn q16_nested(x: &[f32], wide_end: usize) -> Q16X {
+    let mut q = Q16X {
+        hi: vec![0; wide_end],
+        lo: vec![0; wide_end],
+        scales: x[..wide_end].chunks(Q16_SEGMENT).map(q16_scale).collect(),
+    };
+    for block in (0..wide_end).step_by(512) {
+        for l in 0..4 {
+            let d = q.scales[(block + 128 * l) / Q16_SEGMENT];
+            for m in 0..8 {
+                let (from, to) = (block + 128 * l + 16 * m, block + 64 * m + 16 * l);
+                quantize_q16(
+                    &x[from..from + 16],
+                    d,
+                    &mut q.hi[to..to + 16],
+                    &mut q.lo[to..to + 16],
+                );
+            }
+        }
+    }
+    q
+}
+
+/// Whether the AVX2 rows take `x` as two bytes ([`codes_matvec_add_q16`]): with GFNI and
+/// AVX-VNNI, rows of whole 32-column registers and groups of whole registers that stay in
+/// one 128-column segment of `x`'s scales (or cover whole segments).
+fn q16_natural(kernel: CodeKernel, n: usize, group: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        kernel == CodeKernel::Avx2 { gfni: true }
+            && std::arch::is_x86_feature_detected!("avxvnni")
+            && n.is_multiple_of(32)
+            && group.is_multiple_of(32)
+            && (Q16_SEGMENT.is_multiple_of(group) || group.is_multiple_of(Q16_SEGMENT))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (kernel, n, group);
+        false
+    }
 }
 
 /// Whether the chosen kernel is AVX-512 with GFNI on a CPU with VNNI.
@@ -1697,7 +1737,9 @@ mod avx2 {
 
     use half::f16;
 
-    use super::{row_constant, widen_f16, CodeGrid, Shape, WeightedPlane};
+    use std::arch::x86_64::_mm256_dpbusd_avx_epi32;
+
+    use super::{row_constant, widen_f16, CodeGrid, Shape, WeightedPlane, Q16X};
 
     /// The byte shuffle that spreads byte `i / 8` of a broadcast 32-bit word to lane `i`,
     /// and the bit each lane keeps (`128 >> (i % 8)`: the first column is the MSB).
@@ -2104,6 +2146,18 @@ mod avx2 {
             x,
             row0,
         };
+        if let Some(q16x) = &shape.q16x {
+            assert!(
+                q16x.hi.len() == shape.n
+                    && q16x.lo.len() == shape.n
+                    && q16x.scales.len() == shape.n.div_ceil(super::Q16_SEGMENT),
+                "codes: short two-byte x"
+            );
+            // SAFETY: `q16x` is built for these rows only where the CPU has GFNI and
+            // AVX-VNNI and the widths and group fit (`q16_natural`); AVX2, FMA and F16C
+            // were checked (`CodeKernel::choose`); the lengths are asserted.
+            return unsafe { rows_q16(&r, q16x, y) };
+        }
         // SAFETY: the caller checked AVX2, FMA and F16C, and GFNI if `gfni`
         // (`CodeKernel::choose`); the lengths are asserted.
         unsafe { rows_either(&r, y, gfni) }
@@ -2238,6 +2292,70 @@ mod avx2 {
                 let (sum, constant) = unsafe { (lane_sum(acc), row_constant(shape, &s[row], o)) };
                 *yr += shape.scale * sum + constant;
             }
+        }
+    }
+
+    /// [`rows_body`] with `x` as two bytes in column order ([`super::codes_matvec_add_q16`]):
+    /// per 32 codes (the row built ahead, or a chunk) two `vpdpbusd` with the high and low
+    /// bytes of `x` add four products into each 32-bit lane; the sums go to f32
+    /// (`hi + lo / 254`) and are scaled once per `min(group, 128)` columns by the group's
+    /// `s` times the segment's `x` scale.
+    ///
+    /// # Safety
+    /// AVX2, FMA, F16C, GFNI and AVX-VNNI must be available; the planes must hold the rows'
+    /// bytes, `q16x` `n` high and low bytes and a scale per 128 columns; `n` and the group
+    /// must be multiples of 32, the group dividing 128 or a multiple of it.
+    #[target_feature(enable = "avx2,fma,f16c,gfni,avxvnni")]
+    unsafe fn rows_q16(r: &Rows<'_>, q16x: &Q16X, y: &mut [f32]) {
+        let &Rows {
+            planes,
+            shape,
+            s,
+            o,
+            row0,
+            ..
+        } = r;
+        let (n, group, groups) = (shape.n, shape.group, shape.groups);
+        let bpr = n / 8;
+        let unit = group.min(super::Q16_SEGMENT);
+        // SAFETY: AVX2 is enabled on this function.
+        let builder = unsafe { Builder::new(planes, true) };
+        let mut codes = RowCodes::new(&builder, n);
+        let (hp, lp) = (q16x.hi.as_ptr(), q16x.lo.as_ptr());
+        let low_step = _mm256_set1_ps(1.0 / 254.0);
+        for (i, yr) in y.iter_mut().enumerate() {
+            let row_byte = (row0 + i) * bpr;
+            // SAFETY: the planes hold the rows' bytes (the caller's guarantee).
+            unsafe { codes.start_row::<true>(&builder, row_byte, n) };
+            let sr = &s[i * groups..(i + 1) * groups];
+            let mut acc = _mm256_setzero_ps();
+            let mut c0 = 0;
+            while c0 < n {
+                let c1 = (c0 + unit).min(n);
+                let (mut high, mut low) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                let mut c = c0;
+                while c < c1 {
+                    // SAFETY: `c + 32 <= n` (multiples of 32): the row's bytes and `x`'s.
+                    unsafe {
+                        let q = codes.get::<true>(&builder, row_byte, c, 32);
+                        high =
+                            _mm256_dpbusd_avx_epi32(high, q, _mm256_loadu_si256(hp.add(c).cast()));
+                        low = _mm256_dpbusd_avx_epi32(low, q, _mm256_loadu_si256(lp.add(c).cast()));
+                    }
+                    c += 32;
+                }
+                let dot =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(low), low_step, _mm256_cvtepi32_ps(high));
+                // SAFETY: F16C is enabled here.
+                let sg = unsafe { widen_f16(sr[c0 / group]) };
+                let scale = sg * q16x.scales[c0 / super::Q16_SEGMENT];
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), dot, acc);
+                c0 = c1;
+            }
+            let o = o.map(|o| &o[i * groups..(i + 1) * groups]);
+            // SAFETY: AVX2 and F16C are enabled here.
+            let (sum, constant) = unsafe { (lane_sum(acc), row_constant(shape, sr, o)) };
+            *yr += shape.scale * sum + constant;
         }
     }
 
@@ -2586,9 +2704,10 @@ mod tests {
     }
 
     /// [`codes_matvec_add_q16`] against the definition with `x` replaced, in the sums of
-    /// codes times `x` over whole 512-column blocks, by its two-byte form where the integer
-    /// path runs (nested planes the GFNI rows take, a CPU with VNNI), and by `x` itself
-    /// elsewhere (the exact kernel). Tolerance: f32 rounding of the sums, as in [`check`].
+    /// codes times `x`, by its two-byte form where an integer path runs (AVX-512: nested
+    /// planes the GFNI rows take, whole 512-column blocks; AVX2 with GFNI and AVX-VNNI:
+    /// widths and groups of whole 32-column registers), and by `x` itself elsewhere (the
+    /// exact kernel). Tolerance: f32 rounding of the sums, as in [`check`].
     fn check_q16(rows: usize, cols: usize, group: usize, weights: &[u8], seed: u64) {
         let (planes, scales, offsets) = random_grid(rows, cols, group, weights, seed);
         // A wide range of magnitudes, so that the low bytes matter: the two-byte `x` is
@@ -2605,53 +2724,66 @@ mod tests {
                 weight: *w,
             })
             .collect();
-        let integer = codes_q16_vectorized()
-            && nested_group(group)
-            && cols >= 512
-            && nested_weights(weights.iter().copied());
-        let wide_end = if integer { cols - cols % 512 } else { 0 };
-        let (hi, lo, d) = quantize_x_q16(&x[..wide_end]);
-        let x_codes: Vec<f64> = (0..cols)
-            .map(|c| {
-                if c < wide_end {
-                    f64::from(d[c / Q16_SEGMENT]) * (f64::from(hi[c]) + f64::from(lo[c]) / 254.0)
-                } else {
-                    f64::from(x[c])
-                }
-            })
-            .collect();
-        let groups = cols.div_ceil(group);
-        for offsets in [None, Some(&offsets[..])] {
-            let grid = CodeGrid {
-                group,
-                scales: &scales,
-                offsets,
-                scale: 0.125,
-                shift: -3.5,
+        // Both integer paths where the CPU has them: AVX-512 VNNI (nested planes, whole
+        // 512-column blocks) and AVX2 with AVX-VNNI (every column).
+        for simd in [Simd::Auto, Simd::Avx2Gfni] {
+            let kernel = CodeKernel::choose(simd);
+            let integer = if q16_natural(kernel, cols, group) {
+                cols
+            } else if kernel_has_vnni(kernel)
+                && nested_group(group)
+                && cols >= 512
+                && nested_weights(weights.iter().copied())
+            {
+                cols - cols % 512
+            } else {
+                0
             };
-            let mut y = vec![1.0f32; rows];
-            codes_matvec_add_q16(&refs, &grid, &x, &mut y, Parallelism::Auto, Simd::Auto);
-            for (r, &got) in y.iter().enumerate() {
-                let (mut want, mut mag) = (0.0f64, 0.0f64);
-                for c in 0..cols {
-                    let code: u32 = planes
-                        .iter()
-                        .filter(|(b, _)| b.as_view().get(r, c))
-                        .map(|&(_, w)| u32::from(w))
-                        .sum();
-                    let at = r * groups + c / group;
-                    let sg = f64::from(scales[at].to_f32());
-                    let og = offsets.map_or(0.0, |o| f64::from(o[at].to_f32()));
-                    let coded = sg * 0.125 * f64::from(code) * x_codes[c];
-                    let constant = (sg * -3.5 + og) * f64::from(x[c]);
-                    want += coded + constant;
-                    mag += coded.abs() + constant.abs();
+            let wide_end = integer;
+            let (hi, lo, d) = quantize_x_q16(&x[..wide_end]);
+            let x_codes: Vec<f64> = (0..cols)
+                .map(|c| {
+                    if c < wide_end {
+                        f64::from(d[c / Q16_SEGMENT])
+                            * (f64::from(hi[c]) + f64::from(lo[c]) / 254.0)
+                    } else {
+                        f64::from(x[c])
+                    }
+                })
+                .collect();
+            let groups = cols.div_ceil(group);
+            for offsets in [None, Some(&offsets[..])] {
+                let grid = CodeGrid {
+                    group,
+                    scales: &scales,
+                    offsets,
+                    scale: 0.125,
+                    shift: -3.5,
+                };
+                let mut y = vec![1.0f32; rows];
+                codes_matvec_add_q16(&refs, &grid, &x, &mut y, Parallelism::Auto, simd);
+                for (r, &got) in y.iter().enumerate() {
+                    let (mut want, mut mag) = (0.0f64, 0.0f64);
+                    for c in 0..cols {
+                        let code: u32 = planes
+                            .iter()
+                            .filter(|(b, _)| b.as_view().get(r, c))
+                            .map(|&(_, w)| u32::from(w))
+                            .sum();
+                        let at = r * groups + c / group;
+                        let sg = f64::from(scales[at].to_f32());
+                        let og = offsets.map_or(0.0, |o| f64::from(o[at].to_f32()));
+                        let coded = sg * 0.125 * f64::from(code) * x_codes[c];
+                        let constant = (sg * -3.5 + og) * f64::from(x[c]);
+                        want += coded + constant;
+                        mag += coded.abs() + constant.abs();
+                    }
+                    assert!(
+                        (f64::from(got) - 1.0 - want).abs() <= 1e-5 * mag + 1e-5,
+                        "{simd:?} row {r}: {got} vs {} (integer columns: {integer})",
+                        want + 1.0
+                    );
                 }
-                assert!(
-                    (f64::from(got) - 1.0 - want).abs() <= 1e-5 * mag + 1e-5,
-                    "row {r}: {got} vs {} (integer path: {integer})",
-                    want + 1.0
-                );
             }
         }
     }
@@ -2673,6 +2805,20 @@ mod tests {
         ) {
             let weights: Vec<u8> = exps[..planes].iter().map(|&e| 1u8 << e).collect();
             check_q16(rows, 8 * cols8, group, &weights, seed);
+        }
+
+        /// The two-byte product with any weights (the AVX2 rows build codes of any planes):
+        /// widths and groups of whole 32-column registers and not.
+        #[test]
+        fn q16_codes_with_any_weights_match_the_rounded_definition(
+            rows in 1usize..12,
+            cols32 in 1usize..40,
+            tail8 in 0usize..2,
+            group in prop::sample::select(vec![32usize, 64, 96, 128, 256]),
+            weights in prop::collection::vec(0u8..32, 1..9),
+            seed in any::<u64>(),
+        ) {
+            check_q16(rows, 32 * cols32 + 8 * tail8, group, &weights, seed);
         }
 
         /// The two-byte `x`: within `d / 508` of `x` (`d` the segment's largest magnitude

@@ -318,7 +318,7 @@ pub struct GenerateArgs {
     /// elsewhere), `int8-tiles` (8-bit `z` on the AMX tile unit where the CPU has it, for
     /// blocks of k ≥ 8: faster on one thread; `int8` elsewhere) or `f32` (exact to f32 rounding: the same samples on
     /// every CPU). Bit-plane (best mode) products take `x` as two bytes (within ~1e-4 of
-    /// the exact product, where the CPU has AVX-512 VNNI and GFNI) except with `f32`.
+    /// the exact product, where the CPU has VNNI and GFNI) except with `f32`.
     #[arg(long, value_enum, default_value_t = Tables::Int8)]
     pub decode_tables: Tables,
 }

@@ -382,9 +382,9 @@ pub fn planes_matvec_add(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f3
 
 /// [`planes_matvec_add`] with `x` as two bytes per value (one scale per 128 columns, error
 /// at most `1.6e-5` of a segment's largest magnitude) in the code kernel's integer sums,
-/// where the CPU has AVX-512 VNNI and GFNI ([`bitstack_bits::codes_matvec_add_q16`]): about
-/// twice as fast, products within ~1e-4 relative of the exact ones (the runtime's default
-/// for decoding). Elsewhere it is [`planes_matvec_add`].
+/// where the CPU has VNNI and GFNI with AVX-512 or AVX2
+/// ([`bitstack_bits::codes_matvec_add_q16`]): 1.3–2.6× faster, products within ~1e-4
+/// relative of the exact ones (the runtime's default for decoding). Elsewhere it is [`planes_matvec_add`].
 ///
 /// # Panics
 /// As [`planes_matvec_add`].

@@ -76,8 +76,8 @@ pub struct ResizeReport {
 /// How [`LoadedStack::matvec`] multiplies residual (AVD) blocks, and bit-plane blocks:
 /// every setting but [`DecodeTables::F32`] multiplies planes with
 /// [`bitstack_decompose::planes_matvec_add_q16`] (`x` as two bytes, one scale per 128
-/// columns, products within ~1e-4 relative of the exact ones, where the CPU has AVX-512
-/// VNNI and GFNI; elsewhere the exact product).
+/// columns, products within ~1e-4 relative of the exact ones, where the CPU has VNNI and
+/// GFNI with AVX-512 or AVX2; elsewhere the exact product).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum DecodeTables {
