@@ -1436,37 +1436,20 @@ mod avx512 {
         let wide_end = n - n % WIDE;
         // Registers whose lanes stay in one group (1, 2, 4 or 8).
         let span = group.min(128) / 16;
-        // The groups of the lanes of every run of `span` registers of a row, in order (the
-        // same for every row): lane `l` of register `m` holds columns `128·l + 16·m ..` of
-        // its block.
-        let flushes: Vec<[usize; 4]> = (0..wide_end)
-            .step_by(WIDE)
-            .flat_map(|block| {
-                (0..8)
-                    .step_by(span)
-                    .map(move |m| [0, 1, 2, 3].map(|l| (block + 128 * l + 16 * m) / group))
-            })
+        let flushes: Vec<[usize; 4]> = nested_flushes(wide_end, span)
+            .map(|first| first.map(|c| c / group))
             .collect();
         let weights: Vec<__m512i> = planes
             .iter()
             .map(|&(_, w)| _mm512_set1_epi8(w as i8))
             .collect();
         let low = _mm512_set1_epi32(0xff);
-        // Lane i of a scale vector: scale i / 4.
-        let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
         let xp = xr.as_ptr();
         for (i, yr) in y.iter_mut().enumerate() {
             let row_byte = (row0 + i) * bpr;
             let sr = &s[i * groups..(i + 1) * groups];
-            // The scales of the groups of one flush's lanes (`flushes`).
-            let lane_scales = |g: [usize; 4]| {
-                let bits = |l: usize| u64::from(sr[g[l]].to_bits());
-                let four = bits(0) | bits(1) << 16 | bits(2) << 32 | bits(3) << 48;
-                _mm512_permutexvar_ps(
-                    spread,
-                    _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128(four as i64))),
-                )
-            };
+            // SAFETY: F16C is enabled here; the flushes' groups are the row's.
+            let lane_scales = |g: [usize; 4]| unsafe { lane_scales(sr, g, group) };
             let mut flush = flushes.iter();
             let mut acc = _mm512_setzero_ps();
             let mut c = 0;
@@ -1539,21 +1522,77 @@ mod avx512 {
                 step!(7);
                 c += WIDE;
             }
-            // The rest (a group may start before `wide_end`).
+            let o = o.map(|o| &o[i * groups..(i + 1) * groups]);
+            // SAFETY: the features are enabled here; the planes hold the row's bytes and
+            // `xr` `n` rounded up to 64 floats.
+            *yr += unsafe { finish_nested_row(planes, &weights, shape, (sr, o), row_byte, acc) };
+        }
+    }
+
+    /// The first columns of the 4 lanes of every run of `span` registers of a nested row's
+    /// whole 512-column blocks, in order (the same for every row): lane `l` of register `m`
+    /// holds columns `128·l + 16·m ..` of its block.
+    fn nested_flushes(wide_end: usize, span: usize) -> impl Iterator<Item = [usize; 4]> {
+        (0..wide_end).step_by(WIDE).flat_map(move |block| {
+            (0..8)
+                .step_by(span)
+                .map(move |m| [0, 1, 2, 3].map(|l| block + 128 * l + 16 * m))
+        })
+    }
+
+    /// The scales `s[g[l]]` of one row, lane `i` holding that of `g[i / 4]` (the groups of
+    /// a flush's lanes; with groups of 128 they are consecutive: one 8-byte load).
+    ///
+    /// # Safety
+    /// Only from functions with AVX-512 F and F16C enabled (inlined into them).
+    #[inline(always)]
+    #[allow(unused_unsafe)] // the body is one unsafe block; the inner one keeps its note
+    unsafe fn lane_scales(s: &[f16], g: [usize; 4], group: usize) -> __m512 {
+        // SAFETY: inlined into functions with the features enabled.
+        unsafe {
+            let four = if group == 128 && g[0] + 4 <= s.len() {
+                // SAFETY: scales `g[0] .. g[0] + 4` exist (just checked).
+                unsafe { _mm_loadl_epi64(s.as_ptr().add(g[0]).cast()) }
+            } else {
+                let bits = |l: usize| u64::from(s[g[l]].to_bits());
+                _mm_cvtsi64_si128((bits(0) | bits(1) << 16 | bits(2) << 32 | bits(3) << 48) as i64)
+            };
+            let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+            _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(four)))
+        }
+    }
+
+    /// The end of a nested row: the groups after the whole 512-column blocks (masked adds,
+    /// `x` from `xr`; a group may start before them) added to `acc`, then
+    /// `scale · Σ acc + Σ_g (s·shift + o)·X_g`.
+    ///
+    /// # Safety
+    /// Only from functions with AVX-512 F and BW and F16C enabled (inlined into them);
+    /// every plane must hold the row's bytes from `row_byte`, `xr` `n` rounded up to 64.
+    #[inline(always)]
+    #[allow(unused_unsafe)] // the body is one unsafe block; the inner ones keep their notes
+    unsafe fn finish_nested_row(
+        planes: &[(&[u8], u8)],
+        weights: &[__m512i],
+        shape: &Shape,
+        (sr, o): (&[f16], Option<&[f16]>),
+        row_byte: usize,
+        mut acc: __m512,
+    ) -> f32 {
+        // SAFETY: inlined into functions with the features enabled.
+        unsafe {
+            let (n, group) = (shape.n, shape.group);
+            let wide_end = n - n % WIDE;
+            let xp = shape.xr().as_ptr();
             for (gi, sg) in sr.iter().enumerate().skip(wide_end / group) {
                 let c0 = (gi * group).max(wide_end);
                 let c1 = ((gi + 1) * group).min(n);
                 // SAFETY: the planes hold the row's bytes; `xr` holds `n` rounded up to 64.
-                let dot = unsafe { masked_dot(planes, &weights, row_byte, c0, c1, xp) };
-                // SAFETY: F16C is enabled here.
-                let sg = unsafe { widen_f16(*sg) };
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(sg), dot, acc);
+                let dot = unsafe { masked_dot(planes, weights, row_byte, c0, c1, xp) };
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(widen_f16(*sg)), dot, acc);
             }
-            let o = o.map(|o| &o[i * groups..(i + 1) * groups]);
-            // SAFETY: AVX-512 F and BW and F16C are enabled here.
-            let constant = unsafe { row_constant_lanes(shape, sr, o) };
-            let total = _mm512_fmadd_ps(_mm512_set1_ps(shape.scale), acc, constant);
-            *yr += _mm512_reduce_add_ps(total);
+            let constant = row_constant_lanes(shape, sr, o);
+            _mm512_reduce_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(shape.scale), acc, constant))
         }
     }
 
@@ -1628,11 +1667,8 @@ mod avx512 {
         let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
         // Per run of `span` registers: the groups of its 4 lanes, and (lane `i`) the `x`
         // scale of lane `i / 4`'s segment.
-        let flushes: Vec<([usize; 4], __m512)> = (0..wide_end)
-            .step_by(WIDE)
-            .flat_map(|block| (0..8).step_by(span).map(move |m| (block, m)))
-            .map(|(block, m)| {
-                let cols = [0, 1, 2, 3].map(|l| block + 128 * l + 16 * m);
+        let flushes: Vec<([usize; 4], __m512)> = nested_flushes(wide_end, span)
+            .map(|cols| {
                 let d = cols.map(|c| q16x.scales[c / super::Q16_SEGMENT]);
                 // SAFETY: `d` holds 4 floats.
                 let four = unsafe { _mm_loadu_ps(d.as_ptr()) };
@@ -1646,26 +1682,13 @@ mod avx512 {
             .iter()
             .map(|&(_, w)| _mm512_set1_epi8(w as i8))
             .collect();
-        let xp = xr.as_ptr();
         let (hp, lp) = (q16x.hi.as_ptr(), q16x.lo.as_ptr());
         let low_step = _mm512_set1_ps(1.0 / 254.0);
-        // Groups of 128: a flush's lanes are 4 consecutive groups, one 8-byte load.
-        let consecutive = group == 128;
         for (i, yr) in y.iter_mut().enumerate() {
             let row_byte = (row0 + i) * bpr;
             let sr = &s[i * groups..(i + 1) * groups];
-            let lane_scales = |g: [usize; 4]| {
-                let four = if consecutive {
-                    // SAFETY: groups `g[0] .. g[0] + 4` exist (the 4 lanes of a block).
-                    unsafe { _mm_loadl_epi64(sr.as_ptr().add(g[0]).cast()) }
-                } else {
-                    let bits = |l: usize| u64::from(sr[g[l]].to_bits());
-                    _mm_cvtsi64_si128(
-                        (bits(0) | bits(1) << 16 | bits(2) << 32 | bits(3) << 48) as i64,
-                    )
-                };
-                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(four)))
-            };
+            // SAFETY: F16C is enabled here; the flushes' groups are the row's.
+            let lane_scales = |g: [usize; 4]| unsafe { lane_scales(sr, g, group) };
             let mut flush = flushes.iter();
             let mut acc = _mm512_setzero_ps();
             let mut c = 0;
@@ -1719,20 +1742,10 @@ mod avx512 {
                 step!(7, odd);
                 c += WIDE;
             }
-            for (gi, sg) in sr.iter().enumerate().skip(wide_end / group) {
-                let c0 = (gi * group).max(wide_end);
-                let c1 = ((gi + 1) * group).min(n);
-                // SAFETY: the planes hold the row's bytes; `xr` holds `n` rounded up to 64.
-                let dot = unsafe { masked_dot(planes, &weights, row_byte, c0, c1, xp) };
-                // SAFETY: F16C is enabled here.
-                let sg = unsafe { widen_f16(*sg) };
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(sg), dot, acc);
-            }
             let o = o.map(|o| &o[i * groups..(i + 1) * groups]);
-            // SAFETY: AVX-512 F and BW and F16C are enabled here.
-            let constant = unsafe { row_constant_lanes(shape, sr, o) };
-            let total = _mm512_fmadd_ps(_mm512_set1_ps(shape.scale), acc, constant);
-            *yr += _mm512_reduce_add_ps(total);
+            // SAFETY: the features are enabled here; the planes hold the row's bytes and
+            // `xr` `n` rounded up to 64 floats.
+            *yr += unsafe { finish_nested_row(planes, &weights, shape, (sr, o), row_byte, acc) };
         }
     }
 }
