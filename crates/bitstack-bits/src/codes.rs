@@ -231,7 +231,7 @@ pub fn codes_matvec_add(
     codes_matvec_add_impl(planes, grid, x, y, par, simd, false);
 }
 
-/// [`codes_matvec_add`], with `x` as two bytes on the nested path where `q16`.
+/// [`codes_matvec_add`], with `x` as two bytes on an integer path where `q16`.
 fn codes_matvec_add_impl(
     planes: &[WeightedPlane<'_>],
     grid: &CodeGrid<'_>,
@@ -263,13 +263,13 @@ fn codes_matvec_add_impl(
     // planes (their per-plane work was the widening to f32, which `vpdpbusd` replaces).
     // The AVX2 rows with AVX-VNNI read `x` as two bytes in column order.
     let natural_q16 = q16 && q16_natural(kernel, n, group);
-    let q16 = q16 && kernel_has_vnni(kernel);
+    let nested_q16 = q16 && kernel_has_vnni(kernel);
     let order = if !vector {
         XOrder::Natural
     } else if gfni
         && nested_group(group)
         && n >= 512
-        && (q16 || planes.len() >= nested_min_planes(n))
+        && (nested_q16 || planes.len() >= nested_min_planes(n))
         && nested_weights(planes.iter().map(|p| p.weight))
     {
         XOrder::Nested
@@ -278,7 +278,7 @@ fn codes_matvec_add_impl(
     } else {
         XOrder::Lanes
     };
-    let integer = q16 && order == XOrder::Nested;
+    let integer = nested_q16 && order == XOrder::Nested;
     let wide_end = n - n % 512;
     let mut xr = Vec::new();
     if vector {
@@ -531,7 +531,7 @@ struct Shape {
     xr_at: usize,
     /// The order of `xr` (the vectorized rows' path).
     order: XOrder,
-    /// `x` as two bytes for the nested rows ([`codes_matvec_add_q16`]), or none.
+    /// `x` as two bytes for the integer rows ([`codes_matvec_add_q16`]), or none.
     q16x: Option<Q16X>,
 }
 

@@ -435,8 +435,8 @@ fn kernels(
             };
             if let Ok(d) = decompose_planes(w, r, c, &params, None, None) {
                 let planes: Vec<&PlaneBlock> = d.blocks.iter().collect();
-                // As the runtime decodes (8-bit `x` where the CPU has VNNI and GFNI), and
-                // exactly, side by side.
+                // As the runtime decodes (`x` as two bytes where the CPU has VNNI and
+                // GFNI), and exactly, side by side.
                 let time = best_of(10, || {
                     y.fill(0.0);
                     let table = PlaneTable::new(&x, PLANE_GROUP);

@@ -389,29 +389,7 @@ pub fn planes_matvec_add(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f3
 /// # Panics
 /// As [`planes_matvec_add`].
 pub fn planes_matvec_add_q16(planes: &[&PlaneBlock], table: &PlaneTable, y: &mut [f32]) {
-    let shared = planes
-        .first()
-        .is_some_and(|f| planes.iter().all(|p| Arc::ptr_eq(p.grid(), f.grid())));
-    if shared && table.cols.is_multiple_of(8) && bitstack_bits::codes_q16_vectorized() {
-        let first_grid = planes.first().map(|p| p.grid());
-        if let Some(grid) = first_grid {
-            assert_eq!(
-                table.cols, grid.cols,
-                "planes_matvec_add: table for another width"
-            );
-            assert_eq!(
-                table.group, grid.group,
-                "planes_matvec_add: table for another group"
-            );
-            assert_eq!(
-                y.len(),
-                grid.rows,
-                "planes_matvec_add: y has the wrong length"
-            );
-        }
-        return planes_as_codes(planes, table, y, Simd::Auto, true);
-    }
-    planes_matvec_add_with(planes, table, y, Simd::Auto);
+    planes_product(planes, table, y, Simd::Auto, true);
 }
 
 /// [`planes_matvec_add`] with the kernel chosen: [`Simd::Portable`] always takes the
@@ -425,6 +403,18 @@ pub fn planes_matvec_add_with(
     table: &PlaneTable,
     y: &mut [f32],
     simd: Simd,
+) {
+    planes_product(planes, table, y, simd, false);
+}
+
+/// [`planes_matvec_add_with`], the code kernel taking `x` as two bytes where `q16`
+/// ([`planes_matvec_add_q16`]).
+fn planes_product(
+    planes: &[&PlaneBlock],
+    table: &PlaneTable,
+    y: &mut [f32],
+    simd: Simd,
+    q16: bool,
 ) {
     let Some(first) = planes.first() else {
         return;
@@ -442,7 +432,7 @@ pub fn planes_matvec_add_with(
     assert_eq!(table.group, g, "planes_matvec_add: table for another group");
     assert_eq!(y.len(), m, "planes_matvec_add: y has the wrong length");
     if simd != Simd::Portable && bitstack_bits::codes_simd_available() {
-        return planes_as_codes(planes, table, y, simd, false);
+        return planes_as_codes(planes, table, y, simd, q16);
     }
     let groups = grid.groups();
     let with_mid = planes.iter().any(|p| p.plane == 0);
