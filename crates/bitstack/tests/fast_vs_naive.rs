@@ -60,16 +60,7 @@ fn small_llama_avd_fast_path_matches_the_naive_path() {
         "fast {fast_ppl} vs naive {naive_ppl}"
     );
     stack.set_decode_tables(DecodeTables::F32);
-    let mut cache = fast.new_cache();
-    let mut naive_cache = naive.new_cache();
-    for &t in &ids[..8] {
-        let a = fast.forward_next(t, &mut cache).unwrap();
-        let b = naive.forward_next(t, &mut naive_cache).unwrap();
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() <= 1e-3 * scale, "{x} vs {y}");
-        }
-    }
+    exact_decode_agrees(&fast, &naive, &ids[..8], "f32 tables");
     // 8-bit products (tables; tiles where the CPU has AMX): one token at a time over 128
     // tokens.
     for (tables, what) in [
@@ -78,6 +69,21 @@ fn small_llama_avd_fast_path_matches_the_naive_path() {
     ] {
         stack.set_decode_tables(tables);
         decode_agrees(&fast, &naive, &ids[..129], (3e-2, 1e-2), what);
+    }
+}
+
+/// One token at a time over `tokens` with exact products: every logit of the fast model
+/// within 1e-3 of the naive model's largest magnitude.
+fn exact_decode_agrees(fast: &CausalLm, naive: &CausalLm, tokens: &[u32], what: &str) {
+    let mut cache = fast.new_cache();
+    let mut naive_cache = naive.new_cache();
+    for &t in tokens {
+        let a = fast.forward_next(t, &mut cache).unwrap();
+        let b = naive.forward_next(t, &mut naive_cache).unwrap();
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-3 * scale, "{what}: {x} vs {y}");
+        }
     }
 }
 
@@ -161,16 +167,7 @@ fn small_llama_best_mode_decode_matches_the_naive_path() {
         let naive = dense_model(&stack);
         let ids = tokenizer_of(&stack).unwrap().encode(&text).unwrap();
         stack.set_decode_tables(DecodeTables::F32);
-        let mut cache = fast.new_cache();
-        let mut naive_cache = naive.new_cache();
-        for &t in &ids[..8] {
-            let a = fast.forward_next(t, &mut cache).unwrap();
-            let b = naive.forward_next(t, &mut naive_cache).unwrap();
-            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() <= 1e-3 * scale, "budget {budget}: {x} vs {y}");
-            }
-        }
+        exact_decode_agrees(&fast, &naive, &ids[..8], &format!("budget {budget}"));
         stack.set_decode_tables(DecodeTables::default());
         decode_agrees(
             &fast,
