@@ -272,15 +272,26 @@ fn inverse(s: f32) -> f32 {
     }
 }
 
-/// The tables and scales of one chunk: `tables[(j·QUADS + q)·64 + 16·g + e]` is entry `e` of
-/// group `g` of quad `q` (columns `16q + 4g..`) for rank index `j`.
+/// The tables and scales of one chunk: `tables[(j·QUADS + q)·64 + 16·m + e]` is entry `e`
+/// of slot `m` of quad `q` for rank index `j`. Quad `2p` holds the groups of the high
+/// halves of the row's sign bytes `4p..4p + 4` (columns `32p + 8m..32p + 8m + 4`), quad `2p +
+/// 1` those of the low halves (`32p + 8m + 4..32p + 8m + 8`): a lane of 4 bytes of a row
+/// then yields its quads' indices by a shift and a mask.
 #[allow(unsafe_code)]
 fn build_tables(z: &[f32], k: usize, tables: &mut [u8], scales: &mut [f32], vector: bool) {
-    for (j, (zj, s)) in z
+    let mut slots = [0.0f32; CHUNK_COLS];
+    for (j, (z_cols, s)) in z
         .chunks_exact(CHUNK_COLS)
         .zip(scales.iter_mut())
         .enumerate()
     {
+        // The groups in slot order: slot `4h + m` of span `p` is group `8p + 2m + h`.
+        for (o, slot) in slots.chunks_exact_mut(4).enumerate() {
+            let (p, h, m) = (o / 8, (o % 8) / 4, o % 4);
+            let g = 8 * p + 2 * m + h;
+            slot.copy_from_slice(&z_cols[4 * g..4 * g + 4]);
+        }
+        let zj = &slots[..];
         let tj = &mut tables[j * CHUNK_TABLE..(j + 1) * CHUNK_TABLE];
         #[cfg(target_arch = "x86_64")]
         if vector {
@@ -347,9 +358,11 @@ fn sweep(
             for (row, a) in bytes.chunks_exact(CHUNK_BYTES).zip(aj.iter_mut()) {
                 let mut sum = 0i32;
                 for (q, tq) in tj.chunks_exact(QUAD_TABLE).enumerate() {
-                    let (hi, lo) = (row[2 * q], row[2 * q + 1]);
-                    for (g, e) in [hi >> 4, hi & 15, lo >> 4, lo & 15].into_iter().enumerate() {
-                        sum += i32::from(tq[16 * g + usize::from(e)] as i8);
+                    // Quad 2p: the high halves of bytes 4p..4p + 4; quad 2p + 1: the low.
+                    let bytes = &row[4 * (q / 2)..4 * (q / 2) + 4];
+                    for (m, &byte) in bytes.iter().enumerate() {
+                        let e = if q % 2 == 0 { byte >> 4 } else { byte & 15 };
+                        sum += i32::from(tq[16 * m + usize::from(e)] as i8);
                     }
                 }
                 *a = (sum as f32).mul_add(s, *a);
@@ -541,10 +554,10 @@ mod avx512 {
         _mm512_cvtepi32_ps, _mm512_cvtph_ps, _mm512_cvtps_epi32, _mm512_dpbusd_epi32,
         _mm512_fmadd_ps, _mm512_inserti64x4, _mm512_load_si512, _mm512_loadu_ps,
         _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_max_ps,
-        _mm512_mul_ps, _mm512_multishift_epi64_epi8, _mm512_permute_ps, _mm512_permutex2var_epi64,
-        _mm512_permutexvar_epi8, _mm512_reduce_max_ps, _mm512_set1_epi32, _mm512_set1_epi64,
-        _mm512_set1_epi8, _mm512_set1_ps, _mm512_setr_epi64, _mm512_setr_ps, _mm512_setzero_ps,
-        _mm512_setzero_si512, _mm512_store_si512, _mm512_storeu_ps, _mm512_ternarylogic_epi32,
+        _mm512_mul_ps, _mm512_permute_ps, _mm512_permutex2var_epi64, _mm512_permutexvar_epi8,
+        _mm512_reduce_max_ps, _mm512_set1_epi32, _mm512_set1_epi8, _mm512_set1_ps,
+        _mm512_setr_epi64, _mm512_setr_ps, _mm512_setzero_ps, _mm512_setzero_si512,
+        _mm512_srli_epi32, _mm512_store_si512, _mm512_storeu_ps, _mm512_ternarylogic_epi32,
         _mm512_unpackhi_epi32, _mm512_unpackhi_epi64, _mm512_unpacklo_epi32, _mm512_unpacklo_epi64,
         _mm_storeu_si128, _CMP_LT_OQ,
     };
@@ -678,23 +691,16 @@ mod avx512 {
             let (e, pick) = if p < 4 { (p, first) } else { (p - 4, second) };
             _mm512_permutex2var_epi64(u[e], pick, u[4 + e])
         });
-        // Quad 2p's groups are the high and low half of a row's first byte (bits 4 and 0),
-        // then of the second (bits 12 and 8); quad 2p + 1's 16 bits further. A qword holds
-        // 2 rows.
-        let even = _mm512_set1_epi64(0x282C_2024_080C_0004);
-        let odd = _mm512_set1_epi64(0x383C_3034_181C_1014);
+        // Quad 2p's groups are the high halves of the row's 4 bytes, quad 2p + 1's the low
+        // halves (see [`super::build_tables`]): byte `m` of a lane indexes slot `m` of the
+        // quad's tables, so a shift and a mask make the indices, no byte shuffles.
         let low = _mm512_set1_epi8(0x0F);
         let group = _mm512_set1_epi32(0x3020_1000);
         let o = out.0.as_mut_ptr();
         for (p, &d) in d.iter().enumerate() {
-            // (half byte & 15) | group << 4: the `vpermb` index of its group's table.
-            let e = _mm512_ternarylogic_epi32::<0xEA>(
-                _mm512_multishift_epi64_epi8(even, d),
-                low,
-                group,
-            );
-            let f =
-                _mm512_ternarylogic_epi32::<0xEA>(_mm512_multishift_epi64_epi8(odd, d), low, group);
+            // (half byte & 15) | slot << 4: the `vpermb` index of its group's table.
+            let e = _mm512_ternarylogic_epi32::<0xEA>(_mm512_srli_epi32::<4>(d), low, group);
+            let f = _mm512_ternarylogic_epi32::<0xEA>(d, low, group);
             // SAFETY: `out` holds `QUADS` registers (aligned).
             unsafe {
                 _mm512_store_si512(o.add(128 * p).cast(), e);
