@@ -853,12 +853,9 @@ mod avx512 {
                 );
             }
         }
-        for (t, sums) in [a, b].iter().enumerate() {
-            for (j, &sum) in sums.iter().enumerate() {
-                // SAFETY: `acc` holds 16 floats at `(t·k + j0 + j)·16`.
-                unsafe { accumulate(&mut acc[(t * k + j0 + j) * TILE..], sum, scales[j0 + j]) };
-            }
-        }
+        let sums: [[__m512i; 2]; 8] = std::array::from_fn(|j| [a[j], b[j]]);
+        // SAFETY: the caller's.
+        unsafe { add_sums(&sums, scales, acc, j0) };
     }
 
     /// The lookups of `T` tiles for the rank indices `j0..j0 + J` over a chunk (see
@@ -895,6 +892,24 @@ mod avx512 {
                 }
             }
         }
+        // SAFETY: the caller's.
+        unsafe { add_sums(&sums, scales, acc, j0) };
+    }
+
+    /// `acc[(t·k + j0 + j)·16..][..16] += s_{j0 + j} · sums[j][t]`.
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`available`]; `acc` holds `T·k·16` floats, `k =
+    /// scales.len() >= j0 + J`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+    unsafe fn add_sums<const T: usize, const J: usize>(
+        sums: &[[__m512i; T]; J],
+        scales: &[f32],
+        acc: &mut [f32],
+        j0: usize,
+    ) {
+        let k = scales.len();
         for (j, sums_j) in sums.iter().enumerate() {
             for (t, &sum) in sums_j.iter().enumerate() {
                 // SAFETY: `acc` holds 16 floats at `(t·k + j0 + j)·16`.
