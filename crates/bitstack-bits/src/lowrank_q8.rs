@@ -188,7 +188,7 @@ fn run_share(
                 .zip(tables.chunks_exact_mut(k * CHUNK_TABLE))
                 .zip(scales.chunks_exact_mut(k))
             {
-                fill_z(b, x, c * CHUNK_COLS, z);
+                fill_z(b, x, c * CHUNK_COLS, z, vector);
                 build_tables(z, k, t, s, vector);
             }
             let block_rows = (ROW_BLOCK_ACC_BYTES / (4 * k * TILE)).max(1) * TILE;
@@ -209,17 +209,34 @@ fn run_share(
     });
 }
 
-/// `z[j·CHUNK_COLS + i] = v[j, col0 + i] · x[col0 + i]`, zero past the last column.
-fn fill_z(b: &LowRankRef<'_>, x: &[f32], col0: usize, z: &mut [f32]) {
+/// `z_j[i] = v[j, col0 + i] · x[col0 + i]` for the chunk's columns `i`, zero past the last
+/// column, stored in slot order (see [`build_tables`]): slot `4h + m` of the 32-column span
+/// `p` (floats `CHUNK_COLS·j + 32p + 4(4h + m)..`) holds group `8p + 2m + h`.
+#[allow(unsafe_code)]
+fn fill_z(b: &LowRankRef<'_>, x: &[f32], col0: usize, z: &mut [f32], vector: bool) {
     let n = x.len();
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: `vector` is only true where `avx512::available()` said so; `b.v` holds
+        // `k × n` values (checked by `check_block`), `z` `k·CHUNK_COLS`, `col0 < n`.
+        unsafe { avx512::fill_z(b.v, x, col0, b.k, z) };
+        return;
+    }
+    let _ = vector;
     let present = (n - col0).min(CHUNK_COLS);
     for (j, zj) in z.chunks_exact_mut(CHUNK_COLS).enumerate() {
-        let (live, rest) = zj.split_at_mut(present);
-        widen_into(&b.v[j * n + col0..j * n + col0 + present], live);
-        live.iter_mut()
-            .zip(&x[col0..col0 + present])
-            .for_each(|(v, &xc)| *v *= xc);
-        rest.fill(0.0);
+        for (o, slot) in zj.chunks_exact_mut(4).enumerate() {
+            let (p, h, m) = (o / 8, (o % 8) / 4, o % 4);
+            let g = 8 * p + 2 * m + h;
+            for (c, out) in slot.iter_mut().enumerate() {
+                let col = 4 * g + c;
+                *out = if col < present {
+                    b.v[j * n + col0 + col].to_f32() * x[col0 + col]
+                } else {
+                    0.0
+                };
+            }
+        }
     }
 }
 
@@ -279,19 +296,12 @@ fn inverse(s: f32) -> f32 {
 /// then yields its quads' indices by a shift and a mask.
 #[allow(unsafe_code)]
 fn build_tables(z: &[f32], k: usize, tables: &mut [u8], scales: &mut [f32], vector: bool) {
-    let mut slots = [0.0f32; CHUNK_COLS];
-    for (j, (z_cols, s)) in z
+    // `z` is in slot order already ([`fill_z`]).
+    for (j, (zj, s)) in z
         .chunks_exact(CHUNK_COLS)
         .zip(scales.iter_mut())
         .enumerate()
     {
-        // The groups in slot order: slot `4h + m` of span `p` is group `8p + 2m + h`.
-        for (o, slot) in slots.chunks_exact_mut(4).enumerate() {
-            let (p, h, m) = (o / 8, (o % 8) / 4, o % 4);
-            let g = 8 * p + 2 * m + h;
-            slot.copy_from_slice(&z_cols[4 * g..4 * g + 4]);
-        }
-        let zj = &slots[..];
         let tj = &mut tables[j * CHUNK_TABLE..(j + 1) * CHUNK_TABLE];
         #[cfg(target_arch = "x86_64")]
         if vector {
@@ -525,7 +535,7 @@ pub(crate) fn error_bounds(blocks: &[LowRankRef<'_>], x: &[f32]) -> Vec<f64> {
         let mut z = vec![0.0f32; k * CHUNK_COLS];
         let mut per_j = vec![0.0f64; k];
         for c in 0..n.div_ceil(CHUNK_COLS) {
-            fill_z(b, x, c * CHUNK_COLS, &mut z);
+            fill_z(b, x, c * CHUNK_COLS, &mut z, false);
             let groups = (n - c * CHUNK_COLS).min(CHUNK_COLS).div_ceil(4);
             for (zj, e) in z.chunks_exact(CHUNK_COLS).zip(per_j.iter_mut()) {
                 *e += groups as f64 * f64::from(scale_of(zj)) / 2.0;
@@ -557,9 +567,9 @@ mod avx512 {
         _mm512_mul_ps, _mm512_permute_ps, _mm512_permutex2var_epi64, _mm512_permutexvar_epi8,
         _mm512_reduce_max_ps, _mm512_set1_epi32, _mm512_set1_epi8, _mm512_set1_ps,
         _mm512_setr_epi64, _mm512_setr_ps, _mm512_setzero_ps, _mm512_setzero_si512,
-        _mm512_srli_epi32, _mm512_store_si512, _mm512_storeu_ps, _mm512_ternarylogic_epi32,
-        _mm512_unpackhi_epi32, _mm512_unpackhi_epi64, _mm512_unpacklo_epi32, _mm512_unpacklo_epi64,
-        _mm_storeu_si128, _CMP_LT_OQ,
+        _mm512_shuffle_f32x4, _mm512_srli_epi32, _mm512_store_si512, _mm512_storeu_ps,
+        _mm512_ternarylogic_epi32, _mm512_unpackhi_epi32, _mm512_unpackhi_epi64,
+        _mm512_unpacklo_epi32, _mm512_unpacklo_epi64, _mm_storeu_si128, _CMP_LT_OQ,
     };
 
     use super::{CHUNK_BYTES, CHUNK_COLS, CHUNK_TABLE, QUADS, QUAD_TABLE, TILE};
@@ -634,6 +644,47 @@ mod avx512 {
             unsafe { _mm_storeu_si128(tg.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q)) };
         }
         scale
+    }
+
+    /// [`super::fill_z`]: 16 columns of `v` widened and multiplied by `x` per register, the
+    /// groups of each 32-column span put in slot order by two 128-bit lane shuffles.
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`available`]; `v` holds `k × x.len()` values,
+    /// `col0 < x.len()`, `z` holds `k·CHUNK_COLS` floats.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+    pub(super) unsafe fn fill_z(v: &[half::f16], x: &[f32], col0: usize, k: usize, z: &mut [f32]) {
+        let n = x.len();
+        debug_assert!(v.len() >= k * n && col0 < n && z.len() >= k * CHUNK_COLS);
+        let present = (n - col0).min(CHUNK_COLS);
+        // Columns `c..c + 16` of `v` row `j` times `x` (zero past the present columns).
+        let product = |j: usize, c: usize| -> __m512 {
+            let width = present.saturating_sub(c).min(16);
+            if width == 0 {
+                return _mm512_setzero_ps();
+            }
+            let keep = (u32::MAX >> (32 - width)) as u16;
+            // SAFETY: `width` values at `col0 + c < n` of row `j` of `v` and of `x`; the
+            // masked lanes are not read.
+            unsafe {
+                let h = _mm256_maskz_loadu_epi16(keep, v.as_ptr().add(j * n + col0 + c).cast());
+                let xv = _mm512_maskz_loadu_ps(keep, x.as_ptr().add(col0 + c));
+                _mm512_mul_ps(_mm512_cvtph_ps(h), xv)
+            }
+        };
+        for (j, zj) in z.chunks_exact_mut(CHUNK_COLS).take(k).enumerate() {
+            for (p, span) in zj.chunks_exact_mut(32).enumerate() {
+                let (a, b) = (product(j, 32 * p), product(j, 32 * p + 16));
+                // Slots 0..4: groups 0, 2, 4, 6 (lanes 0 and 2 of each); 4..8: 1, 3, 5, 7.
+                let even = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+                let odd = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
+                // SAFETY: `span` holds 32 floats.
+                unsafe {
+                    _mm512_storeu_ps(span.as_mut_ptr(), even);
+                    _mm512_storeu_ps(span.as_mut_ptr().add(16), odd);
+                }
+            }
+        }
     }
 
     /// A tile's index bytes: for each quad, 16 rows × 4 groups (see [`step`]).
