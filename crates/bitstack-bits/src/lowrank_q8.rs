@@ -172,12 +172,12 @@ fn run_share(
 ) {
     with_buffers(|buf| {
         if let Some(b) = blocks.first() {
-            prefetch_share(b, (c0, c1), row0, y.len());
+            prefetch_v(b, (c0, c1));
         }
         for (i, b) in blocks.iter().enumerate() {
-            // The next block's factors (and small signs) come while this one computes.
+            // The next block's `v` comes while this one computes.
             if let Some(next) = blocks.get(i + 1) {
-                prefetch_share(next, (c0, c1), row0, y.len());
+                prefetch_v(next, (c0, c1));
             }
             let k = b.k;
             let count = c1 - c0;
@@ -237,17 +237,17 @@ fn prefetch_l2<T>(values: &[T]) {
     let _ = values;
 }
 
-/// Prefetches what a share of block `b` reads once (its columns of `v`, its rows of `u`):
-/// in a decode these are cold on every token, and for small matrices their reads were a
-/// large part of a product (small-llama paper mode: about 7 % more tokens/s with this; the
-/// signs are prefetched by the sweep, and prefetching them here too gained nothing).
-fn prefetch_share(b: &LowRankRef<'_>, (c0, c1): (usize, usize), row0: usize, rows: usize) {
-    let (n, k) = (b.signs.cols(), b.k);
+/// Prefetches the columns of `v` that a share of block `b` reads (for its tables) into L2.
+/// In a decode the factors are cold on every token, and for small matrices their reads were
+/// a large part of a product (small-llama paper mode: about 7 % more tokens/s with this and
+/// `u` prefetched a few tiles ahead in [`apply_u`]; the signs, prefetched by the sweep,
+/// gained nothing from being prefetched here too).
+fn prefetch_v(b: &LowRankRef<'_>, (c0, c1): (usize, usize)) {
+    let n = b.signs.cols();
     let (col0, col1) = (c0 * CHUNK_COLS, (c1 * CHUNK_COLS).min(n));
-    for j in 0..k {
+    for j in 0..b.k {
         prefetch_l2(&b.v[j * n + col0..j * n + col1]);
     }
-    prefetch_l2(&b.u[row0 * k..(row0 + rows) * k]);
 }
 
 /// `z_j[i] = v[j, col0 + i] · x[col0 + i]` for the chunk's columns `i`, zero past the last
@@ -540,6 +540,10 @@ fn apply_u(
         let row = first + t * TILE;
         let live = ys.len() * k;
         let u_half = &b.u[row * k..row * k + live];
+        // The factors of a tile further on (cold in a decode; see `prefetch_v`).
+        if let Some(ahead) = b.u.get((row + 4 * TILE) * k..) {
+            prefetch_l2(&ahead[..ahead.len().min(TILE * k)]);
+        }
         #[cfg(target_arch = "x86_64")]
         if vector {
             // SAFETY: as in `build_tables`; `tile_acc` holds `k·16` values, `u_half`
