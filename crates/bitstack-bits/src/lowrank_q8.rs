@@ -443,30 +443,16 @@ fn sweep_vector(
     let mut scratch = [[0u8; TILE * CHUNK_BYTES]; STEP_TILES];
     let mut idx = [[avx512::Indices::default(); STEP_TILES]; 2];
     // Makes the index bytes of the tiles `t..t + STEP_TILES` (those that exist) in `out`.
-    let mut prepare_from = |t: usize, out: &mut [avx512::Indices; STEP_TILES]| {
-        let [s0, s1] = &mut scratch;
-        let sources = [
-            (t < tiles).then(|| {
-                let tile_rows = rows.saturating_sub(t * TILE).min(TILE);
-                tile_source(b, c, first + t * TILE, tile_rows, in_place, s0)
-            }),
-            (t + 1 < tiles).then(|| {
-                let tile_rows = rows.saturating_sub((t + 1) * TILE).min(TILE);
-                tile_source(b, c, first + (t + 1) * TILE, tile_rows, in_place, s1)
-            }),
-        ];
-        for (source, o) in sources.into_iter().zip(out.iter_mut()) {
-            if let Some((src, stride)) = source {
-                // SAFETY: `vector` (the caller's) is only true where `avx512::available()`
-                // said so; `src` is as `tile_source` describes.
-                unsafe { avx512::prepare(src, stride, o) };
-            }
+    let mut prepare_from = |t0: usize, out: &mut [avx512::Indices; STEP_TILES]| {
+        for (t, (o, s)) in (t0..tiles).zip(out.iter_mut().zip(scratch.iter_mut())) {
+            let tile_rows = rows.saturating_sub(t * TILE).min(TILE);
+            let (src, stride) = tile_source(b, c, first + t * TILE, tile_rows, in_place, s);
+            // SAFETY: `vector` (the caller's) is only true where `avx512::available()` said
+            // so; `src` is as `tile_source` describes.
+            unsafe { avx512::prepare(src, stride, o) };
         }
     };
-    {
-        let (first_step, _) = idx.split_at_mut(1);
-        prepare_from(0, &mut first_step[0]);
-    }
+    prepare_from(0, &mut idx[0]);
     for (i, step_acc) in acc.chunks_mut(STEP_TILES * k * TILE).enumerate() {
         let (even, odd) = idx.split_at_mut(1);
         let (cur, next) = if i % 2 == 0 {
@@ -474,10 +460,7 @@ fn sweep_vector(
         } else {
             (&odd[0], &mut even[0])
         };
-        let t = (i + 1) * STEP_TILES;
-        if t < tiles {
-            prepare_from(t, next);
-        }
+        prepare_from((i + 1) * STEP_TILES, next);
         let live = step_acc.len() / (k * TILE);
         // SAFETY: as above; `cur` holds the index bytes of `live` tiles, `tables` `k`
         // chunk tables, `scales` `k` values and `step_acc` `live·k·16`.
