@@ -314,8 +314,10 @@ fn finite_scale(max: f32, finite: bool) -> f32 {
 /// The quantized entry `round(T[e] · inv)` (ties to even), `inv` = [`inverse`] of the scale.
 #[inline]
 fn quantize(zg: &[f32], e: usize, inv: f32) -> i8 {
-    let t = ((sign_in(e, 0) * zg[0] + sign_in(e, 1) * zg[1]) + sign_in(e, 2) * zg[2])
-        + sign_in(e, 3) * zg[3];
+    // The two pairs' sums first, as the vectorized build makes them (each ±z0 ± z1 with
+    // each ±z2 ± z3).
+    let t = (sign_in(e, 0) * zg[0] + sign_in(e, 1) * zg[1])
+        + (sign_in(e, 2) * zg[2] + sign_in(e, 3) * zg[3]);
     // In range by construction (|T| ≤ the largest group sum); the clamp guards the rounding.
     (t * inv).round_ties_even().clamp(-QMAX, QMAX) as i8
 }
@@ -588,16 +590,16 @@ pub(crate) fn error_bounds(blocks: &[LowRankRef<'_>], x: &[f32]) -> Vec<f64> {
 mod avx512 {
     use std::arch::x86_64::{
         __m512, __m512i, _mm256_loadu_si256, _mm256_maskz_loadu_epi16, _mm512_abs_ps,
-        _mm512_add_ps, _mm512_castsi256_si512, _mm512_cmp_ps_mask, _mm512_cvtepi32_epi8,
-        _mm512_cvtepi32_ps, _mm512_cvtph_ps, _mm512_cvtps_epi32, _mm512_dpbusd_epi32,
-        _mm512_fmadd_ps, _mm512_inserti64x4, _mm512_load_si512, _mm512_loadu_ps,
-        _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_max_ps,
-        _mm512_mul_ps, _mm512_permute_ps, _mm512_permutex2var_epi64, _mm512_permutexvar_epi8,
-        _mm512_reduce_max_ps, _mm512_set1_epi32, _mm512_set1_epi8, _mm512_set1_ps,
-        _mm512_setr_epi64, _mm512_setr_ps, _mm512_setzero_ps, _mm512_setzero_si512,
+        _mm512_add_ps, _mm512_castsi256_si512, _mm512_cmp_ps_mask, _mm512_cvtepi32_ps,
+        _mm512_cvtph_ps, _mm512_cvtps_epi32, _mm512_dpbusd_epi32, _mm512_fmadd_ps,
+        _mm512_inserti64x4, _mm512_load_si512, _mm512_loadu_ps, _mm512_loadu_si512,
+        _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_max_ps, _mm512_mul_ps,
+        _mm512_packs_epi16, _mm512_packs_epi32, _mm512_permute_ps, _mm512_permutex2var_epi64,
+        _mm512_permutexvar_epi8, _mm512_reduce_max_ps, _mm512_set1_epi32, _mm512_set1_epi8,
+        _mm512_set1_ps, _mm512_setr_epi64, _mm512_setr_ps, _mm512_setzero_ps, _mm512_setzero_si512,
         _mm512_shuffle_f32x4, _mm512_srli_epi32, _mm512_store_si512, _mm512_storeu_ps,
-        _mm512_ternarylogic_epi32, _mm512_unpackhi_epi32, _mm512_unpackhi_epi64,
-        _mm512_unpacklo_epi32, _mm512_unpacklo_epi64, _mm_storeu_si128, _CMP_LT_OQ,
+        _mm512_storeu_si512, _mm512_sub_ps, _mm512_ternarylogic_epi32, _mm512_unpackhi_epi32,
+        _mm512_unpackhi_epi64, _mm512_unpacklo_epi32, _mm512_unpacklo_epi64, _CMP_LT_OQ,
     };
 
     use super::{CHUNK_BYTES, CHUNK_COLS, CHUNK_TABLE, QUADS, QUAD_TABLE, TILE};
@@ -624,12 +626,6 @@ mod avx512 {
         }
     }
 
-    /// The 16 entries' signs of a group's column `b`, as in [`super::sign_in`].
-    #[inline(always)]
-    fn signs(b: usize) -> [f32; 16] {
-        std::array::from_fn(|e| super::sign_in(e, b))
-    }
-
     /// The tables of one chunk and rank index (see [`super::build_tables`]) and its scale,
     /// computed as [`super::scale_of`] and [`super::quantize`] do.
     ///
@@ -652,24 +648,43 @@ mod avx512 {
             max = _mm512_max_ps(max, _mm512_add_ps(pairs, _mm512_permute_ps::<0x4E>(pairs)));
         }
         let scale = super::finite_scale(_mm512_reduce_max_ps(max), finite == u16::MAX);
-        let p: [_; 4] = std::array::from_fn(|b| {
-            let s = signs(b);
-            _mm512_setr_ps(
-                s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], s[11], s[12],
-                s[13], s[14], s[15],
-            )
-        });
         let inv = _mm512_set1_ps(super::inverse(scale));
-        for (zg, tg) in zj.chunks_exact(4).zip(tj.chunks_exact_mut(16)) {
-            let t = _mm512_mul_ps(p[0], _mm512_set1_ps(zg[0]));
-            let t = _mm512_fmadd_ps(p[1], _mm512_set1_ps(zg[1]), t);
-            let t = _mm512_fmadd_ps(p[2], _mm512_set1_ps(zg[2]), t);
-            let t = _mm512_fmadd_ps(p[3], _mm512_set1_ps(zg[3]), t);
-            // In −127..=127: |T| is at most the largest group sum (NaN only with a NaN
-            // scale, whose product is NaN whatever the entries).
-            let q = _mm512_cvtps_epi32(_mm512_mul_ps(t, inv));
-            // SAFETY: `tg` holds 16 bytes (unaligned store).
-            unsafe { _mm_storeu_si128(tg.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q)) };
+        // Per 128-bit lane (one group, `z0..z3`): the 4 sums `±z2 ± z3` of entries `e & 3`
+        // = 0..3 and the 4 sums `±z0 ± z1` of `e >> 2`; entries `4i..4i + 4` are the latter's
+        // `i`-th plus the former (the signs of `sign_in`: a set bit is `+`). With the
+        // entries of `e >> 2` = 0..3 in `q[0..4]`, two 32 → 16-bit and one 16 → 8-bit packs
+        // put every lane's 16 entries in order.
+        let high = _mm512_setr_ps(
+            -1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0, 1.0,
+        );
+        let low = _mm512_setr_ps(
+            -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0,
+        );
+        for (zq, tq) in zj.chunks_exact(16).zip(tj.chunks_exact_mut(64)) {
+            // SAFETY: 16 floats (unaligned).
+            let z = unsafe { _mm512_loadu_ps(zq.as_ptr()) };
+            let (z0, z1) = (_mm512_permute_ps::<0x00>(z), _mm512_permute_ps::<0x55>(z));
+            let (z2, z3) = (_mm512_permute_ps::<0xAA>(z), _mm512_permute_ps::<0xFF>(z));
+            // ±z2 ± z3: both products exact, one rounding, as in `quantize`.
+            let pairs = _mm512_fmadd_ps(z2, high, _mm512_mul_ps(z3, low));
+            let (plus, minus) = (_mm512_add_ps(z0, z1), _mm512_sub_ps(z0, z1));
+            // `e >> 2` = 0: −z0 − z1; 1: −z0 + z1; 2: z0 − z1; 3: z0 + z1 (negation is exact
+            // and rounding symmetric, so `x − y` is `x + (−y)` bit for bit).
+            let q = [
+                _mm512_sub_ps(pairs, plus),
+                _mm512_sub_ps(pairs, minus),
+                _mm512_add_ps(pairs, minus),
+                _mm512_add_ps(pairs, plus),
+            ]
+            .map(|t| _mm512_cvtps_epi32(_mm512_mul_ps(t, inv)));
+            // In −127..=127 (|T| is at most the largest group sum), so the packs' saturation
+            // never acts (a NaN scale gives NaN sums, whatever the entries).
+            let bytes = _mm512_packs_epi16(
+                _mm512_packs_epi32(q[0], q[1]),
+                _mm512_packs_epi32(q[2], q[3]),
+            );
+            // SAFETY: `tq` holds 64 bytes (unaligned store).
+            unsafe { _mm512_storeu_si512(tq.as_mut_ptr().cast(), bytes) };
         }
         scale
     }
