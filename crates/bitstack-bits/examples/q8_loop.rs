@@ -1,7 +1,8 @@
-//! Times the decode kernel with f32 tables, with 8-bit tables and with 8-bit `z` (tile
-//! products where the CPU has AMX) on a random `rows × cols` matrix of 4 blocks (k = 16), on
-//! one thread and on the pool, alternately:
-//! `cargo run --release -p bitstack-bits --example q8_decode -- [rows] [cols]`.
+//! Runs the 8-bit-table decode kernel alone, many times, on a random `rows × cols` matrix of
+//! 4 blocks (k = 16), for profiling (`perf record`) and for comparing two builds:
+//! `cargo run --release -p bitstack-bits --example q8_loop -- [rows] [cols]`, on one thread,
+//! or on the pool with `PAR=1`; `REPS=N` products (default 20000). It runs on a thread of
+//! rayon's pool, as the CLI does, and prints the mean time of one product.
 
 use std::time::Instant;
 
