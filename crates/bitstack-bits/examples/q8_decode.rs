@@ -2,6 +2,10 @@
 //! products where the CPU has AMX) on a random `rows × cols` matrix of 4 blocks (k = 16), on
 //! one thread and on the pool, alternately:
 //! `cargo run --release -p bitstack-bits --example q8_decode -- [rows] [cols]`.
+//!
+//! With `LOOP=N` it instead runs only the 8-bit-table kernel, `N` times, on a thread of
+//! rayon's pool as the CLI does (on one thread, or split over the pool with `PAR=1`), and
+//! prints the mean time of one product: for `perf record` and for comparing two builds.
 
 use std::time::Instant;
 
@@ -48,6 +52,28 @@ fn main() {
         .collect();
     let x: Vec<f32> = (0..n).map(|_| next()).collect();
     let mut y = vec![0.0f32; m];
+    if let Some(reps) = std::env::var("LOOP")
+        .ok()
+        .and_then(|r| r.parse::<usize>().ok())
+    {
+        let par = if std::env::var_os("PAR").is_some() {
+            Parallelism::Auto
+        } else {
+            Parallelism::Sequential
+        };
+        let t = Instant::now();
+        rayon::scope(|_| {
+            for _ in 0..reps {
+                lowrank_matvec_add_q8(&blocks, &x, &mut y, par, Simd::Auto);
+            }
+        });
+        let each = t.elapsed().as_secs_f64() / reps.max(1) as f64;
+        println!(
+            "{m}x{n}, 4 blocks, k = {k}, {par:?}, 8-bit tables: {:.4} ms",
+            each * 1e3
+        );
+        return;
+    }
     let reps = 20;
     for par in [Parallelism::Sequential, Parallelism::Auto] {
         let (mut f32_best, mut q8_best, mut i8_best) = (f64::MAX, f64::MAX, f64::MAX);
