@@ -1,6 +1,7 @@
 //! Times the decode kernel with f32 tables, with 8-bit tables and with 8-bit `z` (tile
 //! products where the CPU has AMX) on a random `rows × cols` matrix of 4 blocks (k = 16), on
-//! one thread and on the pool, alternately:
+//! one thread and on the pool, alternately (signs in the runtime's strip layout; `ROWMAJOR=1`
+//! keeps them row-major):
 //! `cargo run --release -p bitstack-bits --example q8_decode -- [rows] [cols]`.
 //!
 //! With `LOOP=N` it instead runs only the 8-bit-table kernel, `N` times, on a thread of
@@ -11,7 +12,7 @@ use std::time::Instant;
 
 use bitstack_bits::{
     lowrank_i8_accelerated, lowrank_matvec_add, lowrank_matvec_add_i8, lowrank_matvec_add_q8,
-    LowRankRef, Parallelism, SignMatrix, Simd,
+    LowRankRef, Parallelism, SignLayout, SignMatrix, Simd, STRIP_COLS,
 };
 use half::f16;
 
@@ -36,6 +37,13 @@ fn main() {
         .map(|_| {
             let signs: Vec<f32> = (0..m * n).map(|_| next()).collect();
             let s = SignMatrix::from_signs_of(&signs, m, n).unwrap_or_else(|e| panic!("{e}"));
+            // The runtime's layout where the width allows (`ROWMAJOR=1`: the container's).
+            let s = if n % STRIP_COLS == 0 && std::env::var_os("ROWMAJOR").is_none() {
+                s.into_layout(SignLayout::Strips)
+                    .unwrap_or_else(|e| panic!("{e}"))
+            } else {
+                s
+            };
             let u = (0..m * k).map(|_| f16::from_f32(next())).collect();
             let v = (0..k * n).map(|_| f16::from_f32(next())).collect();
             (s, u, v)
@@ -69,7 +77,8 @@ fn main() {
         });
         let each = t.elapsed().as_secs_f64() / reps.max(1) as f64;
         println!(
-            "{m}x{n}, 4 blocks, k = {k}, {par:?}, 8-bit tables: {:.4} ms",
+            "{m}x{n}, 4 blocks, k = {k}, {par:?}, {:?}, 8-bit tables: {:.4} ms",
+            blocks[0].signs.layout(),
             each * 1e3
         );
         return;

@@ -48,8 +48,8 @@ pub struct CodeGrid<'a> {
     pub shift: f32,
 }
 
-/// One bit plane of [`codes_matvec_add`]: packed bits (`1` = set, MSB first, the layout of
-/// [`SignMatrixRef`]) and the integer weight of a set bit.
+/// One bit plane of [`codes_matvec_add`]: packed bits (`1` = set, MSB first, row-major:
+/// [`SignLayout::RowMajor`](crate::SignLayout::RowMajor)) and the integer weight of a set bit.
 #[derive(Debug, Clone, Copy)]
 pub struct WeightedPlane<'a> {
     /// The bits, `rows × cols`.
@@ -379,6 +379,11 @@ fn validate(
         }
     }
     for (i, p) in planes.iter().enumerate() {
+        assert!(
+            p.bits.layout() == crate::SignLayout::RowMajor,
+            "{what}: plane {i}'s bits are in {:?}; the code kernels read row-major planes",
+            p.bits.layout()
+        );
         assert!(
             p.bits.rows() == m && p.bits.cols() == n,
             "{what}: plane {i} is {}x{}, the product is {m}x{n}",

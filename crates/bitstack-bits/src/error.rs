@@ -58,6 +58,20 @@ pub enum BitsError {
         last_byte: u8,
     },
 
+    /// The strip layout was asked for a matrix whose width is not a whole number of strips.
+    #[error(
+        "sign matrix {rows}x{cols}: the strip layout needs a width that is a multiple of \
+         {strip} columns"
+    )]
+    StripWidth {
+        /// Number of rows.
+        rows: usize,
+        /// Number of columns.
+        cols: usize,
+        /// Columns per strip ([`crate::STRIP_COLS`]).
+        strip: usize,
+    },
+
     /// An input value is NaN, so it has no sign.
     #[error("sign matrix {rows}x{cols}: value at row {row}, column {col} is NaN")]
     NanValue {

@@ -188,7 +188,9 @@ pub const I8_CHUNK_COLS: usize = lowrank_i8::CHUNK_COLS;
 
 /// Columns per chunk of [`lowrank_matvec_add_q8`]: one scale per chunk and rank index.
 pub const Q8_CHUNK_COLS: usize = lowrank_q8::CHUNK_COLS;
-pub use matrix::{checked_packed_len, packed_len, SignMatrix, SignMatrixRef};
+pub use matrix::{
+    checked_packed_len, packed_len, SignLayout, SignMatrix, SignMatrixRef, STRIP_COLS,
+};
 
 /// Whether a lookup-table kernel may use rayon's thread pool.
 ///

@@ -174,6 +174,22 @@ pub(crate) fn matvec_add_i8(
     if m == 0 || n == 0 {
         return;
     }
+    if blocks
+        .iter()
+        .any(|b| b.signs.layout() != crate::SignLayout::RowMajor)
+    {
+        // The tile version reads whole rows of signs: row-major copies of the others.
+        let bytes: Vec<_> = blocks.iter().map(|b| b.signs.row_major_bytes()).collect();
+        let row_major: Vec<LowRankRef<'_>> = blocks
+            .iter()
+            .zip(&bytes)
+            .map(|(b, bytes)| LowRankRef {
+                signs: crate::SignMatrixRef::row_major_of(bytes, b.signs.rows(), b.signs.cols()),
+                ..*b
+            })
+            .collect();
+        return matvec_add_i8(&row_major, x, y, par, simd);
+    }
     let passes: Vec<(LowRankRef<'_>, usize, usize)> = blocks
         .iter()
         .flat_map(|b| {

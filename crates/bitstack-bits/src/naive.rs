@@ -18,7 +18,7 @@ pub(crate) fn sign_matvec(s: SignMatrixRef<'_>, z: &[f32], y: &mut [f32]) {
         "sign_matvec_naive: y has {} values, the {m}x{n} sign matrix needs {m}",
         y.len()
     );
-    let bits = s.as_bytes();
+    let bits = s.row_major_bytes();
     for (r, out) in y.iter_mut().enumerate() {
         let row_start = r * n;
         let mut acc = 0.0f32;
@@ -51,7 +51,7 @@ pub(crate) fn sign_matmul(s: SignMatrixRef<'_>, z: &[f32], k: usize, y: &mut [f3
     if k == 0 {
         return;
     }
-    let bits = s.as_bytes();
+    let bits = s.row_major_bytes();
     for (r, y_row) in y.chunks_exact_mut(k).enumerate() {
         y_row.fill(0.0);
         let row_start = r * n;
@@ -85,7 +85,7 @@ pub(crate) fn lowrank_matvec_add(
             && y.len() == m,
         "lowrank_matvec_add_naive: wrong lengths"
     );
-    let bits = s.as_bytes();
+    let bits = s.row_major_bytes();
     for (r, out) in y.iter_mut().enumerate() {
         let mut acc = 0.0f32;
         for (c, &xc) in x.iter().enumerate() {

@@ -1,6 +1,6 @@
 //! One AVD residual block: `S ⊙ (u v)` with packed signs and f16 factors.
 
-use bitstack_bits::{LowRankRef, SignMatrix, SignMatrixRef};
+use bitstack_bits::{LowRankRef, SignLayout, SignMatrix, SignMatrixRef};
 use half::f16;
 use rayon::prelude::*;
 
@@ -110,7 +110,8 @@ impl AvdBlock {
         }
         let u = widen(&self.u);
         let v = widen(&self.v);
-        let bits = self.signs.as_bytes();
+        let bits = self.signs.row_major_bytes();
+        let bits = &bits[..];
         let body = |(i, row): (usize, &mut [f32]), prod: &mut Vec<f32>| {
             row_product(&u[i * k..(i + 1) * k], &v, n, prod);
             let base = i * n;
@@ -155,13 +156,27 @@ impl AvdBlock {
         if n.is_multiple_of(8) {
             // Fused: one block of columns at a time, each row's `u v` piece is formed in
             // registers and added with its signs applied (XOR of the f32 sign bit), so the
-            // product is never stored.
-            let first = row0 * n / 8;
+            // product is never stored. Strips: the tile's rows gathered first.
+            let view = self.signs.as_view();
+            let tile_bits: std::borrow::Cow<'_, [u8]> = match view.layout() {
+                SignLayout::RowMajor => {
+                    let first = row0 * n / 8;
+                    bits[first..first + rows * n / 8].into()
+                }
+                SignLayout::Strips => {
+                    let mut gathered = vec![0u8; rows * n / 8];
+                    let mut scratch = vec![0u8; n / 8];
+                    for (i, row) in gathered.chunks_exact_mut(n / 8).enumerate() {
+                        row.copy_from_slice(view.row_group_bytes(row0 + i, 0, n / 8, &mut scratch));
+                    }
+                    gathered.into()
+                }
+            };
             pulp::Arch::new().dispatch(AddSigned {
                 tile,
                 u: &u,
                 v: &v,
-                bits: &bits[first..first + rows * n / 8],
+                bits: &tile_bits,
                 n,
                 k,
             });
@@ -200,6 +215,17 @@ impl AvdBlock {
         self.signs
             .as_view()
             .lowrank_matvec_add(&self.u, &self.v, k, x, y);
+    }
+
+    /// The block with its signs in `layout` (the runtime keeps loaded blocks in
+    /// [`SignLayout::Strips`], which the 8-bit decode kernel reads fastest).
+    ///
+    /// # Errors
+    /// [`DecomposeError::Bits`] when the layout does not fit the shape (strips need a width
+    /// that is a multiple of [`bitstack_bits::STRIP_COLS`]).
+    pub fn into_sign_layout(self, layout: SignLayout) -> Result<Self, DecomposeError> {
+        let signs = self.signs.into_layout(layout)?;
+        Ok(Self { signs, ..self })
     }
 
     /// The block as the decode kernel reads it (for

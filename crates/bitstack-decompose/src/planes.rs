@@ -152,7 +152,8 @@ pub struct PlaneBlock {
 }
 
 impl PlaneBlock {
-    /// Assembles a plane; `signs` must have the grid's shape and `plane < MAX_PLANES`.
+    /// Assembles a plane; `signs` must have the grid's shape and `plane < MAX_PLANES` (they
+    /// are kept row-major, rearranged if given in another layout).
     pub fn new(
         grid: Arc<PlaneGrid>,
         plane: usize,
@@ -169,6 +170,8 @@ impl PlaneBlock {
                 grid_cols: grid.cols,
             });
         }
+        // The plane kernels read whole row-major rows.
+        let signs = signs.into_layout(bitstack_bits::SignLayout::RowMajor)?;
         Ok(Self { grid, plane, signs })
     }
 

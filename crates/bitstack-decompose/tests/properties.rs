@@ -114,6 +114,36 @@ proptest! {
         }
     }
 
+    /// A block with its signs in strips (as the runtime loads it) rebuilds exactly the same
+    /// values as the row-major block: whole, by tiles of rows, and in its products.
+    #[test]
+    fn strip_layout_rebuilds_the_same(rows in 1usize..40, strips in 1usize..3, k in 1usize..17, tile in 1usize..9, seed: u64) {
+        let cols = strips * bitstack_bits::STRIP_COLS;
+        let block = random_block(rows, cols, k, seed);
+        let striped = block.clone().into_sign_layout(bitstack_bits::SignLayout::Strips).unwrap();
+        prop_assert_eq!(striped.signs().layout(), bitstack_bits::SignLayout::Strips);
+        let start = matrix(rows, cols, seed.wrapping_add(5));
+        let (mut a, mut b) = (start.clone(), start.clone());
+        block.add_to_dense(&mut a);
+        striped.add_to_dense(&mut b);
+        prop_assert_eq!(&a, &b);
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + tile).min(rows);
+            let mut x = start[r0 * cols..r1 * cols].to_vec();
+            let mut y = x.clone();
+            block.add_rows_to_dense(r0, &mut x);
+            striped.add_rows_to_dense(r0, &mut y);
+            prop_assert_eq!(x, y, "rows {}..{}", r0, r1);
+            r0 = r1;
+        }
+        let x: Vec<f32> = (0..cols).map(|c| ((c % 13) as f32 - 6.0) / 6.0).collect();
+        let (mut ya, mut yb) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+        block.matvec_add(&x, &mut ya);
+        striped.matvec_add(&x, &mut yb);
+        prop_assert_eq!(ya, yb);
+    }
+
     #[test]
     fn byte_size_formula(rows in 0usize..5000, cols in 0usize..5000, k in 0usize..64) {
         let expected = (rows * cols).div_ceil(8) as u64 + 2 * (k * (rows + cols)) as u64;

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use bitstack_bits::SignMatrix;
+use bitstack_bits::{SignLayout, SignMatrix, STRIP_COLS};
 use bitstack_decompose::{AvdBlock, PlaneBlock, PlaneGrid};
 use half::f16;
 
@@ -112,7 +112,14 @@ impl Block {
                         u.shape, v.shape
                     ));
                 }
-                let signs = SignMatrix::from_packed(signs.bytes.to_vec(), rows, cols)
+                // Strips where the width allows: the 8-bit decode kernel reads them as
+                // contiguous runs (see `SignLayout::Strips`); same bytes, same memory.
+                let layout = if cols.is_multiple_of(STRIP_COLS) {
+                    SignLayout::Strips
+                } else {
+                    SignLayout::RowMajor
+                };
+                let signs = SignMatrix::from_packed_in(signs.bytes, rows, cols, layout)
                     .map_err(|e| e.to_string())?;
                 AvdBlock::from_parts(signs, halves(u.bytes), halves(v.bytes), k)
                     .map(Block::Avd)

@@ -1159,7 +1159,7 @@ pub fn push_plane_block(
     let grid = block.grid();
     let (rows, groups) = (grid.rows(), grid.groups());
     let halves = |h: &[half::f16]| h.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let signs = block.signs().as_bytes().to_vec();
+    let signs = block.signs().row_major_bytes().into_owned();
     let mut parts = vec![PartData::new("signs", Dtype::U8, vec![signs.len()], signs)];
     if block.plane() == 0 {
         parts.push(PartData::new(

@@ -209,7 +209,7 @@ fn spool_blocks(spool: &Spool, d: &Decomposition) -> Result<Vec<SpooledBlock>, E
         .iter()
         .map(|b| {
             let (u, v) = (halves_to_bytes(b.u()), halves_to_bytes(b.v()));
-            let range = spool.append(&[b.signs().as_bytes(), &u, &v])?;
+            let range = spool.append(&[&b.signs().row_major_bytes(), &u, &v])?;
             Ok(SpooledBlock { k: b.k(), range })
         })
         .collect()

@@ -180,7 +180,7 @@ impl Checkpointer {
         put_u64(&mut p, decomposition.blocks.len() as u64);
         for block in &decomposition.blocks {
             put_u64(&mut p, block.k() as u64);
-            put_bytes(&mut p, block.signs().as_bytes());
+            put_bytes(&mut p, &block.signs().row_major_bytes());
             put_halves(&mut p, block.u());
             put_halves(&mut p, block.v());
         }
