@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bitstack_bits::{
     codes_matvec_add, codes_rows_to_dense, lowrank_matvec_add, lowrank_matvec_add_q8, CodeGrid,
-    LowRankRef, Parallelism, SignMatrix, Simd, WeightedPlane,
+    LowRankRef, Parallelism, SignLayout, SignMatrix, Simd, WeightedPlane,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
@@ -169,6 +169,41 @@ fn bench_decode(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| {
                 lowrank_matvec_add_q8(&blocks, black_box(&x), black_box(&mut y), par, Simd::Auto)
+            })
+        });
+    }
+    // The same with the signs in strips, as the runtime holds loaded blocks.
+    let striped: Vec<SignMatrix> = parts
+        .iter()
+        .map(|(s, _, _)| {
+            s.clone()
+                .into_layout(SignLayout::Strips)
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let strip_blocks: Vec<LowRankRef<'_>> = striped
+        .iter()
+        .zip(&parts)
+        .map(|(s, (_, u, v))| LowRankRef {
+            signs: s.as_view(),
+            u,
+            v,
+            k: K,
+        })
+        .collect();
+    for (name, par) in [
+        ("q8_strips_auto", Parallelism::Auto),
+        ("q8_strips_1thread", Parallelism::Sequential),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                lowrank_matvec_add_q8(
+                    &strip_blocks,
+                    black_box(&x),
+                    black_box(&mut y),
+                    par,
+                    Simd::Auto,
+                )
             })
         });
     }

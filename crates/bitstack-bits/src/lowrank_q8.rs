@@ -19,8 +19,11 @@
 //! entries: 16 rows × 4 groups, the register holding the 4 groups' tables (64 bytes) for one
 //! `j` and each index byte a row's half byte plus the group's number in bits 4–5. One
 //! `vpdpbusd` adds the 4 bytes of each row into its 32-bit sum. A row tile's index bytes
-//! (16 rows × one chunk: 16 registers) are made once and used for every `j`: the signs are
-//! row-major, so the tile's 16 × 32 bytes are transposed in registers. Two tiles go
+//! (16 rows × one chunk: 16 registers) are made once and used for every `j`: the tile's
+//! 16 × 32 bytes are transposed in registers. A chunk is one strip of
+//! [`SignLayout::Strips`](crate::SignLayout::Strips), in which those bytes are one
+//! contiguous run (row-major, they are 16 pieces a row apart: on Zen 5 the strips took 0.62
+//! instead of 0.80 ms at 4096², 4 blocks, k = 16, two threads). Two tiles go
 //! together: each table register is loaded once for both, with 16 independent sums (8
 //! rank indices × 2 tiles) in flight, while the next two tiles' index bytes are made. The
 //! chunk's tables (`k` KiB) stay in L1 while the tiles of a row block sweep them. The portable
