@@ -89,8 +89,10 @@ fn validate_packed(bits: &[u8], rows: usize, cols: usize) -> Result<(), BitsErro
 
 /// An owned, packed `rows × cols` matrix of ±1 signs.
 ///
-/// See the [crate documentation](crate) for the bit layout. All computations go through the
-/// borrowed view returned by [`SignMatrix::as_view`].
+/// See the [crate documentation](crate) for the bit layout; [`SignMatrix::into_layout`]
+/// rearranges the bytes into column strips for the 8-bit decode kernel ([`SignLayout`]).
+/// Two matrices compare equal when they hold the same signs in the same layout. All
+/// computations go through the borrowed view returned by [`SignMatrix::as_view`].
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct SignMatrix {
     bits: Vec<u8>,
