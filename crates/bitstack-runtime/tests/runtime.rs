@@ -429,7 +429,9 @@ proptest::proptest! {
     #[test]
     fn matvec_matches_dense_reconstruction(
         rows in 1usize..70,
-        cols in 1usize..200,
+        // Widths of whole 256-column strips too: the runtime keeps those blocks' signs in
+        // strips (`SignLayout::Strips`); the others row-major.
+        cols in proptest::prop_oneof![1usize..200, proptest::prelude::Just(256), proptest::prelude::Just(512)],
         k in 1usize..=32,
         blocks in 1usize..=16,
         seed in proptest::prelude::any::<u64>(),
@@ -450,6 +452,24 @@ proptest::proptest! {
         proptest::prop_assert_eq!(stack.decode_tables(), DecodeTables::Int8);
         stack.matvec(0, &x, &mut yt);
         let refs: Vec<_> = made.iter().map(|b| b.as_lowrank()).collect();
+        // The loaded blocks (strips where the width allows) rebuild and multiply exactly as
+        // the row-major blocks they were written from.
+        let mut dense = vec![0.0f32; rows * cols];
+        for b in &made {
+            b.add_to_dense(&mut dense);
+        }
+        proptest::prop_assert_eq!(&w, &dense);
+        if bitstack_bits::lowrank_q8_vectorized(bitstack_bits::Simd::Auto) {
+            let mut direct = vec![0.0f32; rows];
+            bitstack_bits::lowrank_matvec_add_q8(
+                &refs,
+                &x,
+                &mut direct,
+                bitstack_bits::Parallelism::Auto,
+                bitstack_bits::Simd::Auto,
+            );
+            proptest::prop_assert_eq!(&yt, &direct);
+        }
         // `Int8Tiles` runs the tile kernel where AMX is present (whole bytes of signs per
         // row, k ≥ 8), else the 8-bit tables.
         let tiles = cols % 8 == 0
