@@ -635,7 +635,8 @@ impl<'a> SignMatrixRef<'a> {
     /// strip); otherwise it shifts or gathers into `scratch` (at least `g1 - g0` long).
     ///
     /// # Panics
-    /// If `g0..g1` reaches past the row's bytes or `scratch` is too short.
+    /// If `g0..g1` reaches past the matrix's bytes (in [`SignLayout::Strips`]: past the
+    /// row's `cols / 8` bytes) or `scratch` is too short where it is used.
     #[inline]
     pub fn row_group_bytes<'s>(
         &self,
@@ -650,6 +651,12 @@ impl<'a> SignMatrixRef<'a> {
         let bits: &'a [u8] = self.bits;
         if self.layout == SignLayout::Strips {
             // Whole bytes per row; a range within one strip is borrowed, else gathered.
+            assert!(
+                g1 <= self.cols / 8 && r < self.rows,
+                "row_group_bytes: bytes {g0}..{g1} of row {r} of a {}x{} matrix",
+                self.rows,
+                self.cols
+            );
             let at = |g: usize| ((g / STRIP_BYTES) * self.rows + r) * STRIP_BYTES + g % STRIP_BYTES;
             if g1 <= g0 {
                 return &[];
