@@ -496,7 +496,7 @@ fn tile_source<'s>(
     if in_place && tile_rows == TILE && b.signs.layout() == crate::SignLayout::Strips {
         // The tile's 16 rows of strip `c` are one run of 512 bytes; the run
         // `STRIP_PREFETCH_TILES` tiles on is requested now.
-        let at = (c * b.signs.rows() + row) * CHUNK_BYTES;
+        let at = crate::matrix::strip_offset(b.signs.rows(), row, c * CHUNK_BYTES);
         let ahead = at + STRIP_PREFETCH_TILES * TILE * CHUNK_BYTES;
         for line in (0..TILE * CHUNK_BYTES).step_by(64) {
             if let Some(bytes) = all.get(ahead + line..) {

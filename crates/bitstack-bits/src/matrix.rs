@@ -36,6 +36,12 @@ pub const STRIP_COLS: usize = 256;
 /// Bytes of a row in one strip.
 const STRIP_BYTES: usize = STRIP_COLS / 8;
 
+/// Where byte `g` of row `r` lies in the strip layout of a matrix of `rows` rows.
+#[inline]
+pub(crate) fn strip_offset(rows: usize, r: usize, g: usize) -> usize {
+    ((g / STRIP_BYTES) * rows + r) * STRIP_BYTES + g % STRIP_BYTES
+}
+
 /// How the packed bytes of a sign matrix are arranged in memory. Every method of
 /// [`SignMatrix`] and [`SignMatrixRef`] means the same matrix in either layout; only the raw
 /// bytes ([`SignMatrixRef::as_bytes`]) differ.
@@ -192,12 +198,16 @@ impl SignMatrix {
         let bits = match layout {
             SignLayout::RowMajor => bits.to_vec(),
             SignLayout::Strips => {
-                let row_bytes = cols / 8;
                 let mut out = vec![0u8; bits.len()];
-                for (c, strip) in out.chunks_exact_mut(rows * STRIP_BYTES).enumerate() {
-                    for (r, piece) in strip.chunks_exact_mut(STRIP_BYTES).enumerate() {
-                        let at = r * row_bytes + c * STRIP_BYTES;
-                        piece.copy_from_slice(&bits[at..at + STRIP_BYTES]);
+                if cols > 0 {
+                    for (r, row) in bits.chunks_exact(cols / 8).enumerate() {
+                        for (g, piece) in (0..)
+                            .step_by(STRIP_BYTES)
+                            .zip(row.chunks_exact(STRIP_BYTES))
+                        {
+                            let at = strip_offset(rows, r, g);
+                            out[at..at + STRIP_BYTES].copy_from_slice(piece);
+                        }
                     }
                 }
                 out
@@ -220,9 +230,16 @@ impl SignMatrix {
         if layout == self.layout {
             return Ok(self);
         }
-        check_layout(self.rows, self.cols, layout)?;
-        let row_major = self.row_major_bytes().into_owned();
-        Self::from_packed_in(&row_major, self.rows, self.cols, layout)
+        let (rows, cols) = (self.rows, self.cols);
+        match layout {
+            SignLayout::RowMajor => Ok(Self {
+                bits: self.into_bytes(),
+                rows,
+                cols,
+                layout,
+            }),
+            SignLayout::Strips => Self::from_packed_in(&self.bits, rows, cols, layout),
+        }
     }
 
     /// How the bytes are arranged.
@@ -390,13 +407,38 @@ impl<'a> SignMatrixRef<'a> {
     pub fn row_major_bytes(&self) -> Cow<'a, [u8]> {
         match self.layout {
             SignLayout::RowMajor => Cow::Borrowed(self.bits),
+            SignLayout::Strips => self.row_major_rows(0, self.rows),
+        }
+    }
+
+    /// Rows `r0..r1` as row-major packed bytes (e.g. a tile of a batch product's rebuild):
+    /// borrowed when the view is row-major, else gathered from the strips.
+    ///
+    /// # Panics
+    /// If `r0..r1` is not a range of rows, or the rows do not start on byte boundaries
+    /// (`cols` not a multiple of 8) and the range is not all of them.
+    #[must_use]
+    pub fn row_major_rows(&self, r0: usize, r1: usize) -> Cow<'a, [u8]> {
+        let whole = r0 == 0 && r1 == self.rows;
+        assert!(
+            r0 <= r1 && r1 <= self.rows && (whole || self.cols.is_multiple_of(8)),
+            "row_major_rows: rows {r0}..{r1} of a {}x{} matrix",
+            self.rows,
+            self.cols
+        );
+        let row_bytes = self.cols / 8;
+        match self.layout {
+            SignLayout::RowMajor if whole => Cow::Borrowed(self.bits),
+            SignLayout::RowMajor => Cow::Borrowed(&self.bits[r0 * row_bytes..r1 * row_bytes]),
             SignLayout::Strips => {
-                let row_bytes = self.cols / 8;
-                let mut out = vec![0u8; self.bits.len()];
+                let mut out = vec![0u8; (r1 - r0) * row_bytes];
                 if row_bytes > 0 {
-                    for (r, row) in out.chunks_exact_mut(row_bytes).enumerate() {
-                        for (c, piece) in row.chunks_exact_mut(STRIP_BYTES).enumerate() {
-                            let at = (c * self.rows + r) * STRIP_BYTES;
+                    for (r, row) in (r0..).zip(out.chunks_exact_mut(row_bytes)) {
+                        for (g, piece) in (0..)
+                            .step_by(STRIP_BYTES)
+                            .zip(row.chunks_exact_mut(STRIP_BYTES))
+                        {
+                            let at = strip_offset(self.rows, r, g);
                             piece.copy_from_slice(&self.bits[at..at + STRIP_BYTES]);
                         }
                     }
@@ -414,10 +456,7 @@ impl<'a> SignMatrixRef<'a> {
                 let index = r * self.cols + c;
                 (index / 8, 7 - index % 8)
             }
-            SignLayout::Strips => (
-                ((c / STRIP_COLS) * self.rows + r) * STRIP_BYTES + (c % STRIP_COLS) / 8,
-                7 - c % 8,
-            ),
+            SignLayout::Strips => (strip_offset(self.rows, r, c / 8), 7 - c % 8),
         }
     }
 
@@ -657,7 +696,7 @@ impl<'a> SignMatrixRef<'a> {
                 self.rows,
                 self.cols
             );
-            let at = |g: usize| ((g / STRIP_BYTES) * self.rows + r) * STRIP_BYTES + g % STRIP_BYTES;
+            let at = |g: usize| strip_offset(self.rows, r, g);
             if g1 <= g0 {
                 return &[];
             }

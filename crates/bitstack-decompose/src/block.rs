@@ -152,26 +152,12 @@ impl AvdBlock {
         }
         let u = widen(&self.u[row0 * k..(row0 + rows) * k]);
         let v = widen(&self.v);
-        let bits = self.signs.as_bytes();
         if n.is_multiple_of(8) {
             // Fused: one block of columns at a time, each row's `u v` piece is formed in
             // registers and added with its signs applied (XOR of the f32 sign bit), so the
-            // product is never stored. Strips: the tile's rows gathered first.
-            let view = self.signs.as_view();
-            let tile_bits: std::borrow::Cow<'_, [u8]> = match view.layout() {
-                SignLayout::RowMajor => {
-                    let first = row0 * n / 8;
-                    bits[first..first + rows * n / 8].into()
-                }
-                SignLayout::Strips => {
-                    let mut gathered = vec![0u8; rows * n / 8];
-                    let mut scratch = vec![0u8; n / 8];
-                    for (i, row) in gathered.chunks_exact_mut(n / 8).enumerate() {
-                        row.copy_from_slice(view.row_group_bytes(row0 + i, 0, n / 8, &mut scratch));
-                    }
-                    gathered.into()
-                }
-            };
+            // product is never stored (the tile's rows gathered first if the signs are in
+            // strips).
+            let tile_bits = self.signs.as_view().row_major_rows(row0, row0 + rows);
             pulp::Arch::new().dispatch(AddSigned {
                 tile,
                 u: &u,
@@ -181,6 +167,8 @@ impl AvdBlock {
                 k,
             });
         } else {
+            // Rows not on byte boundaries: never strips (whose widths are multiples of 256).
+            let bits = self.signs.as_bytes();
             let mut prod = vec![0.0f32; n];
             for (ii, (out, urow)) in tile.chunks_exact_mut(n).zip(u.chunks_exact(k)).enumerate() {
                 row_product(urow, &v, n, &mut prod);
