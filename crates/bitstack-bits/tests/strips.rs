@@ -147,6 +147,11 @@ fn strips_need_whole_strips() {
     assert!(e.to_string().contains("multiple of 256"), "{e}");
     let e = SignMatrixRef::with_layout(s.as_bytes(), 4, 200, SignLayout::Strips).unwrap_err();
     assert!(matches!(e, BitsError::StripWidth { .. }), "{e:?}");
+    // No rows (or no columns) is a valid, empty matrix in strips too.
+    for (m, n) in [(0, 256), (3, 0)] {
+        let s = SignMatrix::from_packed_in(&[], m, n, SignLayout::Strips).unwrap();
+        assert!(s.row_major_bytes().is_empty() && s.layout() == SignLayout::Strips);
+    }
     // Row-major stays available for any shape.
     assert_eq!(s.clone().into_layout(SignLayout::RowMajor).unwrap(), s);
 }
