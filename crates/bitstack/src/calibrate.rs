@@ -7,6 +7,7 @@ use bitstack_model::{
     CausalLm, DenseLinear, LinearSlot, ModelConfig, ModelError, Site, TensorSource,
 };
 use bitstack_order::{BlockScorer, ScoreError};
+use rayon::prelude::*;
 
 use crate::checkpoint::{from_f32, to_f32, Checkpoint, SourceDtype};
 use crate::compress::{Decomposed, Progress, Reparametrisation};
@@ -264,10 +265,12 @@ impl<'a> PerplexityScorer<'a> {
         Ok(())
     }
 
-    /// Hidden states entering each layer, per window (windows in parallel, one per thread).
+    /// Hidden states entering each layer, per window (windows in parallel).
     fn layer_inputs(&self) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
-        let per_window: Vec<Vec<Vec<f32>>> =
-            crate::windows::each_on_one_thread(&self.windows, |_, window| {
+        let per_window: Vec<Vec<Vec<f32>>> = self
+            .windows
+            .par_iter()
+            .map(|window| {
                 let mut hidden = self.model.embed(window)?;
                 let mut inputs = Vec::with_capacity(self.model.num_layers());
                 for l in 0..self.model.num_layers() {
@@ -275,8 +278,9 @@ impl<'a> PerplexityScorer<'a> {
                     self.model
                         .forward_layer(l, &mut hidden, window.len(), None)?;
                 }
-                Ok::<_, ModelError>(inputs)
-            })?;
+                Ok(inputs)
+            })
+            .collect::<Result<_, ModelError>>()?;
         // Transpose to [layer][window].
         let mut by_layer = vec![Vec::with_capacity(self.windows.len()); self.model.num_layers()];
         for inputs in per_window {
@@ -288,10 +292,13 @@ impl<'a> PerplexityScorer<'a> {
     }
 
     /// Perplexity on the scoring windows, starting from the cached inputs of `layer`
-    /// (windows in parallel, one per thread).
+    /// (windows in parallel).
     fn perplexity_from(&self, layer: usize, inputs: &[Vec<Vec<f32>>]) -> Result<f64, ModelError> {
-        let parts: Vec<(f64, usize)> =
-            crate::windows::each_on_one_thread(&self.windows, |w, window| {
+        let parts: Vec<(f64, usize)> = self
+            .windows
+            .par_iter()
+            .enumerate()
+            .map(|(w, window)| {
                 let mut hidden = inputs[layer][w].clone();
                 for l in layer..self.model.num_layers() {
                     self.model
@@ -301,7 +308,8 @@ impl<'a> PerplexityScorer<'a> {
                     self.model.hidden_nll(&hidden, window)?,
                     window.len().saturating_sub(1),
                 ))
-            })?;
+            })
+            .collect::<Result<_, ModelError>>()?;
         let nll: f64 = parts.iter().map(|p| p.0).sum();
         let count: usize = parts.iter().map(|p| p.1).sum();
         Ok((nll / count.max(1) as f64).exp())
