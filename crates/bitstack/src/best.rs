@@ -26,7 +26,6 @@ use bitstack_decompose::{PlaneBlock, PlaneParams};
 use bitstack_format::{ContainerWriter, Dtype, PartData, Spool};
 use bitstack_model::{CausalLm, DenseLinear, Linear, LinearSlot, ModelConfig, Site, TextTokenizer};
 use bitstack_order::{StackEntry, StackLayout};
-use rayon::prelude::*;
 use serde_json::json;
 
 use crate::calibrate::{
@@ -464,10 +463,9 @@ fn head_statistics(
             }
         }
     }
-    let parts: Vec<(Vec<f64>, usize)> = calib
-        .par_iter()
-        .take(windows.max(1))
-        .map(|w| {
+    let take = calib.len().min(windows.max(1));
+    let parts: Vec<(Vec<f64>, usize)> =
+        crate::windows::each_on_one_thread(&calib[..take], |_, w| {
             let hidden = model.forward_hidden(w, None)?;
             let xn = model.final_normed(&hidden, w.len())?;
             let mut sq = vec![0.0f64; h];
@@ -476,9 +474,8 @@ fn head_statistics(
                     *a += f64::from(v) * f64::from(v);
                 }
             }
-            Ok((sq, w.len()))
-        })
-        .collect::<Result<_, Error>>()?;
+            Ok::<_, Error>((sq, w.len()))
+        })?;
     let mut sq = vec![0.0f64; h];
     let mut n = 0usize;
     for (s, len) in parts {
@@ -742,24 +739,21 @@ fn probe_sensitivities(
     }
     let layers = model.num_layers();
     let vocab = model.config().vocab_size;
-    let references: Vec<Reference> = windows
-        .par_iter()
-        .map(|w| {
-            let mut hidden = model.embed(w)?;
-            let mut inputs = Vec::with_capacity(layers);
-            for l in 0..layers {
-                inputs.push(hidden.clone());
-                model.forward_layer(l, &mut hidden, w.len(), None)?;
-            }
-            let mut logp = model.final_logits(&hidden, w.len())?;
-            log_softmax_rows(&mut logp, vocab);
-            Ok(Reference {
-                inputs,
-                last: hidden,
-                logp,
-            })
+    let references: Vec<Reference> = crate::windows::each_on_one_thread(windows, |_, w| {
+        let mut hidden = model.embed(w)?;
+        let mut inputs = Vec::with_capacity(layers);
+        for l in 0..layers {
+            inputs.push(hidden.clone());
+            model.forward_layer(l, &mut hidden, w.len(), None)?;
+        }
+        let mut logp = model.final_logits(&hidden, w.len())?;
+        log_softmax_rows(&mut logp, vocab);
+        Ok::<_, Error>(Reference {
+            inputs,
+            last: hidden,
+            logp,
         })
-        .collect::<Result<_, Error>>()?;
+    })?;
     progress(Progress::Stage {
         name: "probe",
         total: names.len() as u64,
@@ -790,22 +784,19 @@ fn probe_sensitivities(
             Ok(Arc::new(DenseLinear::new(rec.clone(), rows, cols)?))
         };
         let kl_sum = |model: &CausalLm, from: Option<usize>| -> Result<f64, Error> {
-            let parts: Vec<(f64, usize)> = windows
-                .par_iter()
-                .zip(&references)
-                .map(|(w, r)| {
-                    let mut hidden = match from {
-                        Some(l) if l < layers => r.inputs[l].clone(),
-                        Some(_) => r.last.clone(),
-                        // The embedding table itself is probed: rows of the reconstruction.
-                        None => embed_rows(&rec, w, h)?,
-                    };
-                    for l in from.unwrap_or(0)..layers {
-                        model.forward_layer(l, &mut hidden, w.len(), None)?;
-                    }
-                    window_kl(model, &hidden, r)
-                })
-                .collect::<Result<_, Error>>()?;
+            let parts: Vec<(f64, usize)> = crate::windows::each_on_one_thread(windows, |i, w| {
+                let r = &references[i];
+                let mut hidden = match from {
+                    Some(l) if l < layers => r.inputs[l].clone(),
+                    Some(_) => r.last.clone(),
+                    // The embedding table itself is probed: rows of the reconstruction.
+                    None => embed_rows(&rec, w, h)?,
+                };
+                for l in from.unwrap_or(0)..layers {
+                    model.forward_layer(l, &mut hidden, w.len(), None)?;
+                }
+                window_kl(model, &hidden, r)
+            })?;
             let kl: f64 = parts.iter().map(|p| p.0).sum();
             let n: usize = parts.iter().map(|p| p.1).sum();
             Ok(kl / n.max(1) as f64)
@@ -1027,20 +1018,17 @@ impl<'a> PlanePerplexityScorer<'a> {
     /// Hidden states entering each layer, per window, at the current level.
     fn layer_inputs(&self) -> Result<Vec<Vec<Vec<f32>>>, Error> {
         let table = self.embed_index().map(|e| self.dense[e].as_slice());
-        self.windows
-            .par_iter()
-            .map(|w| {
-                let mut hidden = self.embedded(w, table)?;
-                let layers = self.model.num_layers();
-                let mut inputs = Vec::with_capacity(layers + 1);
-                for l in 0..layers {
-                    inputs.push(hidden.clone());
-                    self.model.forward_layer(l, &mut hidden, w.len(), None)?;
-                }
-                inputs.push(hidden);
-                Ok(inputs)
-            })
-            .collect()
+        crate::windows::each_on_one_thread(self.windows, |_, w| {
+            let mut hidden = self.embedded(w, table)?;
+            let layers = self.model.num_layers();
+            let mut inputs = Vec::with_capacity(layers + 1);
+            for l in 0..layers {
+                inputs.push(hidden.clone());
+                self.model.forward_layer(l, &mut hidden, w.len(), None)?;
+            }
+            inputs.push(hidden);
+            Ok(inputs)
+        })
     }
 
     /// Perplexity from the cached inputs of `layer` (`num_layers` = the last hidden state),
@@ -1051,24 +1039,20 @@ impl<'a> PlanePerplexityScorer<'a> {
         layer: usize,
         table: Option<&[f32]>,
     ) -> Result<f64, Error> {
-        let parts: Vec<(f64, usize)> = self
-            .windows
-            .par_iter()
-            .zip(inputs)
-            .map(|(w, cached)| {
-                let (mut hidden, start) = match table {
-                    Some(t) => (self.embedded(w, Some(t))?, 0),
-                    None => (cached[layer].clone(), layer),
-                };
-                for l in start..self.model.num_layers() {
-                    self.model.forward_layer(l, &mut hidden, w.len(), None)?;
-                }
-                Ok((
-                    self.model.hidden_nll(&hidden, w)?,
-                    w.len().saturating_sub(1),
-                ))
-            })
-            .collect::<Result<_, Error>>()?;
+        let parts: Vec<(f64, usize)> = crate::windows::each_on_one_thread(self.windows, |i, w| {
+            let cached = &inputs[i];
+            let (mut hidden, start) = match table {
+                Some(t) => (self.embedded(w, Some(t))?, 0),
+                None => (cached[layer].clone(), layer),
+            };
+            for l in start..self.model.num_layers() {
+                self.model.forward_layer(l, &mut hidden, w.len(), None)?;
+            }
+            Ok::<_, Error>((
+                self.model.hidden_nll(&hidden, w)?,
+                w.len().saturating_sub(1),
+            ))
+        })?;
         let nll: f64 = parts.iter().map(|p| p.0).sum();
         let n: usize = parts.iter().map(|p| p.1).sum();
         Ok((nll / n.max(1) as f64).exp())

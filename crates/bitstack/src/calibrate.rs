@@ -7,7 +7,6 @@ use bitstack_model::{
     CausalLm, DenseLinear, LinearSlot, ModelConfig, ModelError, Site, TensorSource,
 };
 use bitstack_order::{BlockScorer, ScoreError};
-use rayon::prelude::*;
 
 use crate::checkpoint::{from_f32, to_f32, Checkpoint, SourceDtype};
 use crate::compress::{Decomposed, Progress, Reparametrisation};
@@ -265,12 +264,10 @@ impl<'a> PerplexityScorer<'a> {
         Ok(())
     }
 
-    /// Hidden states entering each layer, per window (windows in parallel).
+    /// Hidden states entering each layer, per window (windows in parallel, one per thread).
     fn layer_inputs(&self) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
-        let per_window: Vec<Vec<Vec<f32>>> = self
-            .windows
-            .par_iter()
-            .map(|window| {
+        let per_window: Vec<Vec<Vec<f32>>> =
+            crate::windows::each_on_one_thread(&self.windows, |_, window| {
                 let mut hidden = self.model.embed(window)?;
                 let mut inputs = Vec::with_capacity(self.model.num_layers());
                 for l in 0..self.model.num_layers() {
@@ -278,9 +275,8 @@ impl<'a> PerplexityScorer<'a> {
                     self.model
                         .forward_layer(l, &mut hidden, window.len(), None)?;
                 }
-                Ok(inputs)
-            })
-            .collect::<Result<_, ModelError>>()?;
+                Ok::<_, ModelError>(inputs)
+            })?;
         // Transpose to [layer][window].
         let mut by_layer = vec![Vec::with_capacity(self.windows.len()); self.model.num_layers()];
         for inputs in per_window {
@@ -292,13 +288,10 @@ impl<'a> PerplexityScorer<'a> {
     }
 
     /// Perplexity on the scoring windows, starting from the cached inputs of `layer`
-    /// (windows in parallel).
+    /// (windows in parallel, one per thread).
     fn perplexity_from(&self, layer: usize, inputs: &[Vec<Vec<f32>>]) -> Result<f64, ModelError> {
-        let parts: Vec<(f64, usize)> = self
-            .windows
-            .par_iter()
-            .enumerate()
-            .map(|(w, window)| {
+        let parts: Vec<(f64, usize)> =
+            crate::windows::each_on_one_thread(&self.windows, |w, window| {
                 let mut hidden = inputs[layer][w].clone();
                 for l in layer..self.model.num_layers() {
                     self.model
@@ -308,8 +301,7 @@ impl<'a> PerplexityScorer<'a> {
                     self.model.hidden_nll(&hidden, window)?,
                     window.len().saturating_sub(1),
                 ))
-            })
-            .collect::<Result<_, ModelError>>()?;
+            })?;
         let nll: f64 = parts.iter().map(|p| p.0).sum();
         let count: usize = parts.iter().map(|p| p.1).sum();
         Ok((nll / count.max(1) as f64).exp())

@@ -59,6 +59,7 @@ pub mod compress;
 pub mod engine;
 pub mod resume;
 pub mod select;
+mod windows;
 
 pub use compress::{CompressOptions, CompressSummary};
 
