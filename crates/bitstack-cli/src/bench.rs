@@ -571,10 +571,11 @@ fn e2e_group(
     Ok(())
 }
 
-/// The perplexity scorer (hidden states reused per level, windows in parallel, each matrix
-/// rebuilt once per level) against a straightforward implementation (for every candidate:
-/// rebuild every matrix from its blocks, run the whole model on each window in turn), on the
-/// same candidates of level 1: time ratio and whether the scores and their order agree.
+/// The perplexity scorer (each layer's run kept per level and a candidate's layer run again
+/// from its own linear, windows in parallel, each matrix rebuilt once per level) against a
+/// straightforward implementation (for every candidate: rebuild every matrix from its blocks,
+/// run the whole model on each window in turn), on the same candidates of level 1: time ratio
+/// and whether the scores and their order agree.
 fn scorer_group(
     model: Option<PathBuf>,
     quick: bool,

@@ -24,6 +24,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Compress an LLM once into one file that loads at any memory budget (BitStack).
 #[derive(Debug, Parser)]
 #[command(name = "bitstack", version, about, long_about = None)]

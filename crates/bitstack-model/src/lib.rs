@@ -57,7 +57,9 @@ pub use config::{Architecture, ModelConfig, RopeScaling, SUPPORTED_ARCHITECTURES
 pub use error::ModelError;
 pub use half16::{HalfKind, HalfLinear, HalfMatrix};
 pub use linear::{dense_forward, matvec, DenseLinear, Linear};
-pub use model::{CausalLm, KvCache, LinearChooser, LinearSlot, Observer, Perplexity, Site};
+pub use model::{
+    CausalLm, KvCache, LayerRun, LinearChooser, LinearSlot, Observer, Perplexity, Site,
+};
 pub use sampler::{argmax, Sampler, SplitMix64};
 pub use source::{RowLookup, SafetensorsDir, TensorSource};
 pub use tokenizer::{windows, TextTokenizer};

@@ -179,6 +179,57 @@ pub(crate) struct Scratch {
     hidden: Vec<f32>,
 }
 
+/// One decoder layer's run over a full sequence with what its linears computed kept
+/// ([`CausalLm::forward_layer_keeping`]), so that the layer can be run again with one of its
+/// linears changed, starting at that linear ([`CausalLm::forward_layer_from`]): the
+/// perplexity scorer's candidates share everything their layer computed before (and, in the
+/// MLP, beside) the changed product.
+#[derive(Debug, Clone)]
+pub struct LayerRun {
+    layer: usize,
+    tokens: usize,
+    /// The layer's input (`tokens × hidden`).
+    input: Vec<f32>,
+    /// The input of `o_proj` (`tokens × q_dim`).
+    attn: Vec<f32>,
+    /// The hidden states after the attention's residual add (`tokens × hidden`).
+    mid: Vec<f32>,
+    /// The outputs of `gate_proj` and `up_proj`, before the activation (`tokens × intermediate`).
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// The layer's output (`tokens × hidden`).
+    output: Vec<f32>,
+}
+
+impl LayerRun {
+    /// The layer this run is of.
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
+    /// The number of tokens.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// The layer's output (the next layer's input), `tokens × hidden`.
+    pub fn output(&self) -> &[f32] {
+        &self.output
+    }
+
+    /// The layer's output, taken out of the run.
+    pub fn into_output(self) -> Vec<f32> {
+        self.output
+    }
+}
+
+/// What the MLP of a layer run again takes from a kept [`LayerRun`] instead of computing it.
+#[derive(Clone, Copy, Default)]
+struct MlpKept<'r> {
+    gate: Option<&'r [f32]>,
+    up: Option<&'r [f32]>,
+}
+
 /// Cached keys and values of past positions, for incremental decoding.
 #[derive(Debug, Clone)]
 pub struct KvCache {
@@ -588,6 +639,93 @@ impl CausalLm {
         Ok(())
     }
 
+    /// [`forward_layer`](Self::forward_layer) on `input` (no observer), keeping what the
+    /// layer's linears computed for [`forward_layer_from`](Self::forward_layer_from). Holds
+    /// `tokens × (3·hidden + q_dim + 2·intermediate)` floats.
+    pub fn forward_layer_keeping(
+        &self,
+        layer: usize,
+        input: Vec<f32>,
+        tokens: usize,
+    ) -> Result<LayerRun, ModelError> {
+        self.check_hidden(&input, tokens)?;
+        let l = self.layer(layer)?;
+        let mut run = LayerRun {
+            layer,
+            tokens,
+            output: input.clone(),
+            input,
+            attn: Vec::new(),
+            mid: Vec::new(),
+            gate: Vec::new(),
+            up: Vec::new(),
+        };
+        let mut scratch = Scratch::default();
+        let mut output = std::mem::take(&mut run.output);
+        self.layer_step_keeping(
+            layer,
+            l,
+            &mut output,
+            tokens,
+            tokens,
+            0,
+            None,
+            &mut None,
+            &mut scratch,
+            Some(&mut run),
+        );
+        run.output = output;
+        Ok(run)
+    }
+
+    /// The output of `run`'s layer run again from its linear `from` on, with the model's
+    /// current linears, into `hidden`: what [`forward_layer`](Self::forward_layer) on the
+    /// run's input computes (the same operations, so the same values) when `from` is the
+    /// only linear of the layer that changed since `run` was made. The products before
+    /// `from` (and, for `gate_proj` / `up_proj`, the other one of the two) come from `run`.
+    pub fn forward_layer_from(
+        &self,
+        from: LinearSlot,
+        run: &LayerRun,
+        hidden: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let l = self.layer(run.layer)?;
+        let t = run.tokens;
+        let mut s = Scratch::default();
+        hidden.clear();
+        match from {
+            LinearSlot::QProj | LinearSlot::KProj | LinearSlot::VProj => {
+                hidden.extend_from_slice(&run.input);
+                self.layer_step(run.layer, l, hidden, t, t, 0, None, &mut None, &mut s);
+            }
+            LinearSlot::OProj => {
+                hidden.extend_from_slice(&run.input);
+                s.proj.resize(t * self.config.hidden_size, 0.0);
+                self.project(l, LinearSlot::OProj, &run.attn, t, &mut s.proj);
+                add_in_place(hidden, &s.proj);
+                self.mlp_step(
+                    run.layer,
+                    l,
+                    hidden,
+                    t,
+                    &mut None,
+                    &mut s,
+                    MlpKept::default(),
+                    None,
+                );
+            }
+            LinearSlot::GateProj | LinearSlot::UpProj | LinearSlot::DownProj => {
+                hidden.extend_from_slice(&run.mid);
+                let kept = MlpKept {
+                    gate: (from != LinearSlot::GateProj).then_some(run.gate.as_slice()),
+                    up: (from != LinearSlot::UpProj).then_some(run.up.as_slice()),
+                };
+                self.mlp_step(run.layer, l, hidden, t, &mut None, &mut s, kept, None);
+            }
+        }
+        Ok(())
+    }
+
     /// The final norm of hidden states `tokens × hidden` (the input of `lm_head`).
     pub fn final_normed(&self, hidden: &[f32], tokens: usize) -> Result<Vec<f32>, ModelError> {
         self.check_hidden(hidden, tokens)?;
@@ -927,7 +1065,6 @@ impl CausalLm {
 
     /// One decoder layer on `t` rows at positions `pos0..pos0+t`. With `kv`, the new keys
     /// and values are appended to it and attention covers all its rows.
-    #[allow(clippy::too_many_arguments)]
     /// One decoder layer on `t` rows of `hidden`: `t / seq` sequences of `seq` tokens stacked
     /// (each its own positions from `pos0` and its own causal attention; the linears take all
     /// rows at once). With a KV cache, one sequence (`seq == t`).
@@ -944,8 +1081,26 @@ impl CausalLm {
         obs: &mut Option<&mut Observer<'_>>,
         s: &mut Scratch,
     ) {
+        self.layer_step_keeping(li, l, hidden, t, seq, pos0, kv, obs, s, None);
+    }
+
+    /// [`layer_step`](Self::layer_step), copying into `keep` what its linears computed.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_step_keeping(
+        &self,
+        li: usize,
+        l: &DecoderLayer,
+        hidden: &mut [f32],
+        t: usize,
+        seq: usize,
+        pos0: usize,
+        kv: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
+        obs: &mut Option<&mut Observer<'_>>,
+        s: &mut Scratch,
+        mut keep: Option<&mut LayerRun>,
+    ) {
         let c = &self.config;
-        let (h, qd, kvd, im) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let (h, qd, kvd) = (c.hidden_size, c.q_dim(), c.kv_dim());
         let eps = c.rms_norm_eps;
         s.xn.resize(t * h, 0.0);
         rms_norm(hidden, &l.input_norm, eps, &mut s.xn);
@@ -1010,26 +1165,73 @@ impl CausalLm {
         s.proj.resize(t * h, 0.0);
         self.project(l, LinearSlot::OProj, &s.attn, t, &mut s.proj);
         add_in_place(hidden, &s.proj);
-        rms_norm(hidden, &l.post_norm, eps, &mut s.xn);
-        if let Some(o) = obs.as_deref_mut() {
-            o(li, Site::MlpInput, &s.xn, t);
+        if let Some(k) = keep.as_deref_mut() {
+            k.attn.clone_from(&s.attn);
+            k.mid.clear();
+            k.mid.extend_from_slice(hidden);
         }
+        self.mlp_step(li, l, hidden, t, obs, s, MlpKept::default(), keep);
+    }
+
+    /// The MLP half of a layer on `hidden` (the states after the attention's residual add),
+    /// in place: norm, `gate_proj` and `up_proj` (or what `kept` has of them), activation,
+    /// `down_proj`, residual add; the two products copied into `keep`.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_step(
+        &self,
+        li: usize,
+        l: &DecoderLayer,
+        hidden: &mut [f32],
+        t: usize,
+        obs: &mut Option<&mut Observer<'_>>,
+        s: &mut Scratch,
+        kept: MlpKept<'_>,
+        keep: Option<&mut LayerRun>,
+    ) {
+        let c = &self.config;
+        let (h, im) = (c.hidden_size, c.intermediate_size);
         s.gate.resize(t * im, 0.0);
         s.up.resize(t * im, 0.0);
-        if t == 1 {
-            let (xn, gate, up) = (&s.xn, &mut s.gate, &mut s.up);
-            rayon::join(
-                || self.project(l, LinearSlot::GateProj, xn, t, gate),
-                || self.project(l, LinearSlot::UpProj, xn, t, up),
-            );
+        if let (Some(gate), Some(up)) = (kept.gate, kept.up) {
+            s.gate.copy_from_slice(gate);
+            s.up.copy_from_slice(up);
         } else {
-            self.project(l, LinearSlot::GateProj, &s.xn, t, &mut s.gate);
-            self.project(l, LinearSlot::UpProj, &s.xn, t, &mut s.up);
+            s.xn.resize(t * h, 0.0);
+            rms_norm(hidden, &l.post_norm, c.rms_norm_eps, &mut s.xn);
+            if let Some(o) = obs.as_deref_mut() {
+                o(li, Site::MlpInput, &s.xn, t);
+            }
+            match (kept.gate, kept.up) {
+                (Some(gate), _) => {
+                    s.gate.copy_from_slice(gate);
+                    self.project(l, LinearSlot::UpProj, &s.xn, t, &mut s.up);
+                }
+                (_, Some(up)) => {
+                    s.up.copy_from_slice(up);
+                    self.project(l, LinearSlot::GateProj, &s.xn, t, &mut s.gate);
+                }
+                (None, None) if t == 1 => {
+                    let (xn, gate, up) = (&s.xn, &mut s.gate, &mut s.up);
+                    rayon::join(
+                        || self.project(l, LinearSlot::GateProj, xn, t, gate),
+                        || self.project(l, LinearSlot::UpProj, xn, t, up),
+                    );
+                }
+                (None, None) => {
+                    self.project(l, LinearSlot::GateProj, &s.xn, t, &mut s.gate);
+                    self.project(l, LinearSlot::UpProj, &s.xn, t, &mut s.up);
+                }
+            }
+        }
+        if let Some(k) = keep {
+            k.gate.clone_from(&s.gate);
+            k.up.clone_from(&s.up);
         }
         crate::fastmath::silu_mul(&mut s.gate, &s.up);
         if let Some(o) = obs.as_deref_mut() {
             o(li, Site::DownInput, &s.gate, t);
         }
+        s.proj.resize(t * h, 0.0);
         self.project(l, LinearSlot::DownProj, &s.gate, t, &mut s.proj);
         add_in_place(hidden, &s.proj);
     }

@@ -283,3 +283,55 @@ fn stacked_windows_score_as_each_alone() {
         assert!(model.windows_nll(&wins[..2]).is_err());
     }
 }
+
+/// A layer run again from one changed linear (`forward_layer_from`, what the perplexity
+/// scorer does for its candidates) computes what the whole layer computes with that change,
+/// bit for bit; the kept run's output is the plain layer's. Every slot, in a middle layer of
+/// both models (Qwen2 with q/k/v biases, Llama with grouped-query attention).
+#[test]
+fn a_layer_run_again_from_a_changed_linear_matches_the_whole_layer() {
+    for name in ["tiny-qwen2", "small-llama"] {
+        let dir = model_dir(name);
+        let src = SafetensorsDir::open(&dir).unwrap();
+        let mut model = CausalLm::load(&dir).unwrap();
+        let layer = model.num_layers() / 2;
+        let t = PROMPT.len();
+        let mut input = model.embed(&PROMPT).unwrap();
+        for l in 0..layer {
+            model.forward_layer(l, &mut input, t, None).unwrap();
+        }
+        let run = model
+            .forward_layer_keeping(layer, input.clone(), t)
+            .unwrap();
+        assert_eq!((run.layer(), run.tokens()), (layer, t));
+        let mut plain = input.clone();
+        model.forward_layer(layer, &mut plain, t, None).unwrap();
+        assert_eq!(run.output(), plain.as_slice(), "{name}: kept run");
+
+        for slot in LinearSlot::ALL {
+            let weight = format!("model.layers.{layer}.{}.weight", slot.module());
+            let (shape, w) = src.tensor_f32(&weight).unwrap();
+            // A different matrix of the same shape: each weight scaled by its own factor.
+            let changed: Vec<f32> = w
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| x * (0.5 + (i % 7) as f32 * 0.15))
+                .collect();
+            let lin = Arc::new(DenseLinear::new(changed, shape[0], shape[1]).unwrap());
+            let old = model.set_linear(layer, slot, lin).unwrap();
+            let mut whole = input.clone();
+            model.forward_layer(layer, &mut whole, t, None).unwrap();
+            let mut again = vec![1.0; 3];
+            model.forward_layer_from(slot, &run, &mut again).unwrap();
+            assert_ne!(
+                whole, plain,
+                "{name} {slot:?}: the change changes the layer"
+            );
+            assert_eq!(again, whole, "{name} {slot:?}");
+            model.set_linear(layer, slot, old).unwrap();
+        }
+        // Wrong input sizes and layers are errors.
+        assert!(model.forward_layer_keeping(layer, vec![0.0; 5], t).is_err());
+        assert!(model.forward_layer_keeping(99, input.clone(), t).is_err());
+    }
+}

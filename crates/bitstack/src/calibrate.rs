@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bitstack_model::{
-    CausalLm, DenseLinear, LinearSlot, ModelConfig, ModelError, Site, TensorSource,
+    CausalLm, DenseLinear, LayerRun, LinearSlot, ModelConfig, ModelError, Site, TensorSource,
 };
 use bitstack_order::{BlockScorer, ScoreError};
 
@@ -264,44 +264,32 @@ impl<'a> PerplexityScorer<'a> {
         Ok(())
     }
 
-    /// Hidden states entering each layer, per window (windows in parallel, one per thread).
-    fn layer_inputs(&self) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
-        let per_window: Vec<Vec<Vec<f32>>> =
-            crate::windows::each_on_one_thread(&self.windows, |_, window| {
-                let mut hidden = self.model.embed(window)?;
-                let mut inputs = Vec::with_capacity(self.model.num_layers());
-                for l in 0..self.model.num_layers() {
-                    inputs.push(hidden.clone());
-                    self.model
-                        .forward_layer(l, &mut hidden, window.len(), None)?;
-                }
-                Ok::<_, ModelError>(inputs)
-            })?;
-        // Transpose to [layer][window].
-        let mut by_layer = vec![Vec::with_capacity(self.windows.len()); self.model.num_layers()];
-        for inputs in per_window {
-            for (l, h) in inputs.into_iter().enumerate() {
-                by_layer[l].push(h);
-            }
-        }
-        Ok(by_layer)
+    /// Every window's run of `layer` from `inputs` (windows in parallel, one per thread), with
+    /// what the layer's linears computed kept for the candidates of that layer.
+    fn run_layer(&self, layer: usize, inputs: &[Vec<f32>]) -> Result<Vec<LayerRun>, ModelError> {
+        crate::windows::each_on_one_thread(inputs, |w, input| {
+            self.model
+                .forward_layer_keeping(layer, input.clone(), self.windows[w].len())
+        })
     }
 
-    /// Perplexity on the scoring windows, starting from the cached inputs of `layer`
-    /// (windows in parallel, one per thread).
-    fn perplexity_from(&self, layer: usize, inputs: &[Vec<Vec<f32>>]) -> Result<f64, ModelError> {
-        let parts: Vec<(f64, usize)> =
-            crate::windows::each_on_one_thread(&self.windows, |w, window| {
-                let mut hidden = inputs[layer][w].clone();
-                for l in layer..self.model.num_layers() {
-                    self.model
-                        .forward_layer(l, &mut hidden, window.len(), None)?;
-                }
-                Ok((
-                    self.model.hidden_nll(&hidden, window)?,
-                    window.len().saturating_sub(1),
-                ))
-            })?;
+    /// Perplexity on the scoring windows with the linear at `slot` of `runs`' layer changed
+    /// since the runs were made: each window's layer is run again from that linear on, then
+    /// the later layers and the head (windows in parallel, one per thread).
+    fn perplexity_from(&self, slot: LinearSlot, runs: &[LayerRun]) -> Result<f64, ModelError> {
+        let parts: Vec<(f64, usize)> = crate::windows::each_on_one_thread(runs, |w, run| {
+            let window = &self.windows[w];
+            let mut hidden = Vec::new();
+            self.model.forward_layer_from(slot, run, &mut hidden)?;
+            for l in run.layer() + 1..self.model.num_layers() {
+                self.model
+                    .forward_layer(l, &mut hidden, window.len(), None)?;
+            }
+            Ok((
+                self.model.hidden_nll(&hidden, window)?,
+                window.len().saturating_sub(1),
+            ))
+        })?;
         let nll: f64 = parts.iter().map(|p| p.0).sum();
         let count: usize = parts.iter().map(|p| p.1).sum();
         Ok((nll / count.max(1) as f64).exp())
@@ -311,29 +299,49 @@ impl<'a> PerplexityScorer<'a> {
 impl BlockScorer for PerplexityScorer<'_> {
     fn score_level(&mut self, level: u32, candidates: &[u32]) -> Result<Vec<f64>, ScoreError> {
         self.advance_to(level)?;
-        let inputs = self.layer_inputs()?;
-        let mut scores = Vec::with_capacity(candidates.len());
-        for &m in candidates {
+        // The candidates of each layer (positions in `candidates`).
+        let layers = self.model.num_layers();
+        let mut by_layer = vec![Vec::new(); layers];
+        for (i, &m) in candidates.iter().enumerate() {
             let m = m as usize;
-            let (layer, slot) = self.places[m];
-            let mut next = self.current_weight(m);
-            if level as usize >= self.decomposed.block_count(m) {
-                return Err("candidate without a next block".into());
+            if m >= self.places.len() || level as usize >= self.decomposed.block_count(m) {
+                return Err(format!("candidate {m} without a next block").into());
             }
-            self.decomposed
-                .block(m, level as usize)?
-                .add_to_dense(&mut next);
-            let previous = self
-                .model
-                .set_linear(layer, slot, self.dense_linear(m, next)?)?;
-            let ppl = self.perplexity_from(layer, &inputs);
-            self.model.set_linear(layer, slot, previous)?;
-            scores.push(ppl?);
-            self.done += 1;
-            (self.progress)(Progress::Step {
-                done: self.done,
-                what: self.decomposed.names[m].as_str(),
-            });
+            by_layer[self.places[m].0].push(i);
+        }
+        let Some(last) = by_layer.iter().rposition(|c| !c.is_empty()) else {
+            return Ok(Vec::new());
+        };
+        let mut scores = vec![f64::NAN; candidates.len()];
+        // Layer by layer: every window's run of the layer at this level (kept, for the
+        // layer's candidates to start from their own linear), then its output is the next
+        // layer's input. Only one layer's runs are held at a time.
+        let mut inputs: Vec<Vec<f32>> =
+            crate::windows::each_on_one_thread(&self.windows, |_, window| {
+                self.model.embed(window)
+            })?;
+        for (layer, members) in by_layer.iter().enumerate().take(last + 1) {
+            let runs = self.run_layer(layer, &inputs)?;
+            for &i in members {
+                let m = candidates[i] as usize;
+                let slot = self.places[m].1;
+                let mut next = self.current_weight(m);
+                self.decomposed
+                    .block(m, level as usize)?
+                    .add_to_dense(&mut next);
+                let previous = self
+                    .model
+                    .set_linear(layer, slot, self.dense_linear(m, next)?)?;
+                let ppl = self.perplexity_from(slot, &runs);
+                self.model.set_linear(layer, slot, previous)?;
+                scores[i] = ppl?;
+                self.done += 1;
+                (self.progress)(Progress::Step {
+                    done: self.done,
+                    what: self.decomposed.names[m].as_str(),
+                });
+            }
+            inputs = runs.into_iter().map(LayerRun::into_output).collect();
         }
         Ok(scores)
     }
