@@ -635,6 +635,7 @@ impl CausalLm {
             None,
             &mut obs,
             &mut scratch,
+            None,
         );
         Ok(())
     }
@@ -662,7 +663,7 @@ impl CausalLm {
         };
         let mut scratch = Scratch::default();
         let mut output = std::mem::take(&mut run.output);
-        self.layer_step_keeping(
+        self.layer_step(
             layer,
             l,
             &mut output,
@@ -696,7 +697,7 @@ impl CausalLm {
         match from {
             LinearSlot::QProj | LinearSlot::KProj | LinearSlot::VProj => {
                 hidden.extend_from_slice(&run.input);
-                self.layer_step(run.layer, l, hidden, t, t, 0, None, &mut None, &mut s);
+                self.layer_step(run.layer, l, hidden, t, t, 0, None, &mut None, &mut s, None);
             }
             LinearSlot::OProj => {
                 hidden.extend_from_slice(&run.input);
@@ -775,6 +776,7 @@ impl CausalLm {
                 None,
                 &mut obs,
                 &mut scratch,
+                None,
             );
         }
         Ok(hidden)
@@ -824,6 +826,7 @@ impl CausalLm {
                 None,
                 &mut obs,
                 &mut scratch,
+                None,
             );
         }
         let h = self.config.hidden_size;
@@ -1003,6 +1006,7 @@ impl CausalLm {
                 Some((keys, values)),
                 &mut obs,
                 scratch,
+                None,
             );
         }
         cache.len += t;
@@ -1063,30 +1067,13 @@ impl CausalLm {
         Ok(out)
     }
 
-    /// One decoder layer on `t` rows at positions `pos0..pos0+t`. With `kv`, the new keys
-    /// and values are appended to it and attention covers all its rows.
     /// One decoder layer on `t` rows of `hidden`: `t / seq` sequences of `seq` tokens stacked
     /// (each its own positions from `pos0` and its own causal attention; the linears take all
-    /// rows at once). With a KV cache, one sequence (`seq == t`).
+    /// rows at once). With a KV cache (`kv`: the new keys and values are appended to it and
+    /// attention covers all its rows), one sequence (`seq == t`). With `keep`, what the
+    /// layer's linears computed is copied into it.
     #[allow(clippy::too_many_arguments)]
     fn layer_step(
-        &self,
-        li: usize,
-        l: &DecoderLayer,
-        hidden: &mut [f32],
-        t: usize,
-        seq: usize,
-        pos0: usize,
-        kv: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
-        obs: &mut Option<&mut Observer<'_>>,
-        s: &mut Scratch,
-    ) {
-        self.layer_step_keeping(li, l, hidden, t, seq, pos0, kv, obs, s, None);
-    }
-
-    /// [`layer_step`](Self::layer_step), copying into `keep` what its linears computed.
-    #[allow(clippy::too_many_arguments)]
-    fn layer_step_keeping(
         &self,
         li: usize,
         l: &DecoderLayer,
