@@ -692,6 +692,22 @@ impl CausalLm {
     ) -> Result<(), ModelError> {
         let l = self.layer(run.layer)?;
         let t = run.tokens;
+        let c = &self.config;
+        let (h, im) = (c.hidden_size, c.intermediate_size);
+        let sizes = [
+            (run.input.len(), t * h),
+            (run.attn.len(), t * c.q_dim()),
+            (run.mid.len(), t * h),
+            (run.gate.len(), t * im),
+            (run.up.len(), t * im),
+        ];
+        if sizes.iter().any(|(got, want)| got != want) {
+            return Err(ModelError::InvalidArgument(format!(
+                "forward_layer_from: the kept run of layer {} does not fit this model's shapes \
+                 (a run of another model?)",
+                run.layer
+            )));
+        }
         let mut s = Scratch::default();
         hidden.clear();
         match from {
@@ -701,7 +717,7 @@ impl CausalLm {
             }
             LinearSlot::OProj => {
                 hidden.extend_from_slice(&run.input);
-                s.proj.resize(t * self.config.hidden_size, 0.0);
+                s.proj.resize(t * h, 0.0);
                 self.project(l, LinearSlot::OProj, &run.attn, t, &mut s.proj);
                 add_in_place(hidden, &s.proj);
                 self.mlp_step(

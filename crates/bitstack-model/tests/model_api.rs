@@ -290,6 +290,7 @@ fn stacked_windows_score_as_each_alone() {
 /// both models (Qwen2 with q/k/v biases, Llama with grouped-query attention).
 #[test]
 fn a_layer_run_again_from_a_changed_linear_matches_the_whole_layer() {
+    let mut runs = Vec::new();
     for name in ["tiny-qwen2", "small-llama"] {
         let dir = model_dir(name);
         let src = SafetensorsDir::open(&dir).unwrap();
@@ -333,5 +334,17 @@ fn a_layer_run_again_from_a_changed_linear_matches_the_whole_layer() {
         // Wrong input sizes and layers are errors.
         assert!(model.forward_layer_keeping(layer, vec![0.0; 5], t).is_err());
         assert!(model.forward_layer_keeping(99, input.clone(), t).is_err());
+        runs.push((model, run));
+    }
+    // A run of one model given to another is an error that says so, not a panic.
+    let (qwen, qwen_run) = &runs[0];
+    let (llama, llama_run) = &runs[1];
+    let mut out = Vec::new();
+    for slot in LinearSlot::ALL {
+        let e = llama
+            .forward_layer_from(slot, qwen_run, &mut out)
+            .unwrap_err();
+        assert!(e.to_string().contains("another model"), "{e}");
+        assert!(qwen.forward_layer_from(slot, llama_run, &mut out).is_err());
     }
 }
