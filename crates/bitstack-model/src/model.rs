@@ -651,18 +651,18 @@ impl CausalLm {
     ) -> Result<LayerRun, ModelError> {
         self.check_hidden(&input, tokens)?;
         let l = self.layer(layer)?;
+        let mut output = input.clone();
         let mut run = LayerRun {
             layer,
             tokens,
-            output: input.clone(),
             input,
             attn: Vec::new(),
             mid: Vec::new(),
             gate: Vec::new(),
             up: Vec::new(),
+            output: Vec::new(),
         };
         let mut scratch = Scratch::default();
-        let mut output = std::mem::take(&mut run.output);
         self.layer_step(
             layer,
             l,

@@ -321,7 +321,8 @@ impl BlockScorer for PerplexityScorer<'_> {
                 self.model.embed(window)
             })?;
         for (layer, members) in by_layer.iter().enumerate().take(last + 1) {
-            let runs = self.run_layer(layer, &inputs)?;
+            // The runs keep their own copies of the inputs.
+            let runs = self.run_layer(layer, &std::mem::take(&mut inputs))?;
             for &i in members {
                 let m = candidates[i] as usize;
                 let slot = self.places[m].1;
