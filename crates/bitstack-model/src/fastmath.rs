@@ -1,8 +1,10 @@
 //! Vectorizable elementwise math (exp, softmax, SiLU) for the hot loops.
 //!
 //! `exp` is a branch-free Cephes-style polynomial (about 2 ulp on the range used here) so the
-//! loops vectorize; each slice function is compiled twice, once for AVX2+FMA (chosen at run
-//! time) and once portably.
+//! loops vectorize; each slice function is compiled three times, for AVX-512 (16 lanes), for
+//! AVX2+FMA (8 lanes; chosen at run time in that order) and portably. The three give the same
+//! bits: every element goes through the same operations, and the sums are added in the same
+//! order (eight running lanes) whatever the vector width.
 
 /// `e^x` for one value, branch-free (inputs below −87.3 flush towards 0, above 88.7 clamp).
 #[inline(always)]
@@ -24,31 +26,105 @@ fn exp_scalar(x: f32) -> f32 {
     y * f32::from_bits(bits)
 }
 
+/// Which compiled copy of a slice function runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Level {
+    Portable,
+    /// Made only by [`Level::best`] and `Level::available` (tests), where the CPU has AVX2
+    /// and FMA.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// Made only by [`Level::best`] and `Level::available` (tests), where the CPU has
+    /// AVX-512F, AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Level {
+    /// The copies this CPU can run, widest first (the portable one last).
+    #[cfg(test)]
+    fn available() -> Vec<Level> {
+        let mut out = Vec::with_capacity(3);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if avx2 && is_x86_feature_detected!("avx512f") {
+                out.push(Level::Avx512);
+            }
+            if avx2 {
+                out.push(Level::Avx2);
+            }
+        }
+        out.push(Level::Portable);
+        out
+    }
+
+    /// The widest copy this CPU can run.
+    fn best() -> Level {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                if is_x86_feature_detected!("avx512f") {
+                    return Level::Avx512;
+                }
+                return Level::Avx2;
+            }
+        }
+        Level::Portable
+    }
+}
+
 macro_rules! multiversion {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+    ($(#[$m:meta])* fn $name:ident / $at:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
+            $at(Level::best(), $($arg),*)
+        }
+
+        /// The function's copy compiled for `level`.
+        fn $at(level: Level, $($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn imp($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the required CPU features were detected just above.
-                    return unsafe { avx2($($arg),*) };
+            match level {
+                Level::Portable => imp($($arg),*),
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx2 => {
+                    #[target_feature(enable = "avx2,fma")]
+                    fn avx2($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                    // SAFETY: `Level::Avx2` is only made where the CPU has these features.
+                    unsafe { avx2($($arg),*) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx512 => {
+                    #[target_feature(enable = "avx512f,avx2,fma")]
+                    fn avx512($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                    // SAFETY: `Level::Avx512` is only made where the CPU has these features.
+                    unsafe { avx512($($arg),*) }
                 }
             }
-            imp($($arg),*)
         }
     };
 }
 
 multiversion! {
     /// `x[i] = e^(x[i] − shift)`, returning the sum (f32 lanes, added in f64 at the end).
-    fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f64 {
+    fn exp_shifted_sum / exp_shifted_sum_at(x: &mut [f32], shift: f32) -> f64 {
         let mut acc = [0.0f32; 8];
-        let mut chunks = x.chunks_exact_mut(8);
+        // Sixteen exponentials at a time (one AVX-512 register), added to the eight running
+        // lanes as two groups of eight in turn: the order of the eight-at-a-time loop below.
+        let mut wide = x.chunks_exact_mut(16);
+        for c in &mut wide {
+            for v in c.iter_mut() {
+                *v = exp_scalar(*v - shift);
+            }
+            for i in 0..8 {
+                acc[i] += c[i];
+            }
+            for i in 0..8 {
+                acc[i] += c[8 + i];
+            }
+        }
+        let mut chunks = wide.into_remainder().chunks_exact_mut(8);
         for c in &mut chunks {
             for i in 0..8 {
                 c[i] = exp_scalar(c[i] - shift);
@@ -66,7 +142,7 @@ multiversion! {
 
 multiversion! {
     /// `gate[i] = silu(gate[i]) · up[i]`.
-    fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    fn silu_mul / silu_mul_at(gate: &mut [f32], up: &[f32]) {
         for (g, &u) in gate.iter_mut().zip(up) {
             *g = *g / (1.0 + exp_scalar(-*g)) * u;
         }
@@ -75,7 +151,7 @@ multiversion! {
 
 multiversion! {
     /// Scales a slice in place.
-    fn scale(x: &mut [f32], s: f32) {
+    fn scale / scale_at(x: &mut [f32], s: f32) {
         for v in x.iter_mut() {
             *v *= s;
         }
@@ -84,11 +160,11 @@ multiversion! {
 
 multiversion! {
     /// Maximum of a slice (`-inf` when empty; NaNs ignored).
-    fn max(x: &[f32]) -> f32 {
-        let mut acc = [f32::NEG_INFINITY; 8];
-        let mut chunks = x.chunks_exact(8);
+    fn max / max_at(x: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; 16];
+        let mut chunks = x.chunks_exact(16);
         for c in &mut chunks {
-            for i in 0..8 {
+            for i in 0..16 {
                 acc[i] = acc[i].max(c[i]);
             }
         }
@@ -128,6 +204,69 @@ mod tests {
         assert_eq!(exp_scalar(0.0), 1.0);
         assert!(exp_scalar(-1000.0) < 1e-37);
         assert!(exp_scalar(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    /// Every copy this CPU runs gives the bits of a plain element-by-element loop (sums in
+    /// eight running lanes), for lengths around the 8- and 16-lane steps.
+    #[test]
+    fn every_compiled_copy_gives_the_plain_loops_bits() {
+        let levels = Level::available();
+        assert_eq!(levels.last(), Some(&Level::Portable));
+        assert_eq!(levels.first(), Some(&Level::best()));
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for n in (0..70).chain([255, 256, 257, 1037, 8192]) {
+            // Logits-like values, some far below the shift (exp underflows towards 0).
+            let x: Vec<f32> = (0..n).map(|_| 40.0 * next() - 30.0).collect();
+            let up: Vec<f32> = (0..n).map(|_| 4.0 * next() - 2.0).collect();
+            // Element by element, the sum in eight running lanes (element `j` in lane `j % 8`)
+            // over the whole eights, the rest in f64.
+            let reference = {
+                let e: Vec<f32> = x.iter().map(|&v| exp_scalar(v - 3.5)).collect();
+                let whole = n / 8 * 8;
+                let mut lanes = [0.0f32; 8];
+                for (j, &v) in e[..whole].iter().enumerate() {
+                    lanes[j % 8] += v;
+                }
+                let tail: f64 = e[whole..].iter().map(|&v| f64::from(v)).sum();
+                let sum = lanes.iter().map(|&a| f64::from(a)).sum::<f64>() + tail;
+                let g: Vec<f32> = x
+                    .iter()
+                    .zip(&up)
+                    .map(|(&g, &u)| g / (1.0 + exp_scalar(-g)) * u)
+                    .collect();
+                let sc: Vec<f32> = x.iter().map(|&v| v * 0.37).collect();
+                let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                (e, sum, g, sc, m)
+            };
+            for &level in &levels {
+                let mut e = x.clone();
+                let sum = exp_shifted_sum_at(level, &mut e, 3.5);
+                let mut g = x.clone();
+                silu_mul_at(level, &mut g, &up);
+                let mut sc = x.clone();
+                scale_at(level, &mut sc, 0.37);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&e), bits(&reference.0), "exp, {level:?}, n = {n}");
+                assert_eq!(
+                    sum.to_bits(),
+                    reference.1.to_bits(),
+                    "sum, {level:?}, n = {n}"
+                );
+                assert_eq!(bits(&g), bits(&reference.2), "silu, {level:?}, n = {n}");
+                assert_eq!(bits(&sc), bits(&reference.3), "scale, {level:?}, n = {n}");
+                assert_eq!(
+                    max_at(level, &x).to_bits(),
+                    reference.4.to_bits(),
+                    "max, {level:?}, n = {n}"
+                );
+            }
+        }
     }
 
     #[test]
