@@ -34,7 +34,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Run only these groups (repeatable): `avd`, `kernels` (decode and batch), `e2e`,
-    /// `scorer` (the perplexity scorer against a straightforward implementation).
+    /// `scorer` (the perplexity scorer against a straightforward implementation), `stack`
+    /// (the --stack file against the dense model).
     #[arg(long, value_name = "GROUP")]
     pub only: Vec<String>,
     /// Model directory for the end-to-end rows (default: ../shared/models/small-llama, or
@@ -175,6 +176,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     if args.only.iter().any(|g| g == "stack") && args.stack.is_none() {
         bail!("--only stack needs --stack FILE");
+    }
+    if args.stack.is_some() && !args.only.is_empty() && !args.only.iter().any(|g| g == "stack") {
+        bail!("--stack is timed by group `stack`: add --only stack (or leave --only out)");
     }
     let run = |group: &str| args.only.is_empty() || args.only.iter().any(|g| g == group);
 

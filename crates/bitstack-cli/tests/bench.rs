@@ -44,3 +44,30 @@ fn quick_bench_reports_every_key() {
     // Quality is not a timing: the fast SVD stays within 2% of the exact one here.
     assert!(v["avd_error_ratio_fast_vs_exact_512"].as_f64().unwrap() < 1.02);
 }
+
+/// Group selections that cannot be run are refused before any work, with the reason.
+#[test]
+fn bench_refuses_groups_it_cannot_run() {
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--only", "nope"],
+            "the groups are avd, kernels, e2e, scorer, stack",
+        ),
+        (&["--only", "stack"], "--only stack needs --stack FILE"),
+        (
+            &["--only", "e2e", "--stack", "some.bitstack"],
+            "--stack is timed by group `stack`",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_bitstack"))
+            .arg("bench")
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?} printed results");
+    }
+}
