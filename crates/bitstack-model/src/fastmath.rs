@@ -22,8 +22,12 @@ fn exp_scalar(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
-    y * f32::from_bits(bits)
+    // 2^n from the bits of `n + 1.5·2^23`, whose low bits hold the integer `n` (exact for
+    // |n| < 2^22; here −126 ≤ n ≤ 128): the same bits as `(n as i32 + 127) << 23`, without
+    // the saturating float-to-int conversion that LLVM does one lane at a time.
+    const MAGIC: f32 = 12_582_912.0;
+    let int = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
+    y * f32::from_bits(int.wrapping_add(127) << 23)
 }
 
 /// Which compiled copy of a slice function runs.
@@ -141,6 +145,39 @@ multiversion! {
 }
 
 multiversion! {
+    /// `Σ e^(x[i] − shift)` without storing the exponentials: the sum of
+    /// [`exp_shifted_sum`], bit for bit (same elements, same order).
+    fn exp_shifted_total / exp_shifted_total_at(x: &[f32], shift: f32) -> f64 {
+        let mut acc = [0.0f32; 8];
+        let mut wide = x.chunks_exact(16);
+        for c in &mut wide {
+            let mut e = [0.0f32; 16];
+            for (o, &v) in e.iter_mut().zip(c) {
+                *o = exp_scalar(v - shift);
+            }
+            for i in 0..8 {
+                acc[i] += e[i];
+            }
+            for i in 0..8 {
+                acc[i] += e[8 + i];
+            }
+        }
+        let mut chunks = wide.remainder().chunks_exact(8);
+        for c in &mut chunks {
+            for i in 0..8 {
+                acc[i] += exp_scalar(c[i] - shift);
+            }
+        }
+        let tail: f64 = chunks
+            .remainder()
+            .iter()
+            .map(|&v| f64::from(exp_scalar(v - shift)))
+            .sum();
+        acc.iter().map(|&a| f64::from(a)).sum::<f64>() + tail
+    }
+}
+
+multiversion! {
     /// `gate[i] = silu(gate[i]) · up[i]`.
     fn silu_mul / silu_mul_at(gate: &mut [f32], up: &[f32]) {
         for (g, &u) in gate.iter_mut().zip(up) {
@@ -180,17 +217,52 @@ pub(crate) fn softmax_in_place(row: &mut [f32]) {
     scale(row, (1.0 / sum) as f32);
 }
 
-/// `−log softmax(row)[target]`; `row` is overwritten.
-pub(crate) fn nll_in_place(row: &mut [f32], target: usize) -> f64 {
+/// `−log softmax(row)[target]` (the row is only read).
+pub(crate) fn nll(row: &[f32], target: usize) -> f64 {
     let m = max(row);
-    let t = f64::from(row[target]);
-    let sum = exp_shifted_sum(row, m);
-    f64::from(m) + sum.ln() - t
+    let sum = exp_shifted_total(row, m);
+    f64::from(m) + sum.ln() - f64::from(row[target])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The exponent bits made from `n + 1.5·2^23` are those of the integer conversion.
+    #[test]
+    fn exp_scales_by_the_exponent_of_the_integer_conversion() {
+        fn with_conversion(x: f32) -> f32 {
+            let x = x.clamp(-87.3, 88.7);
+            let n = (x * std::f32::consts::LOG2_E).round();
+            let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+            let mut p = 1.987_569_1e-4f32;
+            p = p * r + 1.398_199_9e-3;
+            p = p * r + 8.333_452e-3;
+            p = p * r + 4.166_579_6e-2;
+            p = p * r + 1.666_666_5e-1;
+            p = p * r + 0.5;
+            let y = p * r * r + r + 1.0;
+            y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        }
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            assert_eq!(exp_scalar(x).to_bits(), with_conversion(x).to_bits(), "{x}");
+            x += 0.000_37;
+        }
+        for x in [
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            -87.3,
+            88.7,
+            0.0,
+            -0.0,
+            f32::MIN,
+            f32::MAX,
+        ] {
+            assert_eq!(exp_scalar(x).to_bits(), with_conversion(x).to_bits(), "{x}");
+        }
+        assert!(exp_scalar(f32::NAN).is_nan());
+    }
 
     #[test]
     fn exp_is_accurate() {
@@ -258,6 +330,12 @@ mod tests {
                     reference.1.to_bits(),
                     "sum, {level:?}, n = {n}"
                 );
+                let total = exp_shifted_total_at(level, &x, 3.5);
+                assert_eq!(
+                    total.to_bits(),
+                    reference.1.to_bits(),
+                    "total, {level:?}, n = {n}"
+                );
                 assert_eq!(bits(&g), bits(&reference.2), "silu, {level:?}, n = {n}");
                 assert_eq!(bits(&sc), bits(&reference.3), "scale, {level:?}, n = {n}");
                 assert_eq!(
@@ -285,8 +363,7 @@ mod tests {
             let r = (f64::from(v) - m).exp() / z;
             assert!((f64::from(*a) - r).abs() < 1e-6 * r.max(1e-3));
         }
-        let mut n = row.clone();
-        let got = nll_in_place(&mut n, 17);
+        let got = nll(&row, 17);
         let want = m + z.ln() - f64::from(row[17]);
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     }

@@ -885,11 +885,11 @@ impl CausalLm {
             self.lm_head.forward(&xn[..n * h], n, &mut logits[..n * v]);
             // Per-row values summed in order: deterministic whatever the thread split.
             logits[..n * v]
-                .par_chunks_mut(v)
+                .par_chunks(v)
                 .zip(row_nll[..n].par_iter_mut())
                 .enumerate()
                 .for_each(|(i, (row, out))| {
-                    *out = crate::fastmath::nll_in_place(row, tokens[r0 + i + 1] as usize);
+                    *out = crate::fastmath::nll(row, tokens[r0 + i + 1] as usize);
                 });
             total += row_nll[..n].iter().sum::<f64>();
             r0 = r1;
