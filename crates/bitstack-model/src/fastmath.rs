@@ -9,6 +9,19 @@
 /// `e^x` for one value, branch-free (inputs below −87.3 flush towards 0, above 88.7 clamp).
 #[inline(always)]
 fn exp_scalar(x: f32) -> f32 {
+    let (y, n) = exp_parts(x);
+    // 2^n from the bits of `n + 1.5·2^23`, whose low bits hold the integer `n` (exact for
+    // |n| < 2^22; here −126 ≤ n ≤ 128): the same bits as `(n as i32 + 127) << 23`, without
+    // the saturating float-to-int conversion that LLVM does one lane at a time.
+    const MAGIC: f32 = 12_582_912.0;
+    let int = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
+    y * f32::from_bits(int.wrapping_add(127) << 23)
+}
+
+/// `(e^r, n)` with `x = n·ln 2 + r` (`n` a whole number in −126..=128 as a float, `|r| ≤
+/// ln 2 / 2`), `x` clamped to −87.3..=88.7 first: `e^x = e^r · 2^n`.
+#[inline(always)]
+fn exp_parts(x: f32) -> (f32, f32) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -21,13 +34,7 @@ fn exp_scalar(x: f32) -> f32 {
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    // 2^n from the bits of `n + 1.5·2^23`, whose low bits hold the integer `n` (exact for
-    // |n| < 2^22; here −126 ≤ n ≤ 128): the same bits as `(n as i32 + 127) << 23`, without
-    // the saturating float-to-int conversion that LLVM does one lane at a time.
-    const MAGIC: f32 = 12_582_912.0;
-    let int = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
-    y * f32::from_bits(int.wrapping_add(127) << 23)
+    (p * r * r + r + 1.0, n)
 }
 
 /// Which compiled copy of a slice function runs.
@@ -110,37 +117,42 @@ macro_rules! multiversion {
     };
 }
 
+/// `Σ f(x[i])` in eight running f32 lanes (element `j` of the whole eights in lane `j % 8`,
+/// in order; the rest in f64), sixteen values of `f` at a time (one AVX-512 register) added
+/// to the lanes as two groups of eight in turn: the same bits at every vector width.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0.0f32; 8];
+    let mut wide = x.chunks_exact(16);
+    for c in &mut wide {
+        let mut e = [0.0f32; 16];
+        for (o, &v) in e.iter_mut().zip(c) {
+            *o = f(v);
+        }
+        for i in 0..8 {
+            acc[i] += e[i];
+        }
+        for i in 0..8 {
+            acc[i] += e[8 + i];
+        }
+    }
+    let mut chunks = wide.remainder().chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] += f(c[i]);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(f(v))).sum();
+    acc.iter().map(|&a| f64::from(a)).sum::<f64>() + tail
+}
+
 multiversion! {
     /// `x[i] = e^(x[i] − shift)`, returning the sum (f32 lanes, added in f64 at the end).
     fn exp_shifted_sum / exp_shifted_sum_at(x: &mut [f32], shift: f32) -> f64 {
-        let mut acc = [0.0f32; 8];
-        // Sixteen exponentials at a time (one AVX-512 register), added to the eight running
-        // lanes as two groups of eight in turn: the order of the eight-at-a-time loop below.
-        let mut wide = x.chunks_exact_mut(16);
-        for c in &mut wide {
-            for v in c.iter_mut() {
-                *v = exp_scalar(*v - shift);
-            }
-            for i in 0..8 {
-                acc[i] += c[i];
-            }
-            for i in 0..8 {
-                acc[i] += c[8 + i];
-            }
-        }
-        let mut chunks = wide.into_remainder().chunks_exact_mut(8);
-        for c in &mut chunks {
-            for i in 0..8 {
-                c[i] = exp_scalar(c[i] - shift);
-                acc[i] += c[i];
-            }
-        }
-        let mut tail = 0.0f64;
-        for v in chunks.into_remainder() {
+        for v in x.iter_mut() {
             *v = exp_scalar(*v - shift);
-            tail += f64::from(*v);
         }
-        acc.iter().map(|&a| f64::from(a)).sum::<f64>() + tail
+        lane_sum(x, |v| v)
     }
 }
 
@@ -148,32 +160,7 @@ multiversion! {
     /// `Σ e^(x[i] − shift)` without storing the exponentials: the sum of
     /// [`exp_shifted_sum`], bit for bit (same elements, same order).
     fn exp_shifted_total / exp_shifted_total_at(x: &[f32], shift: f32) -> f64 {
-        let mut acc = [0.0f32; 8];
-        let mut wide = x.chunks_exact(16);
-        for c in &mut wide {
-            let mut e = [0.0f32; 16];
-            for (o, &v) in e.iter_mut().zip(c) {
-                *o = exp_scalar(v - shift);
-            }
-            for i in 0..8 {
-                acc[i] += e[i];
-            }
-            for i in 0..8 {
-                acc[i] += e[8 + i];
-            }
-        }
-        let mut chunks = wide.remainder().chunks_exact(8);
-        for c in &mut chunks {
-            for i in 0..8 {
-                acc[i] += exp_scalar(c[i] - shift);
-            }
-        }
-        let tail: f64 = chunks
-            .remainder()
-            .iter()
-            .map(|&v| f64::from(exp_scalar(v - shift)))
-            .sum();
-        acc.iter().map(|&a| f64::from(a)).sum::<f64>() + tail
+        lane_sum(x, |v| exp_scalar(v - shift))
     }
 }
 
@@ -232,16 +219,7 @@ mod tests {
     #[test]
     fn exp_scales_by_the_exponent_of_the_integer_conversion() {
         fn with_conversion(x: f32) -> f32 {
-            let x = x.clamp(-87.3, 88.7);
-            let n = (x * std::f32::consts::LOG2_E).round();
-            let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-            let mut p = 1.987_569_1e-4f32;
-            p = p * r + 1.398_199_9e-3;
-            p = p * r + 8.333_452e-3;
-            p = p * r + 4.166_579_6e-2;
-            p = p * r + 1.666_666_5e-1;
-            p = p * r + 0.5;
-            let y = p * r * r + r + 1.0;
+            let (y, n) = exp_parts(x);
             y * f32::from_bits(((n as i32 + 127) as u32) << 23)
         }
         let mut x = -100.0f32;
