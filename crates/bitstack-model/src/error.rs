@@ -47,22 +47,10 @@ pub enum ModelError {
         /// The shape found.
         found: Vec<usize>,
     },
-    /// A tensor is stored in a dtype this crate cannot widen to f32.
-    #[error("tensor {name:?} has unsupported dtype {dtype} (supported: F32, F16, BF16)")]
-    UnsupportedDtype {
-        /// The tensor name.
-        name: String,
-        /// The dtype found.
-        dtype: String,
-    },
-    /// A safetensors file (or its index) is malformed.
-    #[error("invalid safetensors file {path}: {message}")]
-    Safetensors {
-        /// The file involved.
-        path: PathBuf,
-        /// What is wrong with it.
-        message: String,
-    },
+    /// The checkpoint's weights files are missing, damaged or inconsistent, or hold a dtype
+    /// other than F16, BF16 and F32 (the message names the file or tensor).
+    #[error(transparent)]
+    Weights(#[from] bitstack_checkpoint::CheckpointError),
     /// The tokenizer could not be loaded or failed on an input.
     #[error("tokenizer {path}: {message}")]
     Tokenizer {

@@ -285,7 +285,7 @@ impl<'a> PerplexityScorer<'a> {
                 self.model
                     .forward_layer(l, &mut hidden, window.len(), None)?;
             }
-            Ok((
+            Ok::<_, ModelError>((
                 self.model.hidden_nll(&hidden, window)?,
                 window.len().saturating_sub(1),
             ))

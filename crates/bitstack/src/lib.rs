@@ -15,6 +15,7 @@
 //! | the container | `bitstack-format` | [`format`](mod@crate::format) |
 //! | budgeted, resizable runtime | `bitstack-runtime` | [`runtime`] |
 //! | transformer forward pass (feature `model`) | `bitstack-model` | `model` |
+//! | a checkpoint directory's weights | `bitstack-checkpoint` | [`checkpoint`] (`Weights`, with the config and tokenizer checks on top) |
 //!
 //! Pipelines: [`checkpoint`] (reading Hugging Face checkpoints), [`select`] (which tensors are
 //! stacked, in module order), [`compress`](mod@compress) (checkpoint → container, data-free
