@@ -1,7 +1,8 @@
 //! `bitstack bench`: the speed comparisons of issue 4, side by side in one process.
 //!
-//! Every ratio is measured in this run on this machine (best of a few repetitions), so that
-//! a shared, noisy box still gives comparable numbers.
+//! Every ratio is measured in this run on this machine (best of a few repetitions, the two
+//! sides of a decode, batch or end-to-end ratio in alternating rounds), so that a shared,
+//! noisy box still gives comparable numbers.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,6 +65,20 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+/// The best times of `f` and of `g` over `rounds` alternating blocks of `reps` runs each, so
+/// that both see the same quiet and busy spells of a shared machine (each block's first run
+/// may find the caches as the other left them; the best of the rest is warm).
+fn best_of_alternating(
+    rounds: usize,
+    reps: usize,
+    mut f: impl FnMut(),
+    mut g: impl FnMut(),
+) -> (f64, f64) {
+    (0..rounds.max(1)).fold((f64::INFINITY, f64::INFINITY), |(a, b), _| {
+        (a.min(best_of(reps, &mut f)), b.min(best_of(reps, &mut g)))
+    })
 }
 
 /// Bytes of the last-level cache (Linux sysfs; 64 MiB where it cannot be read).
@@ -318,8 +333,9 @@ type BenchStack = (usize, usize, Vec<f32>, LoadedStack);
 /// Columns per group of the bit planes measured beside the AVD blocks (best mode's default).
 const PLANE_GROUP: usize = 128;
 
-/// Decode (one token) and batch (512 tokens), 4 blocks, against dense f32; and the one-token
-/// product of as many bit planes (best mode) as fit in the 4 blocks' bytes.
+/// Decode (one token) and batch (512 tokens), 4 blocks, against dense f32 (each pair timed in
+/// alternating rounds); and the one-token product of as many bit planes (best mode) as fit
+/// in the 4 blocks' bytes.
 fn kernels(
     stacks: &[BenchStack],
     blocks: usize,
@@ -349,8 +365,13 @@ fn kernels(
         note(&format!("decode and batch {r}x{c}"));
         let x: Vec<f32> = (0..c).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
         let mut y = vec![0.0f32; r];
-        let dense = best_of(10, || matvec(w, r, c, &x, &mut y));
-        let ours = best_of(10, || stack.matvec(0, &x, &mut y));
+        let mut y0 = vec![0.0f32; r];
+        let (dense, ours) = best_of_alternating(
+            if quick { 1 } else { 6 },
+            10,
+            || matvec(w, r, c, &x, &mut y0),
+            || stack.matvec(0, &x, &mut y),
+        );
         // The same product with f32 tables (exact to f32 rounding), side by side.
         stack.set_decode_tables(DecodeTables::F32);
         let exact = best_of(10, || stack.matvec(0, &x, &mut y));
@@ -404,8 +425,13 @@ fn kernels(
         if !quick {
             // The same two products with the caches evicted before each: the weights come
             // from main memory, as a model larger than the cache reads them.
-            let dense_cold = best_of_cold(5, &mut evict, || matvec(w, r, c, &x, &mut y));
-            let ours_cold = best_of_cold(5, &mut evict, || stack.matvec(0, &x, &mut y));
+            // Alternating blocks, as for the warm pair.
+            let (mut dense_cold, mut ours_cold) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..3 {
+                let d = best_of_cold(2, &mut evict, || matvec(w, r, c, &x, &mut y));
+                let o = best_of_cold(2, &mut evict, || stack.matvec(0, &x, &mut y));
+                (dense_cold, ours_cold) = (dense_cold.min(d), ours_cold.min(o));
+            }
             cold.push(ours_cold / dense_cold);
             keys.insert(
                 format!("dram_bandwidth_gb_s_{r}x{c}"),
@@ -471,8 +497,13 @@ fn kernels(
             .map(|i| ((i % 23) as f32 - 11.0) / 11.0)
             .collect();
         let mut yb = vec![0.0f32; tokens * r];
-        let dense_b = best_of(3, || dense_forward(w, r, c, &xb, tokens, &mut yb));
-        let ours_b = best_of(3, || stack.matmul(0, &xb, tokens, &mut yb));
+        let mut yb0 = vec![0.0f32; tokens * r];
+        let (dense_b, ours_b) = best_of_alternating(
+            3,
+            1,
+            || dense_forward(w, r, c, &xb, tokens, &mut yb0),
+            || stack.matmul(0, &xb, tokens, &mut yb),
+        );
         batch.push(ours_b / dense_b);
         rows.push(Row {
             what: format!("batch {tokens} tokens {r}x{c}, {blocks} blocks"),
