@@ -135,7 +135,10 @@ impl GptqFactor {
 
 /// Decomposes `w` (`rows × cols`, row-major) into `params.planes` nested bit planes whose first
 /// `compensate_planes` planes are chosen with GPTQ error compensation under `hessian`
-/// (row-major `cols × cols`, damped by [`DEFAULT_DAMP`]); see the [module docs](self).
+/// (row-major `cols × cols`, damped by [`DEFAULT_DAMP`]): GPTQ quantizes the columns left
+/// to right and pushes each column's error onto the columns not yet quantized, through the
+/// upper Cholesky factor of `H⁻¹`, on the plane grid of the original `w` (so every prefix is
+/// a valid reconstruction; only the bits change, as `mode` says).
 ///
 /// `compensate_planes = 0` gives [`decompose_planes`](crate::decompose_planes) exactly; values
 /// above `params.planes` are treated as `params.planes`. The reported errors

@@ -38,8 +38,9 @@ impl TextTokenizer {
     /// Parses the bytes of a `tokenizer.json` (e.g. one carried inside a container);
     /// `origin` names where they came from in error messages.
     ///
-    /// Never panics: see [`parse_tokenizer`] for the malformed files on which the
-    /// `tokenizers` crate itself panics.
+    /// Never panics: a file that is not JSON is refused before the `tokenizers` crate sees
+    /// it, and that crate's panics on some malformed files (a syntax error inside
+    /// `"decoder"`, a bad `precompiled_charsmap`) are caught and returned as errors.
     pub fn from_bytes(bytes: &[u8], origin: impl AsRef<Path>) -> Result<Self, ModelError> {
         let path = origin.as_ref();
         let inner = parse_tokenizer(bytes).map_err(|message| ModelError::Tokenizer {
