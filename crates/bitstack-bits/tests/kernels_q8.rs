@@ -73,7 +73,12 @@ proptest! {
 /// least twice as many rows as columns), with zero and tiny columns in `x`.
 #[test]
 fn q8_large_shapes_and_threads() {
-    for (m, n, k) in [(300, 1040, 16), (520, 200, 8), (64, 2048, 32), (1100, 520, 16)] {
+    for (m, n, k) in [
+        (300, 1040, 16),
+        (520, 200, 8),
+        (64, 2048, 32),
+        (1100, 520, 16),
+    ] {
         let parts = vec![block(m, n, k, 1), block(m, n, k, 2)];
         check(&parts, &spread_x(n), m).unwrap();
     }

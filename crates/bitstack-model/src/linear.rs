@@ -20,6 +20,16 @@ pub trait Linear: Send + Sync {
     /// Implementations may panic when the slice lengths do not match; the model always
     /// passes matching buffers.
     fn forward(&self, x: &[f32], tokens: usize, y: &mut [f32]);
+
+    /// The most tokens that cost less through this linear one at a time than as one batch
+    /// (0, the default: batches always cost less). A packed matrix whose batch product
+    /// rebuilds dense tiles of its weight (`k` multiply-adds per weight and block) while one
+    /// token costs a few table lookups per weight says so here;
+    /// [`CausalLm::forward_cached_into`](crate::CausalLm::forward_cached_into) then feeds a
+    /// short prompt one token at a time.
+    fn token_steps_limit(&self) -> usize {
+        0
+    }
 }
 
 /// A dense f32 weight `[out_features, in_features]`, row-major.

@@ -970,6 +970,11 @@ impl CausalLm {
     /// Feeds `tokens` after the cached positions (batched), appends their keys/values to
     /// `cache`, and writes the logits of the last token into `logits` (`vocab_size`).
     ///
+    /// A run of at most [`CausalLm::token_steps_limit`] tokens (more than one) goes through
+    /// the decoder one token at a time instead, as decoding does: the linears said that
+    /// costs less (a short prompt through a packed stack, whose batch product rebuilds
+    /// tiles of every weight). The logits are then those of feeding the tokens one by one.
+    ///
     /// Runs on a thread of rayon's pool (moving there once if called from outside it), so
     /// that the parallel parts of each product are shared with the other workers directly: a
     /// caller outside the pool would otherwise wake a worker for every matrix.
@@ -999,14 +1004,55 @@ impl CausalLm {
         if tokens.is_empty() {
             return Err(ModelError::InvalidArgument("empty token sequence".into()));
         }
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= v) {
+            // Checked before any token is fed (a run fed token by token would otherwise
+            // leave the tokens before it in the cache).
+            return Err(ModelError::TokenOutOfRange {
+                token,
+                vocab_size: v,
+            });
+        }
         let t = tokens.len();
         let h = self.config.hidden_size;
         let mut hidden = std::mem::take(&mut cache.scratch.hidden);
-        let res = self.embed_into(tokens, &mut hidden);
+        let steps = t > 1 && t <= self.token_steps_limit();
+        let res = if steps {
+            tokens
+                .iter()
+                .try_for_each(|token| self.feed(std::slice::from_ref(token), cache, &mut hidden))
+        } else {
+            self.feed(tokens, cache, &mut hidden)
+        };
         if let Err(e) = res {
             cache.scratch.hidden = hidden;
             return Err(e);
         }
+        // The last token's row: the only row left when fed one at a time.
+        let last = if steps { 0 } else { t - 1 };
+        let s = &mut cache.scratch;
+        s.xn.resize(h, 0.0);
+        rms_norm(
+            &hidden[last * h..],
+            &self.final_norm,
+            self.config.rms_norm_eps,
+            &mut s.xn,
+        );
+        self.lm_head.forward(&s.xn, 1, logits);
+        cache.scratch.hidden = hidden;
+        Ok(())
+    }
+
+    /// Embeds `tokens` into `hidden` and runs them through every layer after the cached
+    /// positions, appending their keys and values to `cache` (`hidden` then holds their
+    /// last layer's output).
+    fn feed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        hidden: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        self.embed_into(tokens, hidden)?;
+        let t = tokens.len();
         let pos0 = cache.len;
         let mut obs: Option<&mut Observer<'_>> = None;
         for (i, l) in self.layers.iter().enumerate() {
@@ -1015,7 +1061,7 @@ impl CausalLm {
             self.layer_step(
                 i,
                 l,
-                &mut hidden,
+                hidden,
                 t,
                 t,
                 pos0,
@@ -1026,17 +1072,18 @@ impl CausalLm {
             );
         }
         cache.len += t;
-        let s = &mut cache.scratch;
-        s.xn.resize(h, 0.0);
-        rms_norm(
-            &hidden[(t - 1) * h..],
-            &self.final_norm,
-            self.config.rms_norm_eps,
-            &mut s.xn,
-        );
-        self.lm_head.forward(&s.xn, 1, logits);
-        cache.scratch.hidden = hidden;
         Ok(())
+    }
+
+    /// The most new tokens that [`CausalLm::forward_cached_into`] feeds one at a time: the
+    /// smallest [`Linear::token_steps_limit`] of the decoder layers' linears (0: never).
+    pub fn token_steps_limit(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| l.linears.iter())
+            .map(|l| l.token_steps_limit())
+            .min()
+            .unwrap_or(0)
     }
 
     /// Feeds `tokens` after the cached positions; returns the logits of the last one.

@@ -163,6 +163,98 @@ impl Linear for Counting {
     }
 }
 
+/// A dense linear that reports a shared [`Linear::token_steps_limit`] and records the most
+/// tokens any of its products took.
+struct Stepping {
+    inner: DenseLinear,
+    limit: Arc<AtomicUsize>,
+    widest: Arc<AtomicUsize>,
+}
+
+impl Linear for Stepping {
+    fn in_features(&self) -> usize {
+        self.inner.in_features()
+    }
+    fn out_features(&self) -> usize {
+        self.inner.out_features()
+    }
+    fn forward(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
+        self.widest.fetch_max(tokens, Ordering::Relaxed);
+        self.inner.forward(x, tokens, y);
+    }
+    fn token_steps_limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+}
+
+/// `forward_cached_into` feeds a run of at most `token_steps_limit` tokens one at a time
+/// (the same logits as `forward_next` token by token, close to the batch's), longer runs
+/// and models whose linears do not say so as one batch; a bad token in a stepped run is
+/// refused before anything enters the cache.
+#[test]
+fn short_runs_go_one_token_at_a_time_where_the_linears_say_so() {
+    let dir = model_dir("small-llama");
+    let src = SafetensorsDir::open(&dir).unwrap();
+    let cfg = ModelConfig::from_file(dir.join("config.json")).unwrap();
+    let (limit, widest) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut model = CausalLm::from_source(cfg.clone(), &src, &mut |name, _| {
+        if name == "lm_head.weight" {
+            return Ok(None);
+        }
+        let (shape, w) = src.tensor_f32(name).unwrap();
+        Ok(Some(Arc::new(Stepping {
+            inner: DenseLinear::new(w, shape[0], shape[1]).unwrap(),
+            limit: limit.clone(),
+            widest: widest.clone(),
+        }) as Arc<dyn Linear>))
+    })
+    .unwrap();
+    let run = |model: &CausalLm, tokens: &[u32]| {
+        widest.store(0, Ordering::Relaxed);
+        let mut cache = model.new_cache();
+        let logits = model.forward_cached(tokens, &mut cache).unwrap();
+        assert_eq!(cache.len(), tokens.len());
+        (logits, widest.load(Ordering::Relaxed))
+    };
+    let prompt = &PROMPT[..8];
+    assert_eq!(model.token_steps_limit(), 0);
+    let (batch, width) = run(&model, prompt);
+    assert_eq!(width, 8, "no limit: one batch");
+
+    limit.store(8, Ordering::Relaxed);
+    assert_eq!(model.token_steps_limit(), 8);
+    let (stepped, width) = run(&model, prompt);
+    assert_eq!(width, 1, "8 tokens within the limit: one at a time");
+    let mut cache = model.new_cache();
+    let mut one_by_one = Vec::new();
+    for &t in prompt {
+        one_by_one = model.forward_next(t, &mut cache).unwrap();
+    }
+    assert_eq!(stepped, one_by_one);
+    let scale = batch.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (a, b) in stepped.iter().zip(&batch) {
+        assert!((a - b).abs() <= 1e-4 * scale, "stepped {a} vs batch {b}");
+    }
+    let (_, width) = run(&model, &PROMPT[..9]);
+    assert_eq!(width, 9, "9 tokens over the limit: one batch");
+
+    let mut cache = model.new_cache();
+    let bad = [47, 702, cfg.vocab_size as u32];
+    let Err(e) = model.forward_cached(&bad, &mut cache) else {
+        panic!("a token out of range was fed");
+    };
+    assert!(matches!(e, ModelError::TokenOutOfRange { .. }), "{e}");
+    assert_eq!(cache.len(), 0, "a refused run left tokens in the cache");
+
+    // The smallest over the decoder's linears: one plain linear means never.
+    let (shape, w) = src.tensor_f32("model.layers.3.mlp.up_proj.weight").unwrap();
+    let plain = Arc::new(DenseLinear::new(w, shape[0], shape[1]).unwrap());
+    model.set_linear(3, LinearSlot::UpProj, plain).unwrap();
+    assert_eq!(model.token_steps_limit(), 0);
+    let (_, width) = run(&model, prompt);
+    assert_eq!(width, 8);
+}
+
 #[test]
 fn hook_set_linear_layers_and_sites() {
     let dir = model_dir("small-llama");

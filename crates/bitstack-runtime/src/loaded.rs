@@ -104,6 +104,19 @@ pub enum DecodeTables {
 /// The smallest rank for which [`DecodeTables::Int8Tiles`] uses the tile unit.
 const TILE_MIN_RANK: usize = 8;
 
+/// The most tokens that cost less as one-token products than through the batch product, for
+/// a matrix with AVD blocks and 8-bit decode tables ([`LoadedStack::token_steps_limit`]).
+/// The tile rebuild costs `k` multiply-adds per weight and block whatever the token count;
+/// `cargo run --release -p bitstack-runtime --example prompt_paths -- FILE` on small-llama,
+/// 4 blocks, k = 16 (AMD Zen 5, two threads): tiles cost 2.0–3.1× the one-token products at
+/// 8 tokens and 0.96–1.60× at 16.
+const AVD_Q8_TOKEN_STEPS: usize = 12;
+/// As [`AVD_Q8_TOKEN_STEPS`] with f32 decode tables (crossover near 3 tokens).
+const AVD_F32_TOKEN_STEPS: usize = 2;
+/// As [`AVD_Q8_TOKEN_STEPS`] for bit planes, whose tile rebuild is cheap (8 planes: tiles
+/// 1.7–3.4× the one-token products at 2 tokens, 0.88–1.86× at 4).
+const PLANE_TOKEN_STEPS: usize = 3;
+
 /// Cumulative counters of a [`LoadedStack`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counters {
@@ -394,6 +407,29 @@ impl LoadedStack {
                 planes_matvec_add_q16(&planes, &table, y);
             }
         }
+    }
+
+    /// The most tokens for which [`LoadedStack::matvec`] once per token costs less than one
+    /// [`LoadedStack::matmul`] of them for matrix `m` (with its blocks loaded now): about 12
+    /// for AVD blocks with 8-bit decode tables on a CPU that has their vectorized kernel,
+    /// 2 with f32 tables, 3 for bit planes (the smallest of those present; 0 for a matrix
+    /// without blocks). Measured on small-llama; see `examples/prompt_paths.rs`.
+    pub fn token_steps_limit(&self, m: usize) -> usize {
+        let blocks = self.read_blocks(m);
+        let avd = blocks.iter().any(|b| matches!(b.as_ref(), Block::Avd(_)));
+        let planes = blocks.iter().any(|b| matches!(b.as_ref(), Block::Plane(_)));
+        let avd_limit = if self.decode_tables() != DecodeTables::F32
+            && bitstack_bits::lowrank_q8_vectorized(Simd::Auto)
+        {
+            AVD_Q8_TOKEN_STEPS
+        } else {
+            AVD_F32_TOKEN_STEPS
+        };
+        [(avd, avd_limit), (planes, PLANE_TOKEN_STEPS)]
+            .into_iter()
+            .filter_map(|(present, limit)| present.then_some(limit))
+            .min()
+            .unwrap_or(0)
     }
 
     /// How [`LoadedStack::matvec`] multiplies AVD blocks (default [`DecodeTables::Int8`]).

@@ -45,6 +45,10 @@ impl Linear for StackLinear {
     fn forward(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
         self.stack.matmul(self.matrix, x, tokens, y);
     }
+
+    fn token_steps_limit(&self) -> usize {
+        self.stack.token_steps_limit(self.matrix)
+    }
 }
 
 /// One stacked matrix of a [`LoadedStack`] as rows rebuilt on demand (a stacked embedding

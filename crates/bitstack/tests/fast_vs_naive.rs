@@ -6,13 +6,15 @@
 //! decode-path perplexity of 128 tokens to 1 %. A best-mode (bit-plane) stack of
 //! small-llama, whose planes the runtime multiplies with `x` as two bytes where the CPU has
 //! AVX-512 VNNI and GFNI, decodes with logits within 1e-3 RMS of the naive path's and
-//! perplexity within 1e-4.
+//! perplexity within 1e-4. Both feed a prompt within the runtime's `token_steps_limit`
+//! one token at a time (the logits of `forward_next` token by token).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bitstack::best::{compress_best, BestOptions, BestOrder};
+use bitstack::bits::{lowrank_q8_vectorized, Simd};
 use bitstack::calibrate::CalibrationOptions;
 use bitstack::chain::ChainChoice;
 use bitstack::compress::compress;
@@ -70,6 +72,41 @@ fn small_llama_avd_fast_path_matches_the_naive_path() {
         stack.set_decode_tables(tables);
         decode_agrees(&fast, &naive, &ids[..129], (3e-2, 1e-2), what);
     }
+    // A prompt short enough goes through the one-token products, as decoding does.
+    stack.set_decode_tables(DecodeTables::default());
+    let limit = if lowrank_q8_vectorized(Simd::Auto) {
+        12
+    } else {
+        2
+    };
+    short_prompts_step(&stack, &fast, &ids[..limit], limit);
+    stack.set_decode_tables(DecodeTables::F32);
+    short_prompts_step(&stack, &fast, &ids[..2], 2);
+}
+
+/// Every matrix of `stack` and the model say `limit` tokens cost less one at a time, and a
+/// `prompt` of at most that many tokens through `forward_cached` gives the logits of
+/// feeding it one token at a time.
+fn short_prompts_step(stack: &LoadedStack, model: &CausalLm, prompt: &[u32], limit: usize) {
+    for m in 0..stack.file().matrix_count() {
+        assert_eq!(stack.token_steps_limit(m), limit, "matrix {m}");
+    }
+    assert_eq!(model.token_steps_limit(), limit);
+    assert!(prompt.len() <= limit);
+    let stepped = model
+        .forward_cached(prompt, &mut model.new_cache())
+        .unwrap();
+    let mut cache = model.new_cache();
+    let mut one_by_one = Vec::new();
+    for &t in prompt {
+        one_by_one = model.forward_next(t, &mut cache).unwrap();
+    }
+    assert_eq!(
+        stepped,
+        one_by_one,
+        "{} tokens, limit {limit}",
+        prompt.len()
+    );
 }
 
 /// One token at a time over `tokens` with exact products: every logit of the fast model
@@ -176,5 +213,6 @@ fn small_llama_best_mode_decode_matches_the_naive_path() {
             (1e-3, 1e-4),
             &format!("best mode at {budget} B, two-byte x"),
         );
+        short_prompts_step(&stack, &fast, &ids[..3], 3);
     }
 }
