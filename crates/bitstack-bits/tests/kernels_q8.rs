@@ -69,8 +69,8 @@ proptest! {
     }
 }
 
-/// Shapes large enough for both thread splits (column chunks; rows where one chunk or at
-/// least twice as many rows as columns), with zero and tiny columns in `x`.
+/// Shapes large enough for both thread splits (column chunks; rows where one chunk), with
+/// zero and tiny columns in `x`.
 #[test]
 fn q8_large_shapes_and_threads() {
     for (m, n, k) in [
