@@ -73,6 +73,27 @@ const STEP_TILES: usize = 2;
 /// The largest quantized entry.
 const QMAX: f32 = 127.0;
 
+/// The vectorized sweep's tile buffers (5 kB): made once per share of a product instead of
+/// on every sweep, 512 per thread in a 4096² product of 4 blocks (one thread, four rounds
+/// alternately: 1.13–1.19 ms against 1.12–1.20 before, 1.4 % less on average).
+struct SweepScratch {
+    #[cfg(target_arch = "x86_64")]
+    rows: [[u8; TILE * CHUNK_BYTES]; STEP_TILES],
+    #[cfg(target_arch = "x86_64")]
+    idx: [[avx512::Indices; STEP_TILES]; 2],
+}
+
+impl Default for SweepScratch {
+    fn default() -> Self {
+        Self {
+            #[cfg(target_arch = "x86_64")]
+            rows: [[0; TILE * CHUNK_BYTES]; STEP_TILES],
+            #[cfg(target_arch = "x86_64")]
+            idx: [[avx512::Indices::default(); STEP_TILES]; 2],
+        }
+    }
+}
+
 /// Scratch memory of one thread, kept between calls.
 #[derive(Default)]
 struct Buffers {
@@ -210,6 +231,7 @@ fn run_share(
                 fill_z(b, x, c * CHUNK_COLS, z, vector);
                 build_tables(z, k, t, s, vector);
             }
+            let mut scratch = SweepScratch::default();
             let block_rows = (ROW_BLOCK_ACC_BYTES / (4 * k * TILE)).max(1) * TILE;
             for (i, ys) in y.chunks_mut(block_rows).enumerate() {
                 let first = row0 + i * block_rows;
@@ -225,7 +247,15 @@ fn run_share(
                     .zip(tables.chunks_exact(k * CHUNK_TABLE))
                     .zip(scales.chunks_exact(k))
                 {
-                    sweep(b, c, (first, ys.len()), t, s, acc, (vector, c == c0));
+                    sweep(
+                        b,
+                        c,
+                        (first, ys.len()),
+                        (t, s),
+                        acc,
+                        (vector, c == c0),
+                        &mut scratch,
+                    );
                 }
                 apply_u(b, first, acc, ys, u, vector);
             }
@@ -405,17 +435,17 @@ fn sweep(
     b: &LowRankRef<'_>,
     c: usize,
     (first, rows): (usize, usize),
-    tables: &[u8],
-    scales: &[f32],
+    (tables, scales): (&[u8], &[f32]),
     acc: &mut [f32],
     (vector, fresh): (bool, bool),
+    scratch: &mut SweepScratch,
 ) {
     #[cfg(target_arch = "x86_64")]
     if vector {
-        sweep_vector(b, c, (first, rows), tables, scales, acc, fresh);
+        sweep_vector(b, c, (first, rows), (tables, scales), acc, fresh, scratch);
         return;
     }
-    let _ = (vector, fresh);
+    let _ = (vector, fresh, scratch);
     let k = b.k;
     let mut bytes = [0u8; TILE * CHUNK_BYTES];
     for (t, tile_acc) in acc.chunks_exact_mut(k * TILE).enumerate() {
@@ -452,18 +482,16 @@ fn sweep_vector(
     b: &LowRankRef<'_>,
     c: usize,
     (first, rows): (usize, usize),
-    tables: &[u8],
-    scales: &[f32],
+    (tables, scales): (&[u8], &[f32]),
     acc: &mut [f32],
     fresh: bool,
+    SweepScratch { rows: scratch, idx }: &mut SweepScratch,
 ) {
     let k = b.k;
     let n = b.signs.cols();
     // Rows on byte boundaries and a whole chunk: the tiles' bytes are read in place.
     let in_place = n.is_multiple_of(8) && (c + 1) * CHUNK_COLS <= n && n / 8 < 1 << 26;
     let tiles = acc.len() / (k * TILE);
-    let mut scratch = [[0u8; TILE * CHUNK_BYTES]; STEP_TILES];
-    let mut idx = [[avx512::Indices::default(); STEP_TILES]; 2];
     // Makes the index bytes of the tiles `t..t + STEP_TILES` (those that exist) in `out`.
     let mut prepare_from = |t0: usize, out: &mut [avx512::Indices; STEP_TILES]| {
         for (t, (o, s)) in (t0..tiles).zip(out.iter_mut().zip(scratch.iter_mut())) {
