@@ -537,9 +537,9 @@ fn tile_source<'s>(
         // `STRIP_PREFETCH_TILES` tiles on is requested now.
         let at = crate::matrix::strip_offset(b.signs.rows(), row, c * CHUNK_BYTES);
         let ahead = at + STRIP_PREFETCH_TILES * TILE * CHUNK_BYTES;
-        for line in (0..TILE * CHUNK_BYTES).step_by(64) {
-            if let Some(bytes) = all.get(ahead + line..) {
-                avx512::prefetch(bytes);
+        if let Some(run) = all.get(ahead..ahead + TILE * CHUNK_BYTES) {
+            for line in run.chunks_exact(64) {
+                avx512::prefetch(line);
             }
         }
         return (&all[at..], CHUNK_BYTES);
