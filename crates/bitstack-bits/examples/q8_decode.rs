@@ -7,6 +7,8 @@
 //! With `LOOP=N` it instead runs only the 8-bit-table kernel, `N` times, on a thread of
 //! rayon's pool as the CLI does (on one thread, or split over the pool with `PAR=1`), and
 //! prints the mean time of one product: for `perf record` and for comparing two builds.
+//! `SIMD=avx2` (or `SIMD=portable`) runs the kernels' AVX2 (portable) versions instead of
+//! the fastest this CPU has.
 
 use std::time::Instant;
 
@@ -59,6 +61,11 @@ fn main() {
         })
         .collect();
     let x: Vec<f32> = (0..n).map(|_| next()).collect();
+    let simd = match std::env::var("SIMD").as_deref() {
+        Ok("avx2") => Simd::Avx2,
+        Ok("portable") => Simd::Portable,
+        _ => Simd::Auto,
+    };
     let mut y = vec![0.0f32; m];
     if let Some(reps) = std::env::var("LOOP")
         .ok()
@@ -72,12 +79,12 @@ fn main() {
         let t = Instant::now();
         rayon::scope(|_| {
             for _ in 0..reps {
-                lowrank_matvec_add_q8(&blocks, &x, &mut y, par, Simd::Auto);
+                lowrank_matvec_add_q8(&blocks, &x, &mut y, par, simd);
             }
         });
         let each = t.elapsed().as_secs_f64() / reps.max(1) as f64;
         println!(
-            "{m}x{n}, 4 blocks, k = {k}, {par:?}, {:?}, 8-bit tables: {:.4} ms",
+            "{m}x{n}, 4 blocks, k = {k}, {par:?}, {:?}, {simd:?}, 8-bit tables: {:.4} ms",
             blocks[0].signs.layout(),
             each * 1e3
         );
@@ -89,12 +96,12 @@ fn main() {
         for _ in 0..3 {
             let t = Instant::now();
             for _ in 0..reps {
-                lowrank_matvec_add(&blocks, &x, &mut y, par, Simd::Auto);
+                lowrank_matvec_add(&blocks, &x, &mut y, par, simd);
             }
             f32_best = f32_best.min(t.elapsed().as_secs_f64() / reps as f64);
             let t = Instant::now();
             for _ in 0..reps {
-                lowrank_matvec_add_q8(&blocks, &x, &mut y, par, Simd::Auto);
+                lowrank_matvec_add_q8(&blocks, &x, &mut y, par, simd);
             }
             q8_best = q8_best.min(t.elapsed().as_secs_f64() / reps as f64);
             if lowrank_i8_accelerated(Simd::Auto) {
@@ -106,7 +113,7 @@ fn main() {
             }
         }
         println!(
-            "{m}x{n}, 4 blocks, k = {k}, {par:?}: f32 tables {:.3} ms, 8-bit tables {:.3} ms ({:.2}x)",
+            "{m}x{n}, 4 blocks, k = {k}, {par:?}, {simd:?}: f32 tables {:.3} ms, 8-bit tables {:.3} ms ({:.2}x)",
             f32_best * 1e3,
             q8_best * 1e3,
             f32_best / q8_best

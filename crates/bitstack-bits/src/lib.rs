@@ -103,11 +103,13 @@ pub fn lowrank_matvec_add(
 }
 /// [`lowrank_matvec_add`] with 8-bit tables: each 4-column table entry is rounded to a
 /// signed byte, with one scale per chunk of [`Q8_CHUNK_COLS`] columns and rank index (the
-/// largest entry's magnitude over 127). Two to 2.7 times faster than the f32 tables on
-/// CPUs with AVX-512 VBMI and VNNI (AMD Zen 4, Intel from Ice Lake: 4096², 4 blocks,
-/// k = 16); elsewhere, or with a `simd` other than [`Simd::Auto`] and [`Simd::Avx512`], a
-/// portable version with the same rounding runs (slower than [`lowrank_matvec_add`]'s
-/// vectorized versions: it is the reference).
+/// largest entry's magnitude over 127). On CPUs with AVX-512 VBMI and VNNI (AMD Zen 4,
+/// Intel from Ice Lake) 2.8–5 times faster than the f32 tables (4096², 4 blocks, k = 16;
+/// with [`Simd::Auto`] or [`Simd::Avx512`]); on CPUs with AVX2, FMA and F16C but not those
+/// (with [`Simd::Auto`], or [`Simd::Avx2`] / [`Simd::Avx2Gfni`] anywhere) an AVX2 version
+/// 1.7–2.9 times faster than the f32 tables' AVX2 version (measured on AMD Zen 5, two
+/// threads: 512² to 14336 × 4096); elsewhere a portable version with the same rounding
+/// (slower than [`lowrank_matvec_add`]'s vectorized versions: it is the reference).
 ///
 /// The result differs from the exact product by at most [`lowrank_q8_error_bounds`] per row
 /// (half a quantization step per group and chunk, weighted by `|u|`); on one thread the
@@ -125,11 +127,18 @@ pub fn lowrank_matvec_add_q8(
     lowrank_q8::matvec_add_q8(blocks, x, y, par, simd);
 }
 
-/// Whether [`lowrank_matvec_add_q8`] runs its vectorized version with `simd` on this CPU
-/// (AVX-512 F, BW, VBMI and VNNI, with [`Simd::Auto`] or [`Simd::Avx512`]).
+/// Whether [`lowrank_matvec_add_q8`] runs a vectorized version with `simd` on this CPU
+/// (AVX-512 F, BW, VL, VBMI and VNNI; or AVX2, FMA and F16C).
 #[must_use]
 pub fn lowrank_q8_vectorized(simd: Simd) -> bool {
     lowrank_q8::vectorized(simd)
+}
+
+/// Whether [`lowrank_matvec_add_q8`] runs its AVX-512 version with `simd` on this CPU (the
+/// fastest: 3–3.5 times its AVX2 version at 4096² and above, twice at 512²).
+#[must_use]
+pub fn lowrank_q8_avx512(simd: Simd) -> bool {
+    lowrank_q8::vectorized_avx512(simd)
 }
 
 /// The bounds on `|Δy[row]|` of [`lowrank_matvec_add_q8`] against the exact product (before

@@ -31,6 +31,15 @@
 //! round the same entries and add the same values in the same order, so on one thread they
 //! agree exactly.
 //!
+//! With AVX2, FMA and F16C but not those (Intel before Ice Lake and its client cores,
+//! AMD before Zen 4), the same tables and sums: one `vpshufb` looks up 32 entries (16 rows
+//! × 2 groups, one group's 16-entry table per 128-bit lane), two `vpmaddubsw` against
+//! bytes `1, 0, …` and `0, 1, …` take the even and the odd rows' entries into 16-bit sums,
+//! which are widened once per chunk; `z` and the application of `u` have AVX2 versions
+//! too. On Zen 5 (two threads) it runs 1.7–2.9 times as fast as the f32 tables' AVX2
+//! version and at 0.3–0.5 times the AVX-512 version's speed (`SIMD=avx2
+//! examples/q8_decode`).
+//!
 //! Threads: as in the f32 kernel, each thread takes a contiguous share of the chunks (its
 //! own tables and partial `y`, summed at the end), or of the rows where there are fewer
 //! chunks than threads.
@@ -81,6 +90,8 @@ struct SweepScratch {
     rows: [[u8; TILE * CHUNK_BYTES]; STEP_TILES],
     #[cfg(target_arch = "x86_64")]
     idx: [[avx512::Indices; STEP_TILES]; 2],
+    #[cfg(target_arch = "x86_64")]
+    idx2: avx2::Indices,
 }
 
 impl Default for SweepScratch {
@@ -90,6 +101,8 @@ impl Default for SweepScratch {
             rows: [[0; TILE * CHUNK_BYTES]; STEP_TILES],
             #[cfg(target_arch = "x86_64")]
             idx: [[avx512::Indices::default(); STEP_TILES]; 2],
+            #[cfg(target_arch = "x86_64")]
+            idx2: avx2::Indices::default(),
         }
     }
 }
@@ -113,14 +126,43 @@ fn with_buffers<R>(f: impl FnOnce(&mut Buffers) -> R) -> R {
     with_scratch(&BUFFERS, f)
 }
 
-/// Whether [`matvec_add_q8`] runs its AVX-512 version with `simd` on this CPU.
-pub(crate) fn vectorized(simd: Simd) -> bool {
+/// Which version of the kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// The portable version (the tests' oracle).
+    Portable,
+    /// AVX-512 VBMI and VNNI: `vpermb` lookups of 16 rows × 4 groups, `vpdpbusd` sums.
+    Avx512,
+    /// AVX2 and FMA: `vpshufb` lookups of 16 rows × 2 groups, `vpmaddubsw` sums.
+    Avx2,
+}
+
+/// The version of [`matvec_add_q8`] that runs with `simd` on this CPU: AVX-512 where it has
+/// VBMI and VNNI (with `Auto` and `Avx512`), else AVX2 where it has AVX2 and FMA (with
+/// `Auto`, `Avx2` and `Avx2Gfni`), else the portable one.
+fn path(simd: Simd) -> Path {
     #[cfg(target_arch = "x86_64")]
-    if matches!(simd, Simd::Auto | Simd::Avx512) {
-        return avx512::available();
+    {
+        if matches!(simd, Simd::Auto | Simd::Avx512) && avx512::available() {
+            return Path::Avx512;
+        }
+        if matches!(simd, Simd::Auto | Simd::Avx2 | Simd::Avx2Gfni) && avx2::available() {
+            return Path::Avx2;
+        }
     }
     let _ = simd;
-    false
+    Path::Portable
+}
+
+/// Whether [`matvec_add_q8`] runs a vectorized version (AVX-512 or AVX2) with `simd` on
+/// this CPU.
+pub(crate) fn vectorized(simd: Simd) -> bool {
+    path(simd) != Path::Portable
+}
+
+/// Whether [`matvec_add_q8`] runs its AVX-512 version with `simd` on this CPU.
+pub(crate) fn vectorized_avx512(simd: Simd) -> bool {
+    path(simd) == Path::Avx512
 }
 
 /// `y += Σ_b (S_b ⊙ (u_b v_b)) x` over `blocks` with 8-bit tables (see the module docs).
@@ -149,7 +191,7 @@ pub(crate) fn matvec_add_q8(
     if m == 0 || n == 0 || blocks.is_empty() {
         return;
     }
-    let vector = vectorized(simd);
+    let vector = path(simd);
     let chunks = n.div_ceil(CHUNK_COLS);
     let threads = if use_parallel(par, work) {
         rayon::current_num_threads()
@@ -201,7 +243,7 @@ fn run_share(
     (c0, c1): (usize, usize),
     row0: usize,
     y: &mut [f32],
-    vector: bool,
+    path: Path,
 ) {
     with_buffers(|buf| {
         if let Some(b) = blocks.first() {
@@ -228,8 +270,8 @@ fn run_share(
                 .zip(tables.chunks_exact_mut(k * CHUNK_TABLE))
                 .zip(scales.chunks_exact_mut(k))
             {
-                fill_z(b, x, c * CHUNK_COLS, z, vector);
-                build_tables(z, k, t, s, vector);
+                fill_z(b, x, c * CHUNK_COLS, z, path);
+                build_tables(z, k, t, s, path);
             }
             let mut scratch = SweepScratch::default();
             let block_rows = (ROW_BLOCK_ACC_BYTES / (4 * k * TILE)).max(1) * TILE;
@@ -237,8 +279,8 @@ fn run_share(
                 let first = row0 + i * block_rows;
                 let tiles = ys.len().div_ceil(TILE);
                 let acc = sized(acc, tiles * k * TILE);
-                if !vector {
-                    // The vectorized sweep writes its first chunk's sums instead of adding
+                if path == Path::Portable {
+                    // The vectorized sweeps write their first chunk's sums instead of adding
                     // them (zeroing made 5 % of a 512 × 512 product; small-llama's paper-mode
                     // decoding, in one process alternately: 443 → 482–488 tok/s median).
                     acc.fill(0.0);
@@ -253,11 +295,11 @@ fn run_share(
                         (first, ys.len()),
                         (t, s),
                         acc,
-                        (vector, c == c0),
+                        (path, c == c0),
                         &mut scratch,
                     );
                 }
-                apply_u(b, first, acc, ys, u, vector);
+                apply_u(b, first, acc, ys, u, path);
             }
         }
     });
@@ -301,16 +343,25 @@ fn prefetch_v(b: &LowRankRef<'_>, (c0, c1): (usize, usize)) {
 /// column, stored in slot order (see [`build_tables`]): slot `4h + m` of the 32-column span
 /// `p` (floats `CHUNK_COLS·j + 32p + 4(4h + m)..`) holds group `8p + 2m + h`.
 #[allow(unsafe_code)]
-fn fill_z(b: &LowRankRef<'_>, x: &[f32], col0: usize, z: &mut [f32], vector: bool) {
+fn fill_z(b: &LowRankRef<'_>, x: &[f32], col0: usize, z: &mut [f32], path: Path) {
     let n = x.len();
     #[cfg(target_arch = "x86_64")]
-    if vector {
-        // SAFETY: `vector` is only true where `avx512::available()` said so; `b.v` holds
-        // `k × n` values (checked by `check_block`), `z` `k·CHUNK_COLS`, `col0 < n`.
-        unsafe { avx512::fill_z(b.v, x, col0, b.k, z) };
-        return;
+    match path {
+        Path::Avx512 => {
+            // SAFETY: `Path::Avx512` is only chosen where `avx512::available()` said so;
+            // `b.v` holds `k × n` values (checked by `check_block`), `z` `k·CHUNK_COLS`,
+            // `col0 < n`.
+            unsafe { avx512::fill_z(b.v, x, col0, b.k, z) };
+            return;
+        }
+        Path::Avx2 => {
+            // SAFETY: as above, with `avx2::available()`.
+            unsafe { avx2::fill_z(b.v, x, col0, b.k, z) };
+            return;
+        }
+        Path::Portable => {}
     }
-    let _ = vector;
+    let _ = path;
     let present = (n - col0).min(CHUNK_COLS);
     for (j, zj) in z.chunks_exact_mut(CHUNK_COLS).enumerate() {
         for (o, slot) in zj.chunks_exact_mut(4).enumerate() {
@@ -385,7 +436,7 @@ fn inverse(s: f32) -> f32 {
 /// 1` those of the low halves (`32p + 8m + 4..32p + 8m + 8`): a lane of 4 bytes of a row
 /// then yields its quads' indices by a shift and a mask.
 #[allow(unsafe_code)]
-fn build_tables(z: &[f32], k: usize, tables: &mut [u8], scales: &mut [f32], vector: bool) {
+fn build_tables(z: &[f32], k: usize, tables: &mut [u8], scales: &mut [f32], path: Path) {
     // `z` is in slot order already ([`fill_z`]).
     for (j, (zj, s)) in z
         .chunks_exact(CHUNK_COLS)
@@ -394,13 +445,22 @@ fn build_tables(z: &[f32], k: usize, tables: &mut [u8], scales: &mut [f32], vect
     {
         let tj = &mut tables[j * CHUNK_TABLE..(j + 1) * CHUNK_TABLE];
         #[cfg(target_arch = "x86_64")]
-        if vector {
-            // SAFETY: `vector` is only true where `avx512::available()` said so; `zj` holds
-            // `CHUNK_COLS` values and `tj` `CHUNK_TABLE` bytes.
-            *s = unsafe { avx512::build(zj, tj) };
-            continue;
+        match path {
+            Path::Avx512 => {
+                // SAFETY: `Path::Avx512` is only chosen where `avx512::available()` said so;
+                // `zj` holds `CHUNK_COLS` values and `tj` `CHUNK_TABLE` bytes.
+                *s = unsafe { avx512::build(zj, tj) };
+                continue;
+            }
+            Path::Avx2 => {
+                // SAFETY: `Path::Avx2` is only chosen where `avx2::available()` said so; as
+                // above.
+                *s = unsafe { avx2::build(zj, tj) };
+                continue;
+            }
+            Path::Portable => {}
         }
-        let _ = vector;
+        let _ = path;
         *s = scale_of(zj);
         let inv = inverse(*s);
         for (zg, tg) in zj.chunks_exact(4).zip(tj.chunks_exact_mut(16)) {
@@ -437,15 +497,22 @@ fn sweep(
     (first, rows): (usize, usize),
     (tables, scales): (&[u8], &[f32]),
     acc: &mut [f32],
-    (vector, fresh): (bool, bool),
+    (path, fresh): (Path, bool),
     scratch: &mut SweepScratch,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if vector {
-        sweep_vector(b, c, (first, rows), (tables, scales), acc, fresh, scratch);
-        return;
+    match path {
+        Path::Avx512 => {
+            sweep_vector(b, c, (first, rows), (tables, scales), acc, fresh, scratch);
+            return;
+        }
+        Path::Avx2 => {
+            sweep_avx2(b, c, (first, rows), (tables, scales), acc, fresh, scratch);
+            return;
+        }
+        Path::Portable => {}
     }
-    let _ = (vector, fresh, scratch);
+    let _ = (path, fresh, scratch);
     let k = b.k;
     let mut bytes = [0u8; TILE * CHUNK_BYTES];
     for (t, tile_acc) in acc.chunks_exact_mut(k * TILE).enumerate() {
@@ -485,7 +552,9 @@ fn sweep_vector(
     (tables, scales): (&[u8], &[f32]),
     acc: &mut [f32],
     fresh: bool,
-    SweepScratch { rows: scratch, idx }: &mut SweepScratch,
+    SweepScratch {
+        rows: scratch, idx, ..
+    }: &mut SweepScratch,
 ) {
     let k = b.k;
     let n = b.signs.cols();
@@ -515,6 +584,40 @@ fn sweep_vector(
         // SAFETY: as above; `cur` holds the index bytes of `live` tiles, `tables` `k`
         // chunk tables, `scales` `k` values and `step_acc` `live·k·16`.
         unsafe { avx512::step(&cur[..live], tables, scales, step_acc, fresh) };
+    }
+}
+
+/// [`sweep`] with AVX2, one tile (16 rows) at a time: its index bytes made, then its
+/// lookups for every rank index.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+fn sweep_avx2(
+    b: &LowRankRef<'_>,
+    c: usize,
+    (first, rows): (usize, usize),
+    (tables, scales): (&[u8], &[f32]),
+    acc: &mut [f32],
+    fresh: bool,
+    SweepScratch {
+        rows: scratch,
+        idx2,
+        ..
+    }: &mut SweepScratch,
+) {
+    let k = b.k;
+    let n = b.signs.cols();
+    let in_place = n.is_multiple_of(8) && (c + 1) * CHUNK_COLS <= n && n / 8 < 1 << 26;
+    for (t, tile_acc) in acc.chunks_exact_mut(k * TILE).enumerate() {
+        let tile_rows = rows.saturating_sub(t * TILE).min(TILE);
+        let (src, stride) =
+            tile_source(b, c, first + t * TILE, tile_rows, in_place, &mut scratch[0]);
+        // SAFETY: `Path::Avx2` is only chosen where `avx2::available()` said so; `src` is as
+        // `tile_source` describes; `tables` holds `k` chunk tables, `scales` `k` values and
+        // `tile_acc` `k·16`.
+        unsafe {
+            avx2::prepare(src, stride, idx2);
+            avx2::step(idx2, tables, scales, tile_acc, fresh);
+        }
     }
 }
 
@@ -573,7 +676,7 @@ fn apply_u(
     acc: &[f32],
     y: &mut [f32],
     u: &mut Vec<f32>,
-    vector: bool,
+    path: Path,
 ) {
     let k = b.k;
     let u = sized(u, TILE * k);
@@ -590,13 +693,21 @@ fn apply_u(
             prefetch_l2(&ahead[..ahead.len().min(TILE * k)]);
         }
         #[cfg(target_arch = "x86_64")]
-        if vector {
-            // SAFETY: as in `build_tables`; `tile_acc` holds `k·16` values, `u_half`
-            // `ys.len()·k`, `ys` at most 16.
-            unsafe { avx512::apply_tile(tile_acc, u_half, k, ys) };
-            continue;
+        match path {
+            Path::Avx512 => {
+                // SAFETY: as in `build_tables`; `tile_acc` holds `k·16` values, `u_half`
+                // `ys.len()·k`, `ys` at most 16.
+                unsafe { avx512::apply_tile(tile_acc, u_half, k, ys) };
+                continue;
+            }
+            Path::Avx2 if ys.len() == TILE && k.is_multiple_of(8) => {
+                // SAFETY: as above, with `avx2::available()`; a whole tile.
+                unsafe { avx2::apply_tile(tile_acc, u_half, k, ys) };
+                continue;
+            }
+            _ => {}
         }
-        let _ = vector;
+        let _ = path;
         let widened = &mut u[..live];
         widen_into(u_half, widened);
         for (lane, out) in ys.iter_mut().enumerate() {
@@ -625,7 +736,7 @@ pub(crate) fn error_bounds(blocks: &[LowRankRef<'_>], x: &[f32]) -> Vec<f64> {
         let mut z = vec![0.0f32; k * CHUNK_COLS];
         let mut per_j = vec![0.0f64; k];
         for c in 0..n.div_ceil(CHUNK_COLS) {
-            fill_z(b, x, c * CHUNK_COLS, &mut z, false);
+            fill_z(b, x, c * CHUNK_COLS, &mut z, Path::Portable);
             let groups = (n - c * CHUNK_COLS).min(CHUNK_COLS).div_ceil(4);
             for (zj, e) in z.chunks_exact(CHUNK_COLS).zip(per_j.iter_mut()) {
                 *e += groups as f64 * f64::from(scale_of(zj)) / 2.0;
@@ -1151,6 +1262,393 @@ mod avx512 {
         unsafe {
             let old = _mm512_maskz_loadu_ps(keep, y.as_ptr());
             _mm512_mask_storeu_ps(y.as_mut_ptr(), keep, _mm512_add_ps(old, sum));
+        }
+    }
+}
+
+/// The AVX2 version (CPUs without AVX-512 VBMI and VNNI): the same tables, entries and
+/// integer sums as the portable version (so the same products, bit for bit, on one thread).
+/// One `vpshufb` looks up 32 entries: 16 rows × 2 groups, each 128-bit lane holding one
+/// group's 16-entry table and the 16 rows' half bytes; two `vpmaddubsw` against `1, 0, …`
+/// and `0, 1, …` take the even and the odd rows' entries into 16-bit sums (at most 32 × 127
+/// per lane and chunk), the lanes are added and the sums widened once per chunk.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use std::arch::x86_64::{
+        __m256, __m256i, _mm256_add_epi16, _mm256_add_ps, _mm256_and_ps, _mm256_and_si256,
+        _mm256_castps256_ps128, _mm256_castsi256_ps, _mm256_castsi256_si128, _mm256_cmp_ps,
+        _mm256_cvtepi16_epi32, _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_cvtps_epi32,
+        _mm256_extractf128_ps, _mm256_extracti128_si256, _mm256_fmadd_ps, _mm256_load_si256,
+        _mm256_loadu_ps, _mm256_loadu_si256, _mm256_maddubs_epi16, _mm256_max_ps,
+        _mm256_movemask_ps, _mm256_mul_ps, _mm256_packs_epi16, _mm256_packs_epi32,
+        _mm256_permute2f128_ps, _mm256_permute2x128_si256, _mm256_permute_ps, _mm256_set1_epi16,
+        _mm256_set1_epi32, _mm256_set1_epi8, _mm256_set1_ps, _mm256_setr_ps, _mm256_setzero_ps,
+        _mm256_setzero_si256, _mm256_shuffle_epi8, _mm256_shuffle_ps, _mm256_srli_epi16,
+        _mm256_store_si256, _mm256_storeu_ps, _mm256_storeu_si256, _mm256_sub_ps,
+        _mm256_unpackhi_epi16, _mm256_unpackhi_epi32, _mm256_unpackhi_epi64, _mm256_unpackhi_epi8,
+        _mm256_unpackhi_ps, _mm256_unpacklo_epi16, _mm256_unpacklo_epi32, _mm256_unpacklo_epi64,
+        _mm256_unpacklo_epi8, _mm256_unpacklo_ps, _mm_add_epi16, _mm_cvtss_f32, _mm_loadu_si128,
+        _mm_max_ps, _mm_max_ss, _mm_movehl_ps, _mm_shuffle_ps, _mm_unpackhi_epi16,
+        _mm_unpacklo_epi16, _CMP_LT_OQ,
+    };
+
+    use super::{CHUNK_BYTES, CHUNK_COLS, CHUNK_TABLE, QUADS, TILE};
+
+    /// AVX2, FMA and F16C.
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// [`super::fill_z`]: 8 columns of `v` widened and multiplied by `x` per register, the
+    /// groups of each 32-column span put in slot order by 128-bit lane shuffles.
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`available`]; `v` holds `k × x.len()` values,
+    /// `col0 < x.len()`, `z` holds `k·CHUNK_COLS` floats.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn fill_z(v: &[half::f16], x: &[f32], col0: usize, k: usize, z: &mut [f32]) {
+        let n = x.len();
+        debug_assert!(v.len() >= k * n && col0 < n && z.len() >= k * CHUNK_COLS);
+        let present = (n - col0).min(CHUNK_COLS);
+        // Columns `c..c + 8` of `v` row `j` times `x` (zero past the present columns).
+        let product = |j: usize, c: usize| -> __m256 {
+            let width = present.saturating_sub(c).min(8);
+            let (at, xat) = (j * n + col0 + c, col0 + c);
+            if width == 0 {
+                _mm256_setzero_ps()
+            } else if width == 8 {
+                // SAFETY: 8 values at `col0 + c + 8 <= n` of row `j` of `v` and of `x`.
+                unsafe {
+                    let h = _mm_loadu_si128(v.as_ptr().add(at).cast());
+                    _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(x.as_ptr().add(xat)))
+                }
+            } else {
+                let (mut h, mut xs) = ([half::f16::ZERO; 8], [0.0f32; 8]);
+                h[..width].copy_from_slice(&v[at..at + width]);
+                xs[..width].copy_from_slice(&x[xat..xat + width]);
+                // SAFETY: 8 values in each local array.
+                unsafe {
+                    let h = _mm_loadu_si128(h.as_ptr().cast());
+                    _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(xs.as_ptr()))
+                }
+            }
+        };
+        for (j, zj) in z.chunks_exact_mut(CHUNK_COLS).take(k).enumerate() {
+            for (p, span) in zj.chunks_exact_mut(32).enumerate() {
+                // Groups 0..8 of the span, two per register; slots 0..8 hold groups 0, 2,
+                // 4, 6, 1, 3, 5, 7.
+                let [a, b, c, d] = [0, 8, 16, 24].map(|o| product(j, 32 * p + o));
+                let slots = [
+                    _mm256_permute2f128_ps::<0x20>(a, b),
+                    _mm256_permute2f128_ps::<0x20>(c, d),
+                    _mm256_permute2f128_ps::<0x31>(a, b),
+                    _mm256_permute2f128_ps::<0x31>(c, d),
+                ];
+                for (i, slot) in slots.into_iter().enumerate() {
+                    // SAFETY: `span` holds 32 floats.
+                    unsafe { _mm256_storeu_ps(span.as_mut_ptr().add(8 * i), slot) };
+                }
+            }
+        }
+    }
+
+    /// `y[lane] += Σ_j acc[j·16 + lane] · u[lane·k + j]` for a whole tile, as
+    /// [`super::apply_u`] does (the same multiply-adds in the same order): 8 rows and 8
+    /// columns of `u` at a time widened and transposed in registers.
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`available`]; `acc` holds `k·16` values, `u`
+    /// `16·k`, `y` 16; `k` is a multiple of 8.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn apply_tile(acc: &[f32], u: &[half::f16], k: usize, y: &mut [f32]) {
+        debug_assert!(
+            acc.len() == k * TILE && u.len() == TILE * k && y.len() == TILE && k.is_multiple_of(8)
+        );
+        for half in 0..2 {
+            let mut sum = _mm256_setzero_ps();
+            for j0 in (0..k).step_by(8) {
+                // SAFETY: row `8·half + i`'s factors `j0..j0 + 8` lie within `u`.
+                let r: [__m256; 8] = std::array::from_fn(|i| unsafe {
+                    _mm256_cvtph_ps(_mm_loadu_si128(
+                        u.as_ptr().add((8 * half + i) * k + j0).cast(),
+                    ))
+                });
+                let t: [__m256; 8] = std::array::from_fn(|i| {
+                    let (a, b) = (r[i & !1], r[i | 1]);
+                    if i % 2 == 0 {
+                        _mm256_unpacklo_ps(a, b)
+                    } else {
+                        _mm256_unpackhi_ps(a, b)
+                    }
+                });
+                let q: [__m256; 8] = std::array::from_fn(|i| {
+                    let (blk, e) = (i / 4, i % 4);
+                    let (a, b) = (t[4 * blk + e / 2], t[4 * blk + 2 + e / 2]);
+                    if e % 2 == 0 {
+                        _mm256_shuffle_ps::<0x44>(a, b)
+                    } else {
+                        _mm256_shuffle_ps::<0xEE>(a, b)
+                    }
+                });
+                // Column `j0 + c` of the 8 rows.
+                let columns: [__m256; 8] = std::array::from_fn(|c| {
+                    if c < 4 {
+                        _mm256_permute2f128_ps::<0x20>(q[c], q[4 + c])
+                    } else {
+                        _mm256_permute2f128_ps::<0x31>(q[c - 4], q[c])
+                    }
+                });
+                for (c, column) in columns.iter().enumerate() {
+                    // SAFETY: 8 floats at `(j0 + c)·16 + 8·half < k·16`.
+                    let a =
+                        unsafe { _mm256_loadu_ps(acc.as_ptr().add((j0 + c) * TILE + 8 * half)) };
+                    sum = _mm256_fmadd_ps(a, *column, sum);
+                }
+            }
+            // SAFETY: 8 floats at `8·half` of `y`.
+            unsafe {
+                let out = y.as_mut_ptr().add(8 * half);
+                _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), sum));
+            }
+        }
+    }
+
+    /// A tile's index bytes: for quad `q` and slot pair `h`, the 32 bytes at `32·(2q + h)`:
+    /// lane 0 the 16 rows' half bytes of slot `2h`, lane 1 those of slot `2h + 1` (the
+    /// tables of those two slots are the 32 bytes at `64q + 32h` of a chunk table).
+    #[derive(Clone, Copy)]
+    #[repr(C, align(32))]
+    pub(super) struct Indices([u8; QUADS * 64]);
+
+    impl Default for Indices {
+        fn default() -> Self {
+            Self([0; QUADS * 64])
+        }
+    }
+
+    /// The tables of one chunk and rank index and its scale, as [`super::scale_of`] and
+    /// [`super::quantize`] (and the AVX-512 version) make them: two groups per register.
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`available`]; `zj` holds `CHUNK_COLS` values and
+    /// `tj` `CHUNK_TABLE` bytes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn build(zj: &[f32], tj: &mut [u8]) -> f32 {
+        debug_assert!(zj.len() == CHUNK_COLS && tj.len() == CHUNK_TABLE);
+        let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        let inf = _mm256_set1_ps(f32::INFINITY);
+        let mut max = _mm256_setzero_ps();
+        let mut finite = 0xFF;
+        for z8 in zj.chunks_exact(8) {
+            // SAFETY: 8 floats (unaligned).
+            let a = _mm256_and_ps(unsafe { _mm256_loadu_ps(z8.as_ptr()) }, magnitude);
+            finite &= _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(a, inf));
+            let pairs = _mm256_add_ps(a, _mm256_permute_ps::<0xB1>(a));
+            max = _mm256_max_ps(max, _mm256_add_ps(pairs, _mm256_permute_ps::<0x4E>(pairs)));
+        }
+        let half = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps::<1>(max));
+        let pair = _mm_max_ps(half, _mm_movehl_ps(half, half));
+        let largest = _mm_cvtss_f32(_mm_max_ss(pair, _mm_shuffle_ps::<0x55>(pair, pair)));
+        let scale = super::finite_scale(largest, finite == 0xFF);
+        let inv = _mm256_set1_ps(super::inverse(scale));
+        // As the AVX-512 build, per 128-bit lane (one group).
+        let high = _mm256_setr_ps(-1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0, 1.0);
+        let low = _mm256_setr_ps(-1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0);
+        for (z8, t32) in zj.chunks_exact(8).zip(tj.chunks_exact_mut(32)) {
+            // SAFETY: 8 floats (unaligned).
+            let z = unsafe { _mm256_loadu_ps(z8.as_ptr()) };
+            let (z0, z1) = (_mm256_permute_ps::<0x00>(z), _mm256_permute_ps::<0x55>(z));
+            let (z2, z3) = (_mm256_permute_ps::<0xAA>(z), _mm256_permute_ps::<0xFF>(z));
+            let pairs = _mm256_fmadd_ps(z2, high, _mm256_mul_ps(z3, low));
+            let (plus, minus) = (_mm256_add_ps(z0, z1), _mm256_sub_ps(z0, z1));
+            let q = [
+                _mm256_sub_ps(pairs, plus),
+                _mm256_sub_ps(pairs, minus),
+                _mm256_add_ps(pairs, minus),
+                _mm256_add_ps(pairs, plus),
+            ]
+            .map(|t| _mm256_cvtps_epi32(_mm256_mul_ps(t, inv)));
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            // SAFETY: `t32` holds 32 bytes (unaligned store).
+            unsafe { _mm256_storeu_si256(t32.as_mut_ptr().cast(), bytes) };
+        }
+        scale
+    }
+
+    /// Makes a tile's index bytes: the 16 rows' 32 bytes transposed (both 128-bit lanes at
+    /// once: four rounds of unpacks give byte `i` of the 16 rows in lane 0 of `w[i]` and
+    /// byte `16 + i` in lane 1), then split into half bytes.
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`available`]; `bytes` holds 16 rows of
+    /// `CHUNK_BYTES` at `stride` (`15·stride + CHUNK_BYTES` bytes at least).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn prepare(bytes: &[u8], stride: usize, out: &mut Indices) {
+        debug_assert!(bytes.len() >= (TILE - 1) * stride + CHUNK_BYTES);
+        // SAFETY: row `r`'s 32 bytes lie within `bytes` (the caller's).
+        let x: [__m256i; 16] = std::array::from_fn(|r| unsafe {
+            _mm256_loadu_si256(bytes.as_ptr().add(r * stride).cast())
+        });
+        let t: [__m256i; 16] = std::array::from_fn(|i| {
+            let (a, b) = (x[i & !1], x[i | 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_epi8(a, b)
+            } else {
+                _mm256_unpackhi_epi8(a, b)
+            }
+        });
+        let u: [__m256i; 16] = std::array::from_fn(|i| {
+            let (a, b) = (
+                t[4 * (i / 4) + (i % 4) / 2],
+                t[4 * (i / 4) + 2 + (i % 4) / 2],
+            );
+            if i % 2 == 0 {
+                _mm256_unpacklo_epi16(a, b)
+            } else {
+                _mm256_unpackhi_epi16(a, b)
+            }
+        });
+        let v: [__m256i; 16] = std::array::from_fn(|i| {
+            let (a, b) = (
+                u[8 * (i / 8) + (i % 8) / 2],
+                u[8 * (i / 8) + 4 + (i % 8) / 2],
+            );
+            if i % 2 == 0 {
+                _mm256_unpacklo_epi32(a, b)
+            } else {
+                _mm256_unpackhi_epi32(a, b)
+            }
+        });
+        let w: [__m256i; 16] = std::array::from_fn(|i| {
+            let (a, b) = (v[i / 2], v[8 + i / 2]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_epi64(a, b)
+            } else {
+                _mm256_unpackhi_epi64(a, b)
+            }
+        });
+        let low = _mm256_set1_epi8(0x0F);
+        let o = out.0.as_mut_ptr();
+        for p in 0..CHUNK_BYTES / 4 {
+            for h in 0..2 {
+                // Bytes `b` and `b + 1` of the 16 rows, one per lane (both in one half).
+                let b = 4 * p + 2 * h;
+                let pair = if b < 16 {
+                    _mm256_permute2x128_si256::<0x20>(w[b], w[b + 1])
+                } else {
+                    _mm256_permute2x128_si256::<0x31>(w[b - 16], w[b - 15])
+                };
+                // Quad 2p: the high halves; quad 2p + 1: the low.
+                let high = _mm256_and_si256(_mm256_srli_epi16::<4>(pair), low);
+                let lowq = _mm256_and_si256(pair, low);
+                // SAFETY: `out` holds `QUADS · 2` registers (aligned).
+                unsafe {
+                    _mm256_store_si256(o.add(32 * (2 * (2 * p) + h)).cast(), high);
+                    _mm256_store_si256(o.add(32 * (2 * (2 * p + 1) + h)).cast(), lowq);
+                }
+            }
+        }
+    }
+
+    /// The lookups of one tile over a chunk: `acc[j·16 + lane] += s_j · Σ q` for its 16 rows
+    /// (taken as zero where `fresh`).
+    ///
+    /// # Safety
+    /// The CPU must have the features of [`available`]; `tables` holds `k` chunk tables,
+    /// `scales` `k` values, `acc` `k·16`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn step(
+        idx: &Indices,
+        tables: &[u8],
+        scales: &[f32],
+        acc: &mut [f32],
+        fresh: bool,
+    ) {
+        let k = scales.len();
+        debug_assert!(tables.len() == k * CHUNK_TABLE && acc.len() == k * TILE);
+        let mut j0 = 0;
+        while j0 < k {
+            // SAFETY: the caller's, and `j0 + width <= k`.
+            unsafe {
+                match k - j0 {
+                    4.. => run::<4>(idx, tables, scales, acc, (j0, fresh)),
+                    2 | 3 => run::<2>(idx, tables, scales, acc, (j0, fresh)),
+                    _ => run::<1>(idx, tables, scales, acc, (j0, fresh)),
+                }
+            }
+            j0 += match k - j0 {
+                4.. => 4,
+                2 | 3 => 2,
+                _ => 1,
+            };
+        }
+    }
+
+    /// [`step`] for the rank indices `j0..j0 + J`.
+    ///
+    /// # Safety
+    /// As [`step`], with `j0 + J <= k`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run<const J: usize>(
+        idx: &Indices,
+        tables: &[u8],
+        scales: &[f32],
+        acc: &mut [f32],
+        (j0, fresh): (usize, bool),
+    ) {
+        let k = scales.len();
+        debug_assert!(j0 + J <= k && tables.len() == k * CHUNK_TABLE);
+        // Bytes 1, 0, 1, 0, … and 0, 1, 0, 1, …: `vpmaddubsw` then takes the even and the
+        // odd rows' entries (signed) into 16-bit lanes.
+        let (even, odd) = (_mm256_set1_epi16(0x0001), _mm256_set1_epi16(0x0100));
+        let mut e = [_mm256_setzero_si256(); J];
+        let mut o = [_mm256_setzero_si256(); J];
+        let base = tables[j0 * CHUNK_TABLE..].as_ptr();
+        for y in 0..QUADS * 2 {
+            // SAFETY: register `y` of the tile's indices (aligned); the 32 table bytes of
+            // quad `y / 2`, slots `2(y % 2)..`, at `32y` of each of the `J` tables.
+            unsafe {
+                let ix = _mm256_load_si256(idx.0.as_ptr().add(32 * y).cast());
+                for j in 0..J {
+                    let tab = _mm256_loadu_si256(base.add(j * CHUNK_TABLE + 32 * y).cast());
+                    let l = _mm256_shuffle_epi8(tab, ix);
+                    e[j] = _mm256_add_epi16(e[j], _mm256_maddubs_epi16(even, l));
+                    o[j] = _mm256_add_epi16(o[j], _mm256_maddubs_epi16(odd, l));
+                }
+            }
+        }
+        for j in 0..J {
+            // The two slots' lanes added: rows 0, 2, …, 14 and 1, 3, …, 15 (at most 64 × 127).
+            let es = _mm_add_epi16(
+                _mm256_castsi256_si128(e[j]),
+                _mm256_extracti128_si256::<1>(e[j]),
+            );
+            let os = _mm_add_epi16(
+                _mm256_castsi256_si128(o[j]),
+                _mm256_extracti128_si256::<1>(o[j]),
+            );
+            let rows = [_mm_unpacklo_epi16(es, os), _mm_unpackhi_epi16(es, os)];
+            let s = _mm256_set1_ps(scales[j0 + j]);
+            for (half, r) in rows.into_iter().enumerate() {
+                let sum = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(r));
+                // SAFETY: 8 floats at `(j0 + j)·16 + 8·half < k·16` (unaligned).
+                unsafe {
+                    let a = acc.as_mut_ptr().add((j0 + j) * TILE + 8 * half);
+                    let old = if fresh {
+                        _mm256_setzero_ps()
+                    } else {
+                        _mm256_loadu_ps(a)
+                    };
+                    _mm256_storeu_ps(a, _mm256_fmadd_ps(sum, s, old));
+                }
+            }
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The 8-bit-table decode kernel (`lowrank_matvec_add_q8`): the vectorized version against
+//! The 8-bit-table decode kernel (`lowrank_matvec_add_q8`): the vectorized versions
+//! (AVX-512 with `Simd::Auto` / `Avx512`, AVX2 with `Simd::Avx2` / `Avx2Gfni`) against
 //! the portable one (exactly equal on one thread: same rounding, same order), and both
 //! against the exact product computed in f64 (within the rounding bound
 //! `lowrank_q8_error_bounds`, plus f32 rounding of the sums: `1e-5 · Σ|u|·Σ|v·x|`).

@@ -314,8 +314,8 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "SCHEDULE")]
     pub budget_schedule: Option<String>,
     /// Residual-block (paper mode) decode products: `int8` (8-bit table entries, one scale
-    /// per 256 columns; about twice as fast where the CPU has AVX-512 VBMI and VNNI, f32
-    /// elsewhere), `int8-tiles` (8-bit `z` on the AMX tile unit where the CPU has it, for
+    /// per 256 columns; two to four times as fast as `f32` where the CPU has AVX-512 VBMI
+    /// and VNNI or AVX2, f32 elsewhere), `int8-tiles` (8-bit `z` on the AMX tile unit where the CPU has it, for
     /// blocks of k ≥ 8: faster on one thread; `int8` elsewhere) or `f32` (exact to f32 rounding: the same samples on
     /// every CPU). Bit-plane (best mode) products take `x` as two bytes (within ~1e-4 of
     /// the exact product, where the CPU has VNNI and GFNI) except with `f32`.

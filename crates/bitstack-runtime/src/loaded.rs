@@ -83,8 +83,9 @@ pub struct ResizeReport {
 pub enum DecodeTables {
     /// 8-bit table entries ([`bitstack_bits::lowrank_matvec_add_q8`]: one scale per 256
     /// columns and rank index, error bounded by half a step per 4-column group) where the
-    /// CPU has AVX-512 VBMI and VNNI, about four times faster than [`DecodeTables::F32`];
-    /// elsewhere the f32 tables (the portable 8-bit version would be slower).
+    /// CPU has AVX-512 VBMI and VNNI (about four times faster than [`DecodeTables::F32`]) or
+    /// AVX2, FMA and F16C (about twice as fast; the same products); elsewhere the f32
+    /// tables (the portable 8-bit version would be slower).
     #[default]
     Int8,
     /// 8-bit `z` multiplied on the AMX tile unit ([`bitstack_bits::lowrank_matvec_add_i8`]:
@@ -111,6 +112,11 @@ const TILE_MIN_RANK: usize = 8;
 /// 4 blocks, k = 16 (AMD Zen 5, two threads): tiles cost 2.0–3.1× the one-token products at
 /// 8 tokens and 0.96–1.60× at 16.
 const AVD_Q8_TOKEN_STEPS: usize = 12;
+/// As [`AVD_Q8_TOKEN_STEPS`] for the 8-bit kernel's AVX2 version: an estimate, not measured
+/// on a CPU without AVX-512 — on Zen 5 the AVX2 products take 2.1–2.8× the AVX-512 ones
+/// at small-llama's shapes (`SIMD=avx2 examples/q8_decode`), which puts the crossover near
+/// 5 tokens if the tile rebuild ran as fast, later as it runs slower.
+const AVD_Q8_AVX2_TOKEN_STEPS: usize = 6;
 /// As [`AVD_Q8_TOKEN_STEPS`] with f32 decode tables (crossover near 3 tokens).
 const AVD_F32_TOKEN_STEPS: usize = 2;
 /// As [`AVD_Q8_TOKEN_STEPS`] for bit planes, whose tile rebuild is cheap (8 planes: tiles
@@ -411,17 +417,19 @@ impl LoadedStack {
 
     /// The most tokens for which [`LoadedStack::matvec`] once per token costs less than one
     /// [`LoadedStack::matmul`] of them for matrix `m` (with its blocks loaded now): about 12
-    /// for AVD blocks with 8-bit decode tables on a CPU that has their vectorized kernel,
-    /// 2 with f32 tables, 3 for bit planes (the smallest of those present; 0 for a matrix
-    /// without blocks). Measured on small-llama; see `examples/prompt_paths.rs`.
+    /// for AVD blocks with 8-bit decode tables on a CPU that has their AVX-512 kernel (6
+    /// with their AVX2 kernel), 2 with f32 tables, 3 for bit planes (the smallest of those
+    /// present; 0 for a matrix without blocks). Measured on small-llama (the AVX2 figure
+    /// estimated); see `examples/prompt_paths.rs`.
     pub fn token_steps_limit(&self, m: usize) -> usize {
         let blocks = self.read_blocks(m);
         let avd = blocks.iter().any(|b| matches!(b.as_ref(), Block::Avd(_)));
         let planes = blocks.iter().any(|b| matches!(b.as_ref(), Block::Plane(_)));
-        let avd_limit = if self.decode_tables() != DecodeTables::F32
-            && bitstack_bits::lowrank_q8_vectorized(Simd::Auto)
-        {
+        let q8 = self.decode_tables() != DecodeTables::F32;
+        let avd_limit = if q8 && bitstack_bits::lowrank_q8_avx512(Simd::Auto) {
             AVD_Q8_TOKEN_STEPS
+        } else if q8 && bitstack_bits::lowrank_q8_vectorized(Simd::Auto) {
+            AVD_Q8_AVX2_TOKEN_STEPS
         } else {
             AVD_F32_TOKEN_STEPS
         };

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bitstack::best::{compress_best, BestOptions, BestOrder};
-use bitstack::bits::{lowrank_q8_vectorized, Simd};
+use bitstack::bits::{lowrank_q8_avx512, lowrank_q8_vectorized, Simd};
 use bitstack::calibrate::CalibrationOptions;
 use bitstack::chain::ChainChoice;
 use bitstack::compress::compress;
@@ -74,8 +74,10 @@ fn small_llama_avd_fast_path_matches_the_naive_path() {
     }
     // A prompt short enough goes through the one-token products, as decoding does.
     stack.set_decode_tables(DecodeTables::default());
-    let limit = if lowrank_q8_vectorized(Simd::Auto) {
+    let limit = if lowrank_q8_avx512(Simd::Auto) {
         12
+    } else if lowrank_q8_vectorized(Simd::Auto) {
+        6
     } else {
         2
     };

@@ -82,7 +82,7 @@ pub fn assert_nan_propagates(kernel: Kernel) {
     let parts = vec![block(20, 300, 4, 3)];
     let mut x = vec![0.5f32; 300];
     x[7] = f32::NAN;
-    for simd in [Simd::Auto, Simd::Portable] {
+    for simd in Simd::ALL {
         let mut y = vec![0.0f32; 20];
         kernel(&refs(&parts), &x, &mut y, Parallelism::Sequential, simd);
         assert!(y.iter().all(|v| v.is_nan()), "{simd:?}: {y:?}");
