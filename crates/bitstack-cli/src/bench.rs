@@ -564,8 +564,9 @@ fn bench_model_dir(model: Option<PathBuf>, quick: bool, rows: &str) -> Result<Pa
     Ok(model_dir)
 }
 
-/// End to end: the model at 4 blocks per matrix (paper mode), and best mode at the same
-/// budget, against the dense f32 model.
+/// End to end: the model at 4 blocks per matrix (paper mode) with the reference's rank for
+/// its width and with k = 16, and best mode at the first one's budget, against the dense
+/// f32 model.
 fn e2e_group(
     model: Option<PathBuf>,
     quick: bool,
@@ -580,7 +581,14 @@ fn e2e_group(
     let ratios = |t: &Throughput| (t.decode.0 / t.decode.1, t.eval.0 / t.eval.1);
     let (paper_decode, paper_eval) = ratios(&e2e.paper);
     let (best_decode, best_eval) = ratios(&e2e.best);
+    keys.insert("e2e_k".into(), json!(e2e.k));
     keys.insert("e2e_budget_bytes".into(), json!(e2e.budget));
+    if let Some((budget, k16)) = &e2e.k16 {
+        let (decode, eval) = ratios(k16);
+        keys.insert("e2e_budget_bytes_k16".into(), json!(budget));
+        keys.insert("e2e_decode_speedup_k16".into(), json!(decode));
+        keys.insert("e2e_eval_ratio_k16".into(), json!(eval));
+    }
     keys.insert("e2e_decode_speedup".into(), json!(paper_decode));
     if let Some(tps) = e2e.paper.decode_tiles {
         keys.insert(
@@ -890,20 +898,28 @@ fn end_to_end(dir: &Path, quick: bool) -> Result<(E2e, Vec<Row>)> {
             std::process::id()
         ))
     };
-    let (paper_path, best_path) = (tmp("paper"), tmp("best"));
-    let mut options = CompressOptions::default();
-    options.avd.k = 16;
-    options.avd.niter = 4;
+    let (paper_path, k16_path, best_path) = (tmp("paper"), tmp("paper-k16"), tmp("best"));
+    let k = reference_rank(dir)?;
     let result = (|| -> Result<(E2e, Vec<Row>)> {
         let dense = CausalLm::load(dir)?;
-        run_compress(dir, &paper_path, &options, &|_| {})
-            .context("compressing for the benchmark")?;
-        let file = Arc::new(StackFile::open(&paper_path)?);
-        // The budget of 4 blocks per matrix: the whole paper-mode stack.
-        let budget = file.layout().max_memory();
-        let stack = Arc::new(LoadedStack::load(file, budget)?);
-        let paper = decode_and_eval(&model_of(&stack)?, &dense, Some(&stack), quick, true)?;
-        drop(stack);
+        // Paper mode at 4 blocks per matrix (the whole stack of `niter = 4`), with rank `k`.
+        let paper_at = |k: usize, path: &Path| -> Result<(u64, Throughput)> {
+            let mut options = CompressOptions::default();
+            options.avd.k = k;
+            options.avd.niter = 4;
+            run_compress(dir, path, &options, &|_| {}).context("compressing for the benchmark")?;
+            let file = Arc::new(StackFile::open(path)?);
+            let budget = file.layout().max_memory();
+            let stack = Arc::new(LoadedStack::load(file, budget)?);
+            let t = decode_and_eval(&model_of(&stack)?, &dense, Some(&stack), quick, true)?;
+            Ok((budget, t))
+        };
+        let (budget, paper) = paper_at(k, &paper_path)?;
+        let k16 = if k == 16 {
+            None
+        } else {
+            Some(paper_at(16, &k16_path)?)
+        };
         // Best mode at the same budget (which planes are loaded at this budget does not
         // depend on the order: a quick data-free order and a few calibration windows).
         let data = bench_data_dir(dir)?;
@@ -934,26 +950,47 @@ fn end_to_end(dir: &Path, quick: bool) -> Result<(E2e, Vec<Row>)> {
         )?);
         let loaded = stack.plan().memory_bytes;
         let best = decode_and_eval(&model_of(&stack)?, &dense, Some(&stack), quick, false)?;
-        let mut rows = paper.rows(&format!("paper mode, 4 blocks/matrix ({budget} B)"));
+        let mut rows = paper.rows(&format!(
+            "paper mode, k = {k}, 4 blocks/matrix ({budget} B)"
+        ));
+        if let Some((budget, t)) = &k16 {
+            rows.extend(t.rows(&format!("paper mode, k = 16, 4 blocks/matrix ({budget} B)")));
+        }
         rows.extend(best.rows(&format!("best mode at {budget} B ({loaded} B loaded)")));
         Ok((
             E2e {
+                k,
                 budget,
                 paper,
+                k16,
                 best,
             },
             rows,
         ))
     })();
-    let _ = std::fs::remove_file(&paper_path);
-    let _ = std::fs::remove_file(&best_path);
+    for path in [&paper_path, &k16_path, &best_path] {
+        let _ = std::fs::remove_file(path);
+    }
     result
 }
 
-/// The end-to-end measurements: the budget of 4 AVD blocks per matrix and both modes there.
+/// The rank the reference implementation uses for a model of this width: 16 for the
+/// paper's 4096-wide models, 4 for small-llama (512), 2 for tiny-qwen2 (256)
+/// (../shared/README.md; docs/DEFAULTS.md): `hidden_size / 128` within 2..=16.
+fn reference_rank(dir: &Path) -> Result<usize> {
+    let config = bitstack::model::ModelConfig::from_file(dir.join("config.json"))
+        .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
+    Ok((config.hidden_size / 128).clamp(2, 16))
+}
+
+/// The end-to-end measurements: paper mode at 4 AVD blocks per matrix of rank `k` (the
+/// reference's for the model's width; the budget), the same with k = 16 where `k` is
+/// another (its budget), and best mode at the budget.
 struct E2e {
+    k: usize,
     budget: u64,
     paper: Throughput,
+    k16: Option<(u64, Throughput)>,
     best: Throughput,
 }
 

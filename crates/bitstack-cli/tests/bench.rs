@@ -31,6 +31,10 @@ fn quick_bench_reports_every_key() {
         "e2e_best_decode_speedup",
         "e2e_best_eval_ratio",
         "e2e_budget_bytes",
+        "e2e_k",
+        "e2e_decode_speedup_k16",
+        "e2e_eval_ratio_k16",
+        "e2e_budget_bytes_k16",
         "scorer_speedup_vs_straightforward",
     ] {
         let x = v[key]
@@ -41,6 +45,10 @@ fn quick_bench_reports_every_key() {
     // The scorer reuses work exactly: the same scores (up to summation order), the same order.
     assert!(v["scorer_max_relative_difference"].as_f64().unwrap() < 1e-4);
     assert_eq!(v["scorer_same_order"], serde_json::Value::Bool(true));
+    // The end-to-end rows take the reference's rank for tiny-qwen2's width (256: k = 2) and
+    // k = 16, whose 4 blocks per matrix take more bytes.
+    assert_eq!(v["e2e_k"].as_u64(), Some(2));
+    assert!(v["e2e_budget_bytes_k16"].as_f64() > v["e2e_budget_bytes"].as_f64());
     // Quality is not a timing: the fast SVD stays within 2% of the exact one here.
     assert!(v["avd_error_ratio_fast_vs_exact_512"].as_f64().unwrap() < 1.02);
 }
