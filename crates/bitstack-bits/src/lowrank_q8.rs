@@ -133,12 +133,12 @@ enum Path {
     Portable,
     /// AVX-512 VBMI and VNNI: `vpermb` lookups of 16 rows × 4 groups, `vpdpbusd` sums.
     Avx512,
-    /// AVX2 and FMA: `vpshufb` lookups of 16 rows × 2 groups, `vpmaddubsw` sums.
+    /// AVX2, FMA and F16C: `vpshufb` lookups of 16 rows × 2 groups, `vpmaddubsw` sums.
     Avx2,
 }
 
 /// The version of [`matvec_add_q8`] that runs with `simd` on this CPU: AVX-512 where it has
-/// VBMI and VNNI (with `Auto` and `Avx512`), else AVX2 where it has AVX2 and FMA (with
+/// VBMI and VNNI (with `Auto` and `Avx512`), else AVX2 where it has AVX2, FMA and F16C (with
 /// `Auto`, `Avx2` and `Avx2Gfni`), else the portable one.
 fn path(simd: Simd) -> Path {
     #[cfg(target_arch = "x86_64")]
@@ -191,7 +191,7 @@ pub(crate) fn matvec_add_q8(
     if m == 0 || n == 0 || blocks.is_empty() {
         return;
     }
-    let vector = path(simd);
+    let path = path(simd);
     let chunks = n.div_ceil(CHUNK_COLS);
     let threads = if use_parallel(par, work) {
         rayon::current_num_threads()
@@ -209,22 +209,22 @@ pub(crate) fn matvec_add_q8(
         let rows = m.div_ceil(threads).next_multiple_of(TILE);
         y.par_chunks_mut(rows)
             .enumerate()
-            .for_each(|(t, ys)| run_share(blocks, x, (0, chunks), t * rows, ys, vector));
+            .for_each(|(t, ys)| run_share(blocks, x, (0, chunks), t * rows, ys, path));
         return;
     }
     if parts <= 1 {
-        run_share(blocks, x, (0, chunks), 0, y, vector);
+        run_share(blocks, x, (0, chunks), 0, y, path);
         return;
     }
     let at = |i: usize| chunks * i / parts;
     let (_, partials) = rayon::join(
-        || run_share(blocks, x, (at(0), at(1)), 0, y, vector),
+        || run_share(blocks, x, (at(0), at(1)), 0, y, path),
         || {
             (1..parts)
                 .into_par_iter()
                 .map(|i| {
                     let mut part = vec![0.0f32; m];
-                    run_share(blocks, x, (at(i), at(i + 1)), 0, &mut part, vector);
+                    run_share(blocks, x, (at(i), at(i + 1)), 0, &mut part, path);
                     part
                 })
                 .collect::<Vec<_>>()
@@ -246,6 +246,7 @@ fn run_share(
     path: Path,
 ) {
     with_buffers(|buf| {
+        let mut scratch = SweepScratch::default();
         if let Some(b) = blocks.first() {
             prefetch_v(b, (c0, c1));
         }
@@ -273,7 +274,6 @@ fn run_share(
                 fill_z(b, x, c * CHUNK_COLS, z, path);
                 build_tables(z, k, t, s, path);
             }
-            let mut scratch = SweepScratch::default();
             let block_rows = (ROW_BLOCK_ACC_BYTES / (4 * k * TILE)).max(1) * TILE;
             for (i, ys) in y.chunks_mut(block_rows).enumerate() {
                 let first = row0 + i * block_rows;
@@ -1167,7 +1167,8 @@ mod avx512 {
         unsafe { add_sums(&sums, scales, acc, (j0, fresh)) };
     }
 
-    /// `acc[(t·k + j0 + j)·16..][..16] += s_{j0 + j} · sums[j][t]` (see [`accumulate`] for `fresh`).
+    /// `acc[(t·k + j0 + j)·16..][..16] += s_{j0 + j} · sums[j][t]` (see [`accumulate`] for
+    /// `fresh`).
     ///
     /// # Safety
     /// The CPU must have the features of [`available`]; `acc` holds `T·k·16` floats, `k =
