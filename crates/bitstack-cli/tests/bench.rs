@@ -36,6 +36,7 @@ fn quick_bench_reports_every_key() {
         "e2e_eval_ratio_k16",
         "e2e_budget_bytes_k16",
         "scorer_speedup_vs_straightforward",
+        "scorer_speedup_vs_one_thread_straightforward",
     ] {
         let x = v[key]
             .as_f64()
