@@ -70,18 +70,28 @@ proptest! {
     }
 }
 
-/// Shapes large enough for both thread splits (column chunks; rows where one chunk), with
-/// zero and tiny columns in `x`.
+/// Shapes large enough for every thread split, with zero and tiny columns in `x`: 1 to 4
+/// blocks on pools of 2, 3 and 5 threads, so that the runs of `blocks × chunks` units
+/// start and end inside blocks as well as at their edges, and one chunk of 1 or 3 blocks
+/// goes to the row split.
 #[test]
 fn q8_large_shapes_and_threads() {
-    for (m, n, k) in [
-        (300, 1040, 16),
-        (520, 200, 8),
-        (64, 2048, 32),
-        (1100, 520, 16),
-    ] {
-        let parts = vec![block(m, n, k, 1), block(m, n, k, 2)];
-        check(&parts, &spread_x(n), m).unwrap();
+    for threads in [2, 3, 5] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        for (m, n, k) in [
+            (300, 1040, 16),
+            (520, 200, 8),
+            (64, 2048, 32),
+            (1100, 520, 16),
+        ] {
+            for blocks in 1..=4 {
+                let parts: Vec<Parts> = (0..blocks).map(|b| block(m, n, k, 1 + b)).collect();
+                pool.install(|| check(&parts, &spread_x(n), m)).unwrap();
+            }
+        }
     }
 }
 
