@@ -28,11 +28,9 @@
 use std::cell::RefCell;
 
 use half::f16;
-use rayon::prelude::{
-    IndexedParallelIterator, IntoParallelIterator, ParallelIterator, ParallelSliceMut,
-};
+use rayon::prelude::{IndexedParallelIterator, ParallelIterator, ParallelSliceMut};
 
-use crate::lut::{sized, sized_aligned, use_parallel, with_scratch};
+use crate::lut::{shares_summed, sized, sized_aligned, use_parallel, with_scratch};
 use crate::{Parallelism, SignMatrixRef};
 
 /// Bytes of tables built at once per thread (they should stay in the L2 cache).
@@ -267,6 +265,23 @@ pub(crate) fn lowrank_matvec_add(
         1
     };
     let parts = threads.min(max_chunks);
+    let blocks = problems.len();
+    if parts < threads
+        && threads > 1
+        && blocks >= threads
+        && (blocks.is_multiple_of(threads) || blocks >= 4 * threads)
+    {
+        // Too few column chunks for every thread but blocks enough: each thread takes whole
+        // blocks (all their columns), building only their tables, into its own `y`
+        // (small-llama, where every matrix is one chunk: the row split below built every
+        // block's tables on every thread).
+        let problems = &problems;
+        let at = |i: usize| blocks * i / threads;
+        shares_summed(y, threads, |i, y| {
+            run_share(&problems[at(i)..at(i + 1)], 0, 1, 0, y);
+        });
+        return;
+    }
     if parts <= 1 && threads > 1 && m >= 2 * ROW_TILE {
         // Too few column chunks to share (narrow matrices, e.g. 512 or 1536 columns): the
         // rows are split instead. Each thread builds the same (small) tables and writes its
@@ -283,22 +298,7 @@ pub(crate) fn lowrank_matvec_add(
         return;
     }
     let problems = &problems;
-    let (_, partials) = rayon::join(
-        || run_share(problems, 0, parts, 0, y),
-        || {
-            (1..parts)
-                .into_par_iter()
-                .map(|i| {
-                    let mut part = vec![0.0f32; m];
-                    run_share(problems, i, parts, 0, &mut part);
-                    part
-                })
-                .collect::<Vec<_>>()
-        },
-    );
-    for part in partials {
-        y.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
-    }
+    shares_summed(y, parts, |i, y| run_share(problems, i, parts, 0, y));
 }
 
 /// Adds share `i` of `parts` (of the column chunks) of every block's product to `y`, which

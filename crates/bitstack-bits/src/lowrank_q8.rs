@@ -47,12 +47,10 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::{
-    IndexedParallelIterator, IntoParallelIterator, ParallelIterator, ParallelSliceMut,
-};
+use rayon::prelude::{IndexedParallelIterator, ParallelIterator, ParallelSliceMut};
 
 use crate::lowrank::widen_into;
-use crate::lut::{sized, use_parallel, with_scratch};
+use crate::lut::{shares_summed, sized, use_parallel, with_scratch};
 use crate::{LowRankRef, Parallelism, Simd};
 
 /// Columns per chunk: one scale per chunk and rank index.
@@ -227,23 +225,9 @@ pub(crate) fn matvec_add_q8(
         return;
     }
     let at = |i: usize| units * i / parts;
-    let share = |i: usize, y: &mut [f32]| run_units(blocks, x, chunks, (at(i), at(i + 1)), y, path);
-    let (_, partials) = rayon::join(
-        || share(0, y),
-        || {
-            (1..parts)
-                .into_par_iter()
-                .map(|i| {
-                    let mut part = vec![0.0f32; m];
-                    share(i, &mut part);
-                    part
-                })
-                .collect::<Vec<_>>()
-        },
-    );
-    for part in partials {
-        y.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
-    }
+    shares_summed(y, parts, |i, y| {
+        run_units(blocks, x, chunks, (at(i), at(i + 1)), y, path);
+    });
 }
 
 /// Adds the units `a..b` of the products to `y` (all rows): unit `i` is chunk `i % chunks`

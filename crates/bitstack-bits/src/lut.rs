@@ -13,7 +13,8 @@
 //! large and [`Parallelism::Auto`] is chosen.
 
 use rayon::prelude::{
-    IndexedParallelIterator, IntoParallelRefMutIterator, ParallelIterator, ParallelSliceMut,
+    IndexedParallelIterator, IntoParallelIterator, IntoParallelRefMutIterator, ParallelIterator,
+    ParallelSliceMut,
 };
 
 use crate::{Parallelism, SignMatrixRef};
@@ -70,6 +71,33 @@ const LINE_FLOATS: usize = 64 / std::mem::size_of::<f32>();
 /// Where the first 64-byte boundary of `v` is (at most one line in).
 pub(crate) fn line_offset(v: &[f32]) -> usize {
     v.as_ptr().align_offset(64).min(LINE_FLOATS).min(v.len())
+}
+
+/// Runs `share(i, y_i)` for `i` in `0..parts` on the rayon pool: share 0 adds into `y`
+/// itself, the others into zeroed vectors of `y.len()` that are then added to `y` in order
+/// of `i` (the decode kernels' splits of one product over threads).
+pub(crate) fn shares_summed<F>(y: &mut [f32], parts: usize, share: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    let m = y.len();
+    let share = &share;
+    let (_, partials) = rayon::join(
+        || share(0, y),
+        || {
+            (1..parts)
+                .into_par_iter()
+                .map(|i| {
+                    let mut part = vec![0.0f32; m];
+                    share(i, &mut part);
+                    part
+                })
+                .collect::<Vec<_>>()
+        },
+    );
+    for part in partials {
+        y.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
+    }
 }
 
 pub(crate) fn use_parallel(par: Parallelism, work: usize) -> bool {

@@ -265,9 +265,24 @@ fn lowrank_matvec_large_shapes() {
 
 #[test]
 fn lowrank_many_blocks_threaded_and_sequential() {
-    // Blocks of different ranks applied in one call, large enough to be split across threads.
-    let (m, n) = (203, 3077);
-    let ks = [16usize, 3, 32, 9];
+    // Blocks of different ranks applied in one call, large enough to be split across
+    // threads: by column chunks (3077 columns) or, where the matrix is one chunk (512
+    // columns), by whole blocks when there are blocks enough for the pool's threads, else by
+    // rows; pools of 2, 3 and 5 threads.
+    for threads in [2, 3, 5] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        for (m, n) in [(203, 3077), (300, 512)] {
+            for blocks in [1, 2, 3, 4] {
+                pool.install(|| many_blocks(m, n, &[16, 3, 32, 9][..blocks]));
+            }
+        }
+    }
+}
+
+fn many_blocks(m: usize, n: usize, ks: &[usize]) {
     let parts: Vec<(SignMatrix, Vec<f16>, Vec<f16>, usize)> = ks
         .iter()
         .enumerate()
@@ -313,7 +328,8 @@ fn lowrank_many_blocks_threaded_and_sequential() {
                 let tol = 1e-5 * scale[r].max(1.0);
                 assert!(
                     (got[r] - want[r]).abs() <= tol,
-                    "{par:?} {simd:?} row {r}: {} vs {}",
+                    "{m}x{n}, {} blocks, {par:?} {simd:?} row {r}: {} vs {}",
+                    ks.len(),
                     got[r],
                     want[r]
                 );
