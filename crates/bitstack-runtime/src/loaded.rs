@@ -109,9 +109,11 @@ const TILE_MIN_RANK: usize = 8;
 /// a matrix with AVD blocks and 8-bit decode tables ([`LoadedStack::token_steps_limit`]).
 /// The tile rebuild costs `k` multiply-adds per weight and block whatever the token count;
 /// `cargo run --release -p bitstack-runtime --example prompt_paths -- FILE` on small-llama,
-/// 4 blocks, k = 16 (AMD Zen 5, two threads): tiles cost 2.0–3.1× the one-token products at
-/// 8 tokens and 0.96–1.60× at 16.
-const AVD_Q8_TOKEN_STEPS: usize = 12;
+/// 4 blocks (AMD Zen 5, two threads), with the products' threads on whole blocks: tiles cost
+/// 1.12–1.75× the one-token products at 16 tokens and 0.61–0.97× at 32 with k = 16,
+/// 1.20–2.13× and 0.68–1.21× with k = 4 (before that split: 0.96–1.60× at 16 with k = 16,
+/// and the limit was 12).
+const AVD_Q8_TOKEN_STEPS: usize = 16;
 /// As [`AVD_Q8_TOKEN_STEPS`] for the 8-bit kernel's AVX2 version: an estimate, not measured
 /// on a CPU without AVX-512 — on Zen 5 the AVX2 products take 2.1–2.8× the AVX-512 ones
 /// at small-llama's shapes (`SIMD=avx2 examples/q8_decode`), which puts the crossover near

@@ -75,7 +75,7 @@ fn small_llama_avd_fast_path_matches_the_naive_path() {
     // A prompt short enough goes through the one-token products, as decoding does.
     stack.set_decode_tables(DecodeTables::default());
     let limit = if lowrank_q8_avx512(Simd::Auto) {
-        12
+        16
     } else if lowrank_q8_vectorized(Simd::Auto) {
         6
     } else {
