@@ -627,10 +627,9 @@ fn scorer_group(
     keys: &mut Map<String, Value>,
     note: &dyn Fn(&str),
 ) -> Result<()> {
-    use bitstack::calibrate::PerplexityScorer;
+    use bitstack::calibrate::{PerplexityScorer, StraightforwardScorer};
     use bitstack::checkpoint::Checkpoint;
     use bitstack::compress::decompose_checkpoint;
-    use bitstack::model::{DenseLinear, Linear, LinearSlot};
     use bitstack::order::BlockScorer;
 
     let model_dir = bench_model_dir(model, quick, "scorer")?;
@@ -678,41 +677,16 @@ fn scorer_group(
     let fast_s = t.elapsed().as_secs_f64();
     drop(scorer);
 
-    let mut plain = CausalLm::load(&model_dir)?;
-    let places: Vec<(usize, LinearSlot)> = names
-        .iter()
-        .map(|n| LinearSlot::parse_weight_name(n).context("a decoder linear"))
-        .collect::<Result<_>>()?;
-    // The blocks of level 1 in memory, as a straightforward implementation would have them.
-    let first_blocks = (0..decomposed.names.len())
-        .map(|m| (0..2).map(|b| decomposed.block(m, b)).collect())
-        .collect::<Result<Vec<Vec<_>>, _>>()?;
     // The straightforward implementation: for every candidate, rebuild every matrix from
-    // its blocks and run the whole model on each window in turn (the GEMMs on the pool it
-    // runs on).
+    // its blocks (held in memory) and run the whole model on each window in turn (the GEMMs
+    // on the pool it runs on).
+    let mut plain =
+        StraightforwardScorer::new(CausalLm::load(&model_dir)?, &decomposed, windows, 1)?;
     let mut straightforward = || -> Result<(Vec<f64>, f64)> {
         let t = Instant::now();
-        let mut scores = Vec::with_capacity(candidates.len());
-        for &c in &candidates {
-            for (m, first) in first_blocks.iter().enumerate() {
-                let (r, cols) = decomposed.shapes[m];
-                let blocks = if m == c as usize { 2 } else { 1 };
-                let mut w = vec![0.0f32; r * cols];
-                for b in &first[..blocks] {
-                    b.add_to_dense(&mut w);
-                }
-                let (layer, slot) = places[m];
-                let lin: Arc<dyn Linear> = Arc::new(DenseLinear::new(w, r, cols)?);
-                plain.set_linear(layer, slot, lin)?;
-            }
-            let mut nll = 0.0;
-            let mut count = 0usize;
-            for w in &windows {
-                nll += plain.window_nll(w)?;
-                count += w.len() - 1;
-            }
-            scores.push((nll / count as f64).exp());
-        }
+        let scores = plain
+            .score_level(1, &candidates)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok((scores, t.elapsed().as_secs_f64()))
     };
     let (slow, slow_s) = straightforward()?;

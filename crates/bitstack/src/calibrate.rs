@@ -10,6 +10,7 @@ use bitstack_order::{BlockScorer, ScoreError};
 
 use crate::checkpoint::{from_f32, to_f32, Checkpoint, SourceDtype};
 use crate::compress::{Decomposed, Progress, Reparametrisation};
+use crate::decompose::AvdBlock;
 use crate::resume::Checkpointer;
 use crate::Error;
 
@@ -164,6 +165,31 @@ impl TensorSource for ReparametrisedSource<'_> {
     }
 }
 
+/// (layer, slot) of each decomposed matrix, for a perplexity scorer over `windows`: an error
+/// for no window, or for a matrix that is not a decoder linear.
+fn scoring_places(
+    decomposed: &Decomposed,
+    windows: &[Vec<u32>],
+) -> Result<Vec<(usize, LinearSlot)>, Error> {
+    if windows.is_empty() {
+        return Err(Error::Usage(
+            "no scoring window: the scoring text is shorter than one window".into(),
+        ));
+    }
+    decomposed
+        .names
+        .iter()
+        .map(|n| {
+            LinearSlot::parse_weight_name(n).ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{n} is not a decoder linear: the perplexity scorer orders only decoder \
+                     linears (use --no-calibration with --include)"
+                ))
+            })
+        })
+        .collect()
+}
+
 /// The paper's scorer (ALGORITHM.md §3): the perplexity on the scoring windows when one
 /// matrix gets its next block while every other matrix holds `level` blocks.
 ///
@@ -195,23 +221,7 @@ impl<'a> PerplexityScorer<'a> {
         windows: Vec<Vec<u32>>,
         progress: &'a (dyn Fn(Progress<'_>) + Sync),
     ) -> Result<Self, Error> {
-        if windows.is_empty() {
-            return Err(Error::Usage(
-                "no scoring window: the scoring text is shorter than one window".into(),
-            ));
-        }
-        let places = decomposed
-            .names
-            .iter()
-            .map(|n| {
-                LinearSlot::parse_weight_name(n).ok_or_else(|| {
-                    Error::Unsupported(format!(
-                        "{n} is not a decoder linear: the perplexity scorer orders only decoder \
-                         linears (use --no-calibration with --include)"
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let places = scoring_places(decomposed, &windows)?;
         let dense = vec![None; decomposed.shapes.len()];
         Ok(Self {
             model,
@@ -343,6 +353,83 @@ impl BlockScorer for PerplexityScorer<'_> {
                 });
             }
             inputs = runs.into_iter().map(LayerRun::into_output).collect();
+        }
+        Ok(scores)
+    }
+}
+
+/// The straightforward implementation of the paper's scorer, the baseline that
+/// [`PerplexityScorer`] is measured against (`bitstack bench --only scorer`, the criterion
+/// bench `model`): for every candidate, every matrix is rebuilt from its blocks (`level`
+/// blocks, the candidate `level + 1`) and the whole model is run on each window in turn. Its
+/// products run on the rayon pool it is called from (a one-thread pool: no parallelism at
+/// all).
+///
+/// It computes what [`PerplexityScorer`] computes, with the same kernels, so the two give the
+/// same scores; none of the work is reused between candidates.
+pub struct StraightforwardScorer {
+    model: CausalLm,
+    /// (layer, slot) and shape of each stacked matrix.
+    places: Vec<(usize, LinearSlot)>,
+    shapes: Vec<(usize, usize)>,
+    /// The first blocks of each matrix, read once (a straightforward implementation holds
+    /// its blocks in memory).
+    blocks: Vec<Vec<AvdBlock>>,
+    windows: Vec<Vec<u32>>,
+}
+
+impl StraightforwardScorer {
+    /// A scorer over `windows` for the decomposed matrices of `model`, able to score levels
+    /// up to `max_level` (each matrix's first `max_level + 1` blocks are read into memory).
+    pub fn new(
+        model: CausalLm,
+        decomposed: &Decomposed,
+        windows: Vec<Vec<u32>>,
+        max_level: u32,
+    ) -> Result<Self, Error> {
+        let places = scoring_places(decomposed, &windows)?;
+        let blocks = (0..decomposed.names.len())
+            .map(|m| {
+                let count = decomposed.block_count(m).min(max_level as usize + 1);
+                (0..count).map(|b| decomposed.block(m, b)).collect()
+            })
+            .collect::<Result<Vec<Vec<_>>, _>>()?;
+        Ok(Self {
+            model,
+            places,
+            shapes: decomposed.shapes.clone(),
+            blocks,
+            windows,
+        })
+    }
+}
+
+impl BlockScorer for StraightforwardScorer {
+    fn score_level(&mut self, level: u32, candidates: &[u32]) -> Result<Vec<f64>, ScoreError> {
+        let level = level as usize;
+        let mut scores = Vec::with_capacity(candidates.len());
+        for &c in candidates {
+            let c = c as usize;
+            if self.blocks.get(c).is_none_or(|b| b.len() <= level) {
+                return Err(format!("candidate {c} without a next block in memory").into());
+            }
+            for (m, blocks) in self.blocks.iter().enumerate() {
+                let (rows, cols) = self.shapes[m];
+                let count = (level + usize::from(m == c)).min(blocks.len());
+                let mut weight = vec![0.0f32; rows * cols];
+                for block in &blocks[..count] {
+                    block.add_to_dense(&mut weight);
+                }
+                let (layer, slot) = self.places[m];
+                let linear = Arc::new(DenseLinear::new(weight, rows, cols)?);
+                self.model.set_linear(layer, slot, linear)?;
+            }
+            let (mut nll, mut count) = (0.0, 0usize);
+            for window in &self.windows {
+                nll += self.model.window_nll(window)?;
+                count += window.len().saturating_sub(1);
+            }
+            scores.push((nll / count.max(1) as f64).exp());
         }
         Ok(scores)
     }

@@ -79,7 +79,7 @@ fn larger_budgets_are_not_worse() {
 /// out of matrix order, tiny-qwen2 (q/k/v biases, tied embeddings).
 #[test]
 fn the_scorer_matches_a_straightforward_evaluation() {
-    use bitstack::calibrate::PerplexityScorer;
+    use bitstack::calibrate::{PerplexityScorer, StraightforwardScorer};
     use bitstack::checkpoint::Checkpoint;
     use bitstack::compress::{decompose_checkpoint, read_architecture};
     use bitstack::model::{CausalLm, DenseLinear, Linear, LinearSlot, TextTokenizer};
@@ -111,6 +111,15 @@ fn the_scorer_matches_a_straightforward_evaluation() {
         &|_| {},
     )
     .unwrap();
+    // The library's baseline (the benchmarks' straightforward implementation), able to
+    // score levels 1 and 2.
+    let mut baseline = StraightforwardScorer::new(
+        CausalLm::load(&model_dir).unwrap(),
+        &decomposed,
+        w.clone(),
+        2,
+    )
+    .unwrap();
     let mut plain = CausalLm::load(&model_dir).unwrap();
     let places: Vec<(usize, LinearSlot)> = names
         .iter()
@@ -124,7 +133,9 @@ fn the_scorer_matches_a_straightforward_evaluation() {
     for level in [1u32, 2] {
         let fast = scorer.score_level(level, &candidates).unwrap();
         assert_eq!(fast.len(), candidates.len());
-        for (&c, &score) in candidates.iter().zip(&fast) {
+        let slow = baseline.score_level(level, &candidates).unwrap();
+        assert_eq!(slow.len(), candidates.len());
+        for ((&c, &score), &slow) in candidates.iter().zip(&fast).zip(&slow) {
             for (m, &(layer, slot)) in places.iter().enumerate() {
                 let (r, cols) = decomposed.shapes[m];
                 let blocks = level as usize + usize::from(m == c as usize);
@@ -141,6 +152,12 @@ fn the_scorer_matches_a_straightforward_evaluation() {
                 count += window.len() - 1;
             }
             let expected = (nll / count as f64).exp();
+            assert_eq!(
+                slow.to_bits(),
+                expected.to_bits(),
+                "level {level}, {}: StraightforwardScorer {slow}, straightforward {expected}",
+                names[c as usize]
+            );
             assert!(
                 ((score - expected) / expected).abs() <= 1e-9,
                 "level {level}, {}: scorer {score}, straightforward {expected}",
@@ -150,4 +167,6 @@ fn the_scorer_matches_a_straightforward_evaluation() {
     }
     // A candidate without a next block is an error, not a panic.
     assert!(scorer.score_level(3, &[0]).is_err());
+    assert!(baseline.score_level(3, &[0]).is_err());
+    assert!(baseline.score_level(1, &[names.len() as u32]).is_err());
 }
