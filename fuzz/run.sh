@@ -3,6 +3,11 @@
 #   fuzz/run.sh [seconds-per-target] [target ...]
 # Targets (all by default):
 #   open_container  Container::from_bytes and every accessor of a container that opens
+#   load_stack      the runtime on containers with arbitrary blocks: StackFile, LoadedStack
+#                   at several budgets, every product path, resize
+#   load_model      a tiny checkpoint built from the input (shapes, dtypes, missing
+#                   tensors, values): CausalLm::load and a forward pass, data-free compress,
+#                   the stack loaded and run
 #   load_config     bitstack-model's config.json parser (ModelConfig::from_json_bytes)
 #   load_tokenizer  TextTokenizer::from_bytes, then encode/decode a short text
 # Corpora are seeded with real files: a small container written by the format crate (and
@@ -14,6 +19,8 @@
 # - open_container: copy it into crates/bitstack-format/tests/fuzz_inputs/
 #   (tests/fuzz_regressions.rs runs every file there, also with its checksums re-stamped,
 #   because fuzzing builds ignore the manifest and fixed-part checksums on open);
+# - load_stack / load_model: rerun it with `cargo +nightly fuzz run TARGET FILE` (the
+#   container or checkpoint is built from the input); a fix gets a test of its own;
 # - load_config / load_tokenizer: copy it to crates/bitstack-model/tests/fuzz_inputs/ as
 #   config-<what>.json / tokenizer-<what>.json (tests/fuzz_regressions.rs runs them).
 set -euo pipefail
@@ -21,7 +28,7 @@ secs="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(open_container load_config load_tokenizer)
+    targets=(open_container load_stack load_model load_config load_tokenizer)
 fi
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
@@ -57,6 +64,14 @@ for target in "${targets[@]}"; do
         open_container)
             seed_open_container "$corpus"
             opts=(-max_len=65536)
+            ;;
+        load_stack)
+            # Structured: the input drives shapes, kinds, parameters and values.
+            opts=(-max_len=8192)
+            ;;
+        load_model)
+            # Structured: the input drives the architecture, the tensors and their values.
+            opts=(-max_len=8192)
             ;;
         load_config)
             seed_model_files "$corpus" config.json

@@ -64,6 +64,12 @@ impl Block {
                 let signs = SignMatrix::from_packed(signs.bytes.to_vec(), rows, cols)
                     .map_err(|e| e.to_string())?;
                 let grid = if plane == 0 {
+                    // The products build one table of `x` per matrix for its planes' group.
+                    if earlier.iter().any(|b| matches!(b.as_ref(), Block::Plane(_))) {
+                        return Err(
+                            "a second plane 0 (a matrix's bit planes share one grid)".into()
+                        );
+                    }
                     let mid = find("mid", "F16", kind)?;
                     let half = find("half", "F16", kind)?;
                     let groups = cols.div_ceil(group.max(1));
@@ -222,6 +228,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("does not follow"), "{e}");
+        // A second grid in the same matrix (found by fuzzing: its products took the first
+        // grid's table of `x`, of another group, and panicked): refused.
+        for group in [8, 16] {
+            let e = Block::decode(
+                "planes",
+                &params(group, 0),
+                rows,
+                cols,
+                &first,
+                std::slice::from_ref(&b0),
+            )
+            .unwrap_err();
+            assert!(e.contains("a second plane 0"), "{e}");
+        }
         let b1 = Block::decode(
             "planes",
             &params(8, 1),

@@ -418,7 +418,7 @@ impl LoadedStack {
     }
 
     /// The most tokens for which [`LoadedStack::matvec`] once per token costs less than one
-    /// [`LoadedStack::matmul`] of them for matrix `m` (with its blocks loaded now): about 12
+    /// [`LoadedStack::matmul`] of them for matrix `m` (with its blocks loaded now): about 16
     /// for AVD blocks with 8-bit decode tables on a CPU that has their AVX-512 kernel (6
     /// with their AVX2 kernel), 2 with f32 tables, 3 for bit planes (the smallest of those
     /// present; 0 for a matrix without blocks). Measured on small-llama (the AVX2 figure

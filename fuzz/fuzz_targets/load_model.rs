@@ -1,0 +1,165 @@
+//! Fuzzes loading a checkpoint: a tiny Llama or Qwen2 `config.json` (one or two layers,
+//! tied or untied embeddings) and a `model.safetensors` built from the input, whose tensors
+//! have the right shapes or shapes off by one, F16 / BF16 / F32 or an unsupported dtype,
+//! are sometimes missing, and hold the input's bytes as values (NaN and infinities
+//! included). Whatever loads is run (a forward pass, a window's loss, cached decoding), and
+//! the checkpoint is compressed (data-free, k = 1, two blocks) and the stack loaded and run.
+#![no_main]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bitstack::compress::{compress, CompressOptions};
+use bitstack::engine::model_of;
+use bitstack::model::CausalLm;
+use bitstack::runtime::{LoadedStack, StackFile};
+use libfuzzer_sys::fuzz_target;
+
+const HIDDEN: usize = 8;
+const INTERMEDIATE: usize = 12;
+const VOCAB: usize = 16;
+const HEADS: usize = 2;
+const KV_HEADS: usize = 1;
+const HEAD_DIM: usize = HIDDEN / HEADS;
+
+struct Input<'a>(&'a [u8]);
+
+impl Input<'_> {
+    fn byte(&mut self) -> u8 {
+        let (&b, rest) = self.0.split_first().unwrap_or((&0, &[]));
+        self.0 = rest;
+        b
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let take = n.min(self.0.len());
+        let (head, rest) = self.0.split_at(take);
+        self.0 = rest;
+        let mut v = head.to_vec();
+        // Past the input: small regular values (so that most models are finite).
+        v.extend((v.len()..n).map(|i| [0x00, 0x2c, 0x00, 0xac][i % 4]));
+        v
+    }
+}
+
+fn dir() -> PathBuf {
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!("bitstack-fuzz-model-{}", std::process::id()))
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut d = Input(data);
+    let qwen = d.byte() % 2 == 0;
+    let tied = d.byte() % 2 == 0;
+    let layers = 1 + d.byte() as usize % 2;
+    let kv = KV_HEADS * HEAD_DIM;
+    let mut tensors: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN])];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        tensors.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN]));
+        for (name, out, inp) in [
+            ("self_attn.q_proj", HIDDEN, HIDDEN),
+            ("self_attn.k_proj", kv, HIDDEN),
+            ("self_attn.v_proj", kv, HIDDEN),
+            ("self_attn.o_proj", HIDDEN, HIDDEN),
+            ("mlp.gate_proj", INTERMEDIATE, HIDDEN),
+            ("mlp.up_proj", INTERMEDIATE, HIDDEN),
+            ("mlp.down_proj", HIDDEN, INTERMEDIATE),
+        ] {
+            tensors.push((format!("{p}.{name}.weight"), vec![out, inp]));
+            if qwen && name.starts_with("self_attn") && name != "self_attn.o_proj" {
+                tensors.push((format!("{p}.{name}.bias"), vec![out]));
+            }
+        }
+        tensors.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN]));
+    }
+    tensors.push(("model.norm.weight".into(), vec![HIDDEN]));
+    if !tied {
+        tensors.push(("lm_head.weight".into(), vec![VOCAB, HIDDEN]));
+    }
+    // The safetensors file: header, then the tensors' bytes in order. The input's next
+    // bytes choose each tensor's fate (0: right shape, F16), the rest are the values.
+    let choices: Vec<u8> = tensors.iter().map(|_| d.byte()).collect();
+    let mut header = serde_json::Map::new();
+    let mut body = Vec::new();
+    for ((name, mut shape), choice) in tensors.into_iter().zip(choices) {
+        match choice % 16 {
+            15 => continue, // missing
+            14 => shape[0] += 1,
+            _ => {}
+        }
+        let (dtype, size) = match (choice / 16) % 8 {
+            7 => ("F32", 4),
+            6 => ("BF16", 2),
+            5 => ("I32", 4),
+            _ => ("F16", 2),
+        };
+        let len = shape.iter().product::<usize>() * size;
+        let start = body.len();
+        body.extend(d.bytes(len));
+        header.insert(
+            name,
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, body.len()]}),
+        );
+    }
+    let mut head = serde_json::to_vec(&header).unwrap_or_default();
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut file = (head.len() as u64).to_le_bytes().to_vec();
+    file.extend(head);
+    file.extend(body);
+    let config = serde_json::json!({
+        "architectures": [if qwen { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+        "model_type": if qwen { "qwen2" } else { "llama" },
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "num_hidden_layers": layers,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+    });
+    let dir = dir();
+    let _ = std::fs::remove_dir_all(&dir);
+    if std::fs::create_dir_all(&dir).is_err()
+        || std::fs::write(dir.join("config.json"), config.to_string()).is_err()
+        || std::fs::write(dir.join("model.safetensors"), &file).is_err()
+    {
+        return;
+    }
+    let tokens = [1u32, 2, 3, (VOCAB - 1) as u32];
+    let run = |model: &CausalLm| {
+        let _ = model.forward(&tokens);
+        let _ = model.window_nll(&tokens);
+        let mut cache = model.new_cache();
+        let _ = model.forward_cached(&tokens[..2], &mut cache);
+        let _ = model.forward_next(3, &mut cache);
+    };
+    if let Ok(model) = CausalLm::load(&dir) {
+        run(&model);
+    }
+    let out = dir.join("out.bitstack");
+    let mut options = CompressOptions::default();
+    options.avd.k = 1;
+    options.avd.niter = 2;
+    if compress(&dir, &out, &options, &|_| {}).is_ok() {
+        if let Ok(file) = StackFile::open(&out) {
+            let file = Arc::new(file);
+            let max = file.layout().max_memory();
+            if let Ok(stack) = LoadedStack::load(file, max) {
+                if let Ok(model) = model_of(&Arc::new(stack)) {
+                    run(&model);
+                }
+            }
+        }
+    }
+});
