@@ -57,7 +57,8 @@ fuzz_target!(|data: &[u8]| {
     let tied = d.byte() % 2 == 0;
     let layers = 1 + d.byte() as usize % 2;
     let kv = KV_HEADS * HEAD_DIM;
-    let mut tensors: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN])];
+    let mut tensors: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN])];
     for l in 0..layers {
         let p = format!("model.layers.{l}");
         tensors.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN]));

@@ -35,7 +35,7 @@ impl Input<'_> {
 
 fn part(d: &mut Input<'_>, name: &str, dtype: Dtype, mut shape: Vec<usize>) -> PartData {
     // One part in eight gets a wrong shape (one more in the last dimension).
-    if d.byte() % 8 == 0 {
+    if d.byte().is_multiple_of(8) {
         if let Some(last) = shape.last_mut() {
             *last += 1;
         }
@@ -56,7 +56,10 @@ fuzz_target!(|data: &[u8]| {
             1 => 512,
             _ => 1 + d.byte() as usize % 80,
         };
-        if writer.add_matrix(format!("m{m}"), rows, cols, "F32").is_err() {
+        if writer
+            .add_matrix(format!("m{m}"), rows, cols, "F32")
+            .is_err()
+        {
             return;
         }
         shapes.push((rows, cols));
@@ -87,10 +90,8 @@ fuzz_target!(|data: &[u8]| {
                     parts.push(part(&mut d, "mid", Dtype::F16, vec![rows, groups]));
                     parts.push(part(&mut d, "half", Dtype::F16, vec![rows, groups]));
                 }
-                let params = BTreeMap::from([
-                    ("group".to_string(), group),
-                    ("plane".to_string(), plane),
-                ]);
+                let params =
+                    BTreeMap::from([("group".to_string(), group), ("plane".to_string(), plane)]);
                 ("planes", params, parts)
             }
             _ => (
@@ -99,10 +100,7 @@ fuzz_target!(|data: &[u8]| {
                 vec![part(&mut d, "signs", Dtype::U8, vec![signs])],
             ),
         };
-        if writer
-            .push_block(m, next[m], kind, params, parts)
-            .is_err()
-        {
+        if writer.push_block(m, next[m], kind, params, parts).is_err() {
             return;
         }
         next[m] += 1;
@@ -127,7 +125,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(stack) = LoadedStack::load(file.clone(), budget) else {
         return;
     };
-    for tables in [DecodeTables::default(), DecodeTables::F32, DecodeTables::Int8Tiles] {
+    for tables in [
+        DecodeTables::default(),
+        DecodeTables::F32,
+        DecodeTables::Int8Tiles,
+    ] {
         stack.set_decode_tables(tables);
         for m in 0..file.matrix_count() {
             let (rows, cols) = file.shape(m);
