@@ -108,7 +108,7 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     let mut head = serde_json::to_vec(&header).unwrap_or_default();
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let mut file = (head.len() as u64).to_le_bytes().to_vec();
