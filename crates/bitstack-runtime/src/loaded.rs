@@ -510,18 +510,20 @@ impl LoadedStack {
         let blocks = self.read_blocks(m);
         let xm = MatRef::from_row_major_slice(x, tokens, cols);
         let ym = MatMut::from_row_major_slice_mut(y, tokens, rows);
-        let leaf = |row0: usize, out: MatMut<'_, f32>| {
+        let leaf = |tile: &mut Vec<f32>, row0: usize, out: MatMut<'_, f32>| {
             let n = out.ncols();
-            let mut tile = vec![0.0f32; n * cols];
-            blocks_rows_to_dense(&blocks, row0, &mut tile);
-            let wt = MatRef::from_row_major_slice(&tile, n, cols).transpose();
+            tile.clear();
+            tile.resize(n * cols, 0.0);
+            blocks_rows_to_dense(&blocks, row0, tile);
+            let wt = MatRef::from_row_major_slice(tile, n, cols).transpose();
             matmul(out, Accum::Replace, xm, wt, 1.0f32, Par::Seq);
         };
-        // Tiles of `tile_rows` columns of y (rows of Ŵ), in parallel.
+        // Tiles of `tile_rows` columns of y (rows of Ŵ), in parallel; each run of tiles that
+        // rayon hands a thread reuses one buffer (a fresh megabyte per tile cost page faults).
         use rayon::prelude::*;
         ym.par_col_chunks_mut(tile_rows)
             .enumerate()
-            .for_each(|(t, ys)| leaf(t * tile_rows, ys));
+            .for_each_init(Vec::new, |tile, (t, ys)| leaf(tile, t * tile_rows, ys));
     }
 }
 
