@@ -15,32 +15,15 @@ use bitstack::model::CausalLm;
 use bitstack::runtime::{LoadedStack, StackFile};
 use libfuzzer_sys::fuzz_target;
 
+mod common;
+use common::Input;
+
 const HIDDEN: usize = 8;
 const INTERMEDIATE: usize = 12;
 const VOCAB: usize = 16;
 const HEADS: usize = 2;
 const KV_HEADS: usize = 1;
 const HEAD_DIM: usize = HIDDEN / HEADS;
-
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn byte(&mut self) -> u8 {
-        let (&b, rest) = self.0.split_first().unwrap_or((&0, &[]));
-        self.0 = rest;
-        b
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let take = n.min(self.0.len());
-        let (head, rest) = self.0.split_at(take);
-        self.0 = rest;
-        let mut v = head.to_vec();
-        // Past the input: small regular values (so that most models are finite).
-        v.extend((v.len()..n).map(|i| [0x00, 0x2c, 0x00, 0xac][i % 4]));
-        v
-    }
-}
 
 fn dir() -> PathBuf {
     let base = if std::path::Path::new("/dev/shm").is_dir() {
@@ -101,7 +84,8 @@ fuzz_target!(|data: &[u8]| {
         };
         let len = shape.iter().product::<usize>() * size;
         let start = body.len();
-        body.extend(d.bytes(len));
+        // Past the input: small regular values (so that most models are finite).
+        body.extend(d.bytes(len, |i| [0x00, 0x2c, 0x00, 0xac][i % 4]));
         header.insert(
             name,
             serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, body.len()]}),

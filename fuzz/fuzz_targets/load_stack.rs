@@ -13,25 +13,8 @@ use bitstack_format::{Container, ContainerWriter, Dtype, PartData};
 use bitstack_runtime::{DecodeTables, LoadedStack, StackFile};
 use libfuzzer_sys::fuzz_target;
 
-/// Reads the input from the front; zeros once it is used up.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn byte(&mut self) -> u8 {
-        let (&b, rest) = self.0.split_first().unwrap_or((&0, &[]));
-        self.0 = rest;
-        b
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let take = n.min(self.0.len());
-        let (head, rest) = self.0.split_at(take);
-        self.0 = rest;
-        let mut v = head.to_vec();
-        v.resize(n, 0);
-        v
-    }
-}
+mod common;
+use common::Input;
 
 fn part(d: &mut Input<'_>, name: &str, dtype: Dtype, mut shape: Vec<usize>) -> PartData {
     // One part in eight gets a wrong shape (one more in the last dimension).
@@ -41,7 +24,7 @@ fn part(d: &mut Input<'_>, name: &str, dtype: Dtype, mut shape: Vec<usize>) -> P
         }
     }
     let len = dtype.byte_len(&shape).unwrap_or(0).min(1 << 20);
-    PartData::new(name, dtype, shape, d.bytes(len))
+    PartData::new(name, dtype, shape, d.bytes(len, |_| 0))
 }
 
 fuzz_target!(|data: &[u8]| {
