@@ -1,5 +1,5 @@
 //! Fuzzes loading a checkpoint: a tiny Llama or Qwen2 `config.json` (one or two layers,
-//! tied or untied embeddings) and a `model.safetensors` built from the input, whose tensors
+//! tied or untied embeddings, usual dimensions or ones that do not fit together) and a `model.safetensors` built from the input, whose tensors
 //! have the right shapes or shapes off by one, F16 / BF16 / F32 or an unsupported dtype,
 //! are sometimes missing, and hold the input's bytes as values (NaN and infinities
 //! included). Whatever loads is run (a forward pass, a window's loss, cached decoding), and
@@ -18,13 +18,6 @@ use libfuzzer_sys::fuzz_target;
 mod common;
 use common::Input;
 
-const HIDDEN: usize = 8;
-const INTERMEDIATE: usize = 12;
-const VOCAB: usize = 16;
-const HEADS: usize = 2;
-const KV_HEADS: usize = 1;
-const HEAD_DIM: usize = HIDDEN / HEADS;
-
 fn dir() -> PathBuf {
     let base = if std::path::Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
@@ -39,31 +32,52 @@ fuzz_target!(|data: &[u8]| {
     let qwen = d.byte() % 2 == 0;
     let tied = d.byte() % 2 == 0;
     let layers = 1 + d.byte() as usize % 2;
-    let kv = KV_HEADS * HEAD_DIM;
+    // Dimensions: the usual ones (byte 0), or others that may not fit together (heads
+    // that do not divide the width, key/value heads that do not divide the heads, a
+    // vocabulary of one token, two positions for four tokens).
+    let odd = d.byte();
+    let pick = |bits: u8, usual: usize, others: &[usize]| {
+        let i = (odd >> bits) as usize & 3;
+        if i == 0 {
+            usual
+        } else {
+            others[(i - 1) % others.len()]
+        }
+    };
+    let hidden = pick(0, 8, &[12, 6, 16]);
+    let heads = pick(2, 2, &[3, 4, 1]);
+    let kv_heads = pick(4, 1, &[2, 3]);
+    let (intermediate, vocab, positions) = if odd >> 6 == 0 {
+        (12, 16, 64)
+    } else {
+        [(1, 16, 64), (12, 1, 64), (12, 16, 2)][(odd >> 6) as usize - 1]
+    };
+    let head_dim = hidden / heads;
+    let kv = kv_heads * head_dim;
     let mut tensors: Vec<(String, Vec<usize>)> =
-        vec![("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN])];
+        vec![("model.embed_tokens.weight".into(), vec![vocab, hidden])];
     for l in 0..layers {
         let p = format!("model.layers.{l}");
-        tensors.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN]));
+        tensors.push((format!("{p}.input_layernorm.weight"), vec![hidden]));
         for (name, out, inp) in [
-            ("self_attn.q_proj", HIDDEN, HIDDEN),
-            ("self_attn.k_proj", kv, HIDDEN),
-            ("self_attn.v_proj", kv, HIDDEN),
-            ("self_attn.o_proj", HIDDEN, HIDDEN),
-            ("mlp.gate_proj", INTERMEDIATE, HIDDEN),
-            ("mlp.up_proj", INTERMEDIATE, HIDDEN),
-            ("mlp.down_proj", HIDDEN, INTERMEDIATE),
+            ("self_attn.q_proj", hidden, hidden),
+            ("self_attn.k_proj", kv, hidden),
+            ("self_attn.v_proj", kv, hidden),
+            ("self_attn.o_proj", hidden, hidden),
+            ("mlp.gate_proj", intermediate, hidden),
+            ("mlp.up_proj", intermediate, hidden),
+            ("mlp.down_proj", hidden, intermediate),
         ] {
             tensors.push((format!("{p}.{name}.weight"), vec![out, inp]));
             if qwen && name.starts_with("self_attn") && name != "self_attn.o_proj" {
                 tensors.push((format!("{p}.{name}.bias"), vec![out]));
             }
         }
-        tensors.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN]));
+        tensors.push((format!("{p}.post_attention_layernorm.weight"), vec![hidden]));
     }
-    tensors.push(("model.norm.weight".into(), vec![HIDDEN]));
+    tensors.push(("model.norm.weight".into(), vec![hidden]));
     if !tied {
-        tensors.push(("lm_head.weight".into(), vec![VOCAB, HIDDEN]));
+        tensors.push(("lm_head.weight".into(), vec![vocab, hidden]));
     }
     // The safetensors file: header, then the tensors' bytes in order. The input's next
     // bytes choose each tensor's fate (0: right shape, F16), the rest are the values.
@@ -101,13 +115,13 @@ fuzz_target!(|data: &[u8]| {
     let config = serde_json::json!({
         "architectures": [if qwen { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
         "model_type": if qwen { "qwen2" } else { "llama" },
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "num_hidden_layers": layers,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 64,
+        "vocab_size": vocab,
+        "max_position_embeddings": positions,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
         "tie_word_embeddings": tied,
@@ -121,7 +135,7 @@ fuzz_target!(|data: &[u8]| {
     {
         return;
     }
-    let tokens = [1u32, 2, 3, (VOCAB - 1) as u32];
+    let tokens = [1u32, 2, 3, (vocab - 1) as u32];
     let run = |model: &CausalLm| {
         let _ = model.forward(&tokens);
         let _ = model.window_nll(&tokens);
