@@ -41,11 +41,6 @@ fn model_name() -> String {
         .map_or_else(|| "model".into(), |n| n.to_string_lossy().replace('-', "_"))
 }
 
-/// The reference's rank for the model's width (`hidden_size / 128` within 2..=16).
-fn reference_rank(model: &CausalLm) -> usize {
-    (model.config().hidden_size / 128).clamp(2, 16)
-}
-
 fn text_windows(options: &CalibrationOptions) -> Vec<Vec<u32>> {
     let tokenizer = TextTokenizer::from_model_dir(model_dir()).unwrap();
     options.windows(&tokenizer).unwrap().1
@@ -67,7 +62,7 @@ fn end_to_end(c: &mut Criterion) {
     let dir = model_dir();
     let dense = CausalLm::load(&dir).unwrap();
     let mut options = CompressOptions::default();
-    options.avd.k = reference_rank(&dense);
+    options.avd.k = dense.config().reference_rank();
     options.avd.niter = 4;
     let out = tempfile::tempdir().unwrap();
     let path = out.path().join("paper.bitstack");
@@ -130,7 +125,7 @@ fn scorer(c: &mut Criterion) {
     let names = bitstack::select::select_matrices(&checkpoint, arch.as_deref(), &[]).unwrap();
     let load = || CausalLm::load(&dir).unwrap();
     let mut options = CompressOptions::default();
-    options.avd.k = reference_rank(&load());
+    options.avd.k = load().config().reference_rank();
     options.avd.niter = 2;
     let spool = tempfile::tempdir().unwrap();
     let decomposed =

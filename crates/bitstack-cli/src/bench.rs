@@ -972,13 +972,12 @@ fn end_to_end(dir: &Path, quick: bool) -> Result<(E2e, Vec<Row>)> {
     result
 }
 
-/// The rank the reference implementation uses for a model of this width: 16 for the
-/// paper's 4096-wide models, 4 for small-llama (512), 2 for tiny-qwen2 (256)
-/// (../shared/README.md; docs/DEFAULTS.md): `hidden_size / 128` within 2..=16.
+/// The rank the reference implementation uses for the model in `dir`
+/// ([`bitstack::model::ModelConfig::reference_rank`]).
 fn reference_rank(dir: &Path) -> Result<usize> {
     let config = bitstack::model::ModelConfig::from_file(dir.join("config.json"))
         .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
-    Ok((config.hidden_size / 128).clamp(2, 16))
+    Ok(config.reference_rank())
 }
 
 /// The end-to-end measurements: paper mode at 4 AVD blocks per matrix of rank `k` (the

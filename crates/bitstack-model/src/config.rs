@@ -111,6 +111,13 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The AVD rank the reference implementation uses for a model of this width:
+    /// `hidden_size / 128` within 2..=16 (16 for the paper's 4096-wide models, 4 for
+    /// small-llama's 512, 2 for tiny-qwen2's 256; ../shared/README.md, docs/DEFAULTS.md).
+    pub fn reference_rank(&self) -> usize {
+        (self.hidden_size / 128).clamp(2, 16)
+    }
+
     /// Reads and validates a `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ModelError> {
         let path = path.as_ref();
@@ -491,6 +498,28 @@ mod tests {
         assert_eq!(c.dtype.as_deref(), Some("bfloat16"));
         assert!(c.tie_word_embeddings);
         assert!(!c.qkv_bias);
+    }
+
+    #[test]
+    fn reference_rank_follows_the_width() {
+        // The reference's ranks: tiny-qwen2 (256) 2, small-llama (512) 4, 4096-wide 16;
+        // narrower and wider widths stay within 2..=16.
+        for (hidden, k) in [
+            (64, 2),
+            (256, 2),
+            (512, 4),
+            (1024, 8),
+            (4096, 16),
+            (8192, 16),
+        ] {
+            let text = OLD_STYLE.replace(
+                r#""hidden_size": 64"#,
+                &format!(r#""hidden_size": {hidden}"#),
+            );
+            let c = ModelConfig::from_json_str(&text).unwrap();
+            assert_eq!(c.hidden_size, hidden);
+            assert_eq!(c.reference_rank(), k, "hidden {hidden}");
+        }
     }
 
     #[test]
