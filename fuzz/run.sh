@@ -8,6 +8,8 @@
 #   load_model      a tiny checkpoint built from the input (shapes, dtypes, missing
 #                   tensors, values): CausalLm::load and a forward pass, data-free compress,
 #                   the stack loaded and run
+#   resume_state    compress --resume (calibrated and best pipelines of a tiny Llama) on
+#                   progress records rewritten from the input and sealed with valid CRCs
 #   load_config     bitstack-model's config.json parser (ModelConfig::from_json_bytes)
 #   load_tokenizer  TextTokenizer::from_bytes, then encode/decode a short text
 # Corpora are seeded with real files: a small container written by the format crate (and
@@ -19,7 +21,7 @@
 # - open_container: copy it into crates/bitstack-format/tests/fuzz_inputs/
 #   (tests/fuzz_regressions.rs runs every file there, also with its checksums re-stamped,
 #   because fuzzing builds ignore the manifest and fixed-part checksums on open);
-# - load_stack / load_model: rerun it with `cargo +nightly fuzz run TARGET FILE` (the
+# - load_stack / load_model / resume_state: rerun it with `cargo +nightly fuzz run TARGET FILE` (the
 #   container or checkpoint is built from the input); a fix gets a test of its own;
 # - load_config / load_tokenizer: copy it to crates/bitstack-model/tests/fuzz_inputs/ as
 #   config-<what>.json / tokenizer-<what>.json (tests/fuzz_regressions.rs runs them).
@@ -28,7 +30,7 @@ secs="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(open_container load_stack load_model load_config load_tokenizer)
+    targets=(open_container load_stack load_model resume_state load_config load_tokenizer)
 fi
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
@@ -72,6 +74,10 @@ for target in "${targets[@]}"; do
         load_model)
             # Structured: the input drives the architecture, the tensors and their values.
             opts=(-max_len=8192)
+            ;;
+        resume_state)
+            # Structured: the input picks a pipeline and a record, and rewrites it.
+            opts=(-max_len=4096 -len_control=0)
             ;;
         load_config)
             seed_model_files "$corpus" config.json

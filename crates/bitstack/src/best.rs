@@ -175,13 +175,20 @@ pub fn compress_best(
 
     // 1. Activation statistics of the original model.
     let t = Instant::now();
-    let layers = config.num_layers;
     let saved = resume.as_ref().and_then(|r| {
         let mut head = r.load_vectors("head")?;
-        let scales = unflatten_scales(r.load_vectors("scales")?, layers)?;
+        let scales = unflatten_scales(r.load_vectors("scales")?, &config)?;
         let counts = head.pop()?;
         let sq = head.pop()?;
-        head.is_empty().then_some((scales, sq, counts))
+        // As `head_statistics` makes them: finite, one square per hidden unit (≥ 0), one
+        // count per token (≥ 1).
+        let fits = head.is_empty()
+            && sq.len() == config.hidden_size
+            && counts.len() == config.vocab_size
+            && sq.iter().all(|x| x.is_finite() && *x >= 0.0)
+            && counts.iter().all(|x| x.is_finite() && *x >= 1.0);
+        fits.then(|| r.count_reused(2));
+        fits.then_some((scales, sq, counts))
     });
     let (scales, head_sq, token_counts) = match saved {
         Some(saved) => saved,
@@ -763,7 +770,13 @@ fn probe_sensitivities(
     let mut out = Vec::with_capacity(names.len());
     for (m, name) in names.iter().enumerate() {
         let saved = resume.and_then(|r| r.load_numbers("probe", m, name, 2));
+        // As measured below: finite, `lambda ≥ 0` (anything else is measured again).
+        let saved = saved
+            .filter(|n| n.iter().all(|x| x.is_finite()) && n.get(1).is_some_and(|l| *l >= 0.0));
         if let Some([kl, lambda]) = saved.as_deref() {
+            if let Some(r) = resume {
+                r.count_reused(1);
+            }
             out.push(Sensitivity {
                 kl: *kl,
                 lambda: *lambda,

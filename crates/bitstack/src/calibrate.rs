@@ -536,10 +536,11 @@ pub fn compress_calibrated(
     let resume = Checkpointer::open(out, options.checkpointing, &run)?;
 
     let t = Instant::now();
-    let saved = resume
-        .as_ref()
-        .and_then(|r| r.load_vectors("scales"))
-        .and_then(|flat| unflatten_scales(flat, config.num_layers));
+    let saved = resume.as_ref().and_then(|r| {
+        let scales = unflatten_scales(r.load_vectors("scales")?, &config)?;
+        r.count_reused(1);
+        Some(scales)
+    });
     let scales = match saved {
         Some(scales) => scales,
         None => {
@@ -620,13 +621,70 @@ pub(crate) fn text_identity(path: &std::path::Path) -> serde_json::Value {
     ])
 }
 
-/// Saved scales (4 vectors per layer) back into per-layer arrays.
-pub(crate) fn unflatten_scales(flat: Vec<Vec<f32>>, layers: usize) -> Option<Vec<[Vec<f32>; 4]>> {
-    if flat.len() != layers * 4 {
+/// Saved scales (4 vectors per layer) back into per-layer arrays; `None` (they are then
+/// recomputed) unless there are 4 for every layer of `config`, each as wide as its site
+/// ([`Site::ALL`]: hidden, `q_dim`, hidden, intermediate), every entry finite and positive
+/// (as [`activation_scales`] makes them).
+pub(crate) fn unflatten_scales(
+    flat: Vec<Vec<f32>>,
+    config: &ModelConfig,
+) -> Option<Vec<[Vec<f32>; 4]>> {
+    let widths = [
+        config.hidden_size,
+        config.q_dim(),
+        config.hidden_size,
+        config.intermediate_size,
+    ];
+    let fits = flat.len() == config.num_layers * 4
+        && flat
+            .iter()
+            .zip(widths.iter().cycle())
+            .all(|(s, &width)| s.len() == width && s.iter().all(|x| x.is_finite() && *x > 0.0));
+    if !fits {
         return None;
     }
     let mut it = flat.into_iter();
-    (0..layers)
+    (0..config.num_layers)
         .map(|_| Some([it.next()?, it.next()?, it.next()?, it.next()?]))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Saved scales are taken back only in the shape and range `activation_scales` makes.
+    #[test]
+    fn saved_scales_must_fit_the_model() {
+        let config = ModelConfig::from_json_str(
+            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
+                "intermediate_size": 12, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "head_dim": 6, "num_hidden_layers": 2, "vocab_size": 16}"#,
+        )
+        .unwrap();
+        assert_eq!(config.q_dim(), 12);
+        let widths = [8, 12, 8, 12];
+        let good: Vec<Vec<f32>> = (0..8)
+            .map(|i| vec![1e-3 + i as f32; widths[i % 4]])
+            .collect();
+        let back = unflatten_scales(good.clone(), &config).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[1][3], good[7]);
+        // One layer's worth too few or too many.
+        assert!(unflatten_scales(good[..4].to_vec(), &config).is_none());
+        let mut more = good.clone();
+        more.extend(good[..4].iter().cloned());
+        assert!(unflatten_scales(more, &config).is_none());
+        // Each site with one entry too few, and entries that are not finite and positive.
+        for i in 0..8 {
+            let mut short = good.clone();
+            short[i].pop();
+            assert!(unflatten_scales(short, &config).is_none(), "site {i}");
+            for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+                let mut wrong = good.clone();
+                wrong[i][0] = bad;
+                assert!(unflatten_scales(wrong, &config).is_none(), "{bad} at {i}");
+            }
+        }
+    }
 }

@@ -360,7 +360,7 @@ pub fn decompose_checkpoint(
         .map(|(index, name)| {
             let info = checkpoint.info(name)?;
             let (rows, cols) = (info.shape[0], info.shape[1]);
-            let saved = resume.and_then(|r| r.load_matrix(index, name, rows, cols));
+            let saved = resume.and_then(|r| r.load_matrix(index, name, (rows, cols), &options.avd));
             let (d, norm2) = match saved {
                 Some(saved) => saved,
                 None => {

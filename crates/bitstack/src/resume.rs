@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use bitstack_bits::SignMatrix;
-use bitstack_decompose::{AvdBlock, Decomposition};
+use bitstack_decompose::{AvdBlock, AvdParams, Decomposition};
 use half::f16;
 
 use crate::Error;
@@ -156,8 +156,16 @@ impl Checkpointer {
     }
 
     fn count_reuse(&self) {
+        self.count_reused(1);
+    }
+
+    /// Counts `units` records taken from the earlier run in [`Checkpointer::reused`].
+    /// [`Checkpointer::load_matrix`] and [`Checkpointer::load_level`] count what they return;
+    /// the callers of [`Checkpointer::load_numbers`] and [`Checkpointer::load_vectors`],
+    /// which check what they read against the run, count what they keep.
+    pub fn count_reused(&self, units: usize) {
         self.reused
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(units, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Saves a finished decomposition of matrix `index` and `‖W‖²`.
@@ -188,13 +196,15 @@ impl Checkpointer {
     }
 
     /// A decomposition of matrix `index` saved by an earlier run, if it is there, intact and
-    /// of the matrix `name` with `rows × cols`.
+    /// what [`bitstack_decompose::decompose`] gives the matrix `name` with `rows × cols`
+    /// under `params`: `params.niter` blocks of rank `params.k` with finite factors, one
+    /// finite error per block, a finite `‖W‖²`. Anything else is recomputed.
     pub fn load_matrix(
         &self,
         index: usize,
         name: &str,
-        rows: usize,
-        cols: usize,
+        (rows, cols): (usize, usize),
+        params: &AvdParams,
     ) -> Option<(Decomposition, f64)> {
         let p = self.read_record(&format!("matrix-{index}.bin"))?;
         let mut r = Reader(&p);
@@ -202,18 +212,27 @@ impl Checkpointer {
             return None;
         }
         let norm2 = f64::from_bits(r.u64()?);
-        let n = r.len()?;
-        let rel_err = (0..n)
-            .map(|_| r.u64().map(f64::from_bits))
+        if !(norm2.is_finite() && norm2 >= 0.0) || r.len()? != params.niter {
+            return None;
+        }
+        let rel_err = (0..params.niter)
+            .map(|_| r.u64().map(f64::from_bits).filter(|e| e.is_finite()))
             .collect::<Option<Vec<_>>>()?;
-        let nblocks = r.len()?;
-        let mut blocks = Vec::with_capacity(nblocks);
-        for _ in 0..nblocks {
-            let k = r.len()?;
+        if r.len()? != params.niter {
+            return None;
+        }
+        let mut blocks = Vec::with_capacity(params.niter);
+        for _ in 0..params.niter {
+            if r.len()? != params.k {
+                return None;
+            }
             let signs = SignMatrix::from_packed(r.bytes()?.to_vec(), rows, cols).ok()?;
             let u = r.halves()?;
             let v = r.halves()?;
-            blocks.push(AvdBlock::from_parts(signs, u, v, k).ok()?);
+            if !u.iter().chain(&v).all(|x| x.is_finite()) {
+                return None;
+            }
+            blocks.push(AvdBlock::from_parts(signs, u, v, params.k).ok()?);
         }
         if !r.0.is_empty() {
             return None;
@@ -270,7 +289,8 @@ impl Checkpointer {
     }
 
     /// The `len` numbers saved by [`Checkpointer::save_numbers`] for matrix `index` of name
-    /// `name`, if they are there and intact.
+    /// `name`, if they are there and intact (not counted as reused: the caller checks them
+    /// and counts them with [`Checkpointer::count_reused`] if it keeps them).
     pub fn load_numbers(
         &self,
         stage: &str,
@@ -289,7 +309,6 @@ impl Checkpointer {
         if !r.0.is_empty() {
             return None;
         }
-        self.count_reuse();
         Some(numbers)
     }
 
@@ -306,7 +325,8 @@ impl Checkpointer {
         self.write_record(&format!("{name}.bin"), &p)
     }
 
-    /// Vectors saved under `name` by an earlier run.
+    /// Vectors saved under `name` by an earlier run (not counted as reused: see
+    /// [`Checkpointer::load_numbers`]).
     pub fn load_vectors(&self, name: &str) -> Option<Vec<Vec<f32>>> {
         let p = self.read_record(&format!("{name}.bin"))?;
         let mut r = Reader(&p);
@@ -321,7 +341,6 @@ impl Checkpointer {
                     .collect(),
             );
         }
-        self.count_reuse();
         Some(out)
     }
 
@@ -432,11 +451,47 @@ mod tests {
         let c = Checkpointer::open(&out, Checkpointing::Resume, &run)
             .unwrap()
             .unwrap();
-        let (back, n2) = c.load_matrix(4, "a.weight", rows, cols).unwrap();
+        let (back, n2) = c.load_matrix(4, "a.weight", (rows, cols), &params).unwrap();
         assert_eq!(back, d);
         assert_eq!(n2, 1.25);
-        assert!(c.load_matrix(4, "b.weight", rows, cols).is_none());
-        assert!(c.load_matrix(5, "a.weight", rows, cols).is_none());
+        assert!(c
+            .load_matrix(4, "b.weight", (rows, cols), &params)
+            .is_none());
+        assert!(c
+            .load_matrix(5, "a.weight", (rows, cols), &params)
+            .is_none());
+        assert!(c
+            .load_matrix(4, "a.weight", (cols, rows), &params)
+            .is_none());
+        // Blocks of another rank or number than this run makes are not taken.
+        for other in [
+            AvdParams { k: 1, ..params },
+            AvdParams { niter: 2, ..params },
+            AvdParams { niter: 4, ..params },
+        ] {
+            assert!(c.load_matrix(4, "a.weight", (rows, cols), &other).is_none());
+        }
+        // Nor a record, intact as a file, whose factors are not finite.
+        let mut blocks = d.blocks.clone();
+        let (signs, mut u, v, k) = blocks.remove(1).into_parts();
+        u[3] = f16::INFINITY;
+        blocks.insert(1, AvdBlock::from_parts(signs, u, v, k).unwrap());
+        let bad = Decomposition {
+            blocks,
+            rel_err: d.rel_err.clone(),
+        };
+        c.save_matrix(6, "a.weight", &bad, 1.25).unwrap();
+        assert!(c
+            .load_matrix(6, "a.weight", (rows, cols), &params)
+            .is_none());
+        c.save_matrix(6, "a.weight", &d, f64::NAN).unwrap();
+        assert!(c
+            .load_matrix(6, "a.weight", (rows, cols), &params)
+            .is_none());
+        c.save_matrix(6, "a.weight", &d, 1.25).unwrap();
+        assert!(c
+            .load_matrix(6, "a.weight", (rows, cols), &params)
+            .is_some());
         let s = c.load_level(2, &[1, 3]).unwrap();
         assert_eq!(s[0], 2.5);
         assert!(s[1].is_nan());
@@ -458,14 +513,29 @@ mod tests {
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0x40;
         std::fs::write(&path, &bytes).unwrap();
-        assert!(c.load_matrix(4, "a.weight", rows, cols).is_none());
+        assert!(c
+            .load_matrix(4, "a.weight", (rows, cols), &params)
+            .is_none());
         std::fs::write(&path, &bytes[..mid]).unwrap();
-        assert!(c.load_matrix(4, "a.weight", rows, cols).is_none());
+        assert!(c
+            .load_matrix(4, "a.weight", (rows, cols), &params)
+            .is_none());
         // Other options: refused, naming the difference.
         let e = Checkpointer::open(&out, Checkpointing::Resume, &serde_json::json!({"k": 4}))
             .unwrap_err()
             .to_string();
         assert!(e.contains("k: was 2, now 4"), "{e}");
+        // A damaged description of the run: refused, naming the file.
+        let run_file = c.dir().join("run.json");
+        let text = std::fs::read(&run_file).unwrap();
+        std::fs::write(&run_file, &text[..text.len() - 2]).unwrap();
+        let e = Checkpointer::open(&out, Checkpointing::Resume, &run)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("run.json is damaged"), "{e}");
+        assert!(e.contains("run without --resume"), "{e}");
+        std::fs::write(&run_file, &text).unwrap();
+        assert!(Checkpointer::open(&out, Checkpointing::Resume, &run).is_ok());
         c.finish().unwrap();
         let e = Checkpointer::open(&out, Checkpointing::Resume, &run)
             .unwrap_err()

@@ -415,10 +415,39 @@ fn interrupted_best_mode_resumes_to_identical_bytes() {
     let damaged = partial.join("probe-5.bin");
     let bytes = std::fs::read(&damaged).unwrap();
     std::fs::write(&damaged, &bytes[..bytes.len() / 2]).unwrap();
+    // Records intact as files (magic, payload, CRC) whose contents this run cannot have
+    // made: recomputed too. The head statistics with one entry too few (the scales, read
+    // with them, are then recomputed as well), and a probe whose KL divergence is NaN.
+    let record = |name: &str, payload: &[u8]| {
+        let mut bytes = b"BSPART01".to_vec();
+        bytes.extend_from_slice(payload);
+        bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        std::fs::write(partial.join(name), bytes).unwrap();
+    };
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    let (hidden, vocab) = (
+        config["hidden_size"].as_u64().unwrap() as usize,
+        config["vocab_size"].as_u64().unwrap() as usize,
+    );
+    let mut head = 2u64.to_le_bytes().to_vec();
+    for (len, value) in [(hidden - 1, 0.5f32), (vocab, 1.0)] {
+        head.extend_from_slice(&(len as u64).to_le_bytes());
+        (0..len).for_each(|_| head.extend_from_slice(&value.to_le_bytes()));
+    }
+    record("head.bin", &head);
+    // The saved probe's payload: the matrix's name (length, bytes), then the numbers.
+    let saved = std::fs::read(partial.join("probe-7.bin")).unwrap();
+    let name_len = u64::from_le_bytes(saved[8..16].try_into().unwrap()) as usize;
+    let mut probe = saved[8..16 + name_len].to_vec();
+    probe.extend_from_slice(&2u64.to_le_bytes());
+    probe.extend_from_slice(&f64::NAN.to_bits().to_le_bytes());
+    probe.extend_from_slice(&0.5f64.to_bits().to_le_bytes());
+    record("probe-7.bin", &probe);
 
     let summary = run(&cut, Checkpointing::Resume, &|_| {}).unwrap();
-    // scales + head + 8 intact probe records.
-    assert_eq!(summary.reused, 10);
+    // The probe records 0–2, 4, 6, 8 and 9.
+    assert_eq!(summary.reused, 7);
     assert_eq!(
         std::fs::read(&cut).unwrap(),
         std::fs::read(&whole).unwrap(),
