@@ -6,7 +6,6 @@
 //! the checkpoint is compressed (data-free, k = 1, two blocks) and the stack loaded and run.
 #![no_main]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bitstack::compress::{compress, CompressOptions};
@@ -17,15 +16,6 @@ use libfuzzer_sys::fuzz_target;
 
 mod common;
 use common::Input;
-
-fn dir() -> PathBuf {
-    let base = if std::path::Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    base.join(format!("bitstack-fuzz-model-{}", std::process::id()))
-}
 
 fuzz_target!(|data: &[u8]| {
     let mut d = Input(data);
@@ -105,13 +95,7 @@ fuzz_target!(|data: &[u8]| {
             serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, body.len()]}),
         );
     }
-    let mut head = serde_json::to_vec(&header).unwrap_or_default();
-    while !head.len().is_multiple_of(8) {
-        head.push(b' ');
-    }
-    let mut file = (head.len() as u64).to_le_bytes().to_vec();
-    file.extend(head);
-    file.extend(body);
+    let file = common::safetensors_file(&header, &body);
     let config = serde_json::json!({
         "architectures": [if qwen { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
         "model_type": if qwen { "qwen2" } else { "llama" },
@@ -127,7 +111,7 @@ fuzz_target!(|data: &[u8]| {
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
     });
-    let dir = dir();
+    let dir = common::scratch_dir("model");
     let _ = std::fs::remove_dir_all(&dir);
     if std::fs::create_dir_all(&dir).is_err()
         || std::fs::write(dir.join("config.json"), config.to_string()).is_err()

@@ -27,15 +27,6 @@ const VOCAB: usize = 16;
 const HIDDEN: usize = 8;
 const INTERMEDIATE: usize = 12;
 
-fn base() -> PathBuf {
-    let base = if Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    base.join(format!("bitstack-fuzz-resume-{}", std::process::id()))
-}
-
 /// A deterministic pseudo-random stream (the model's weights and the texts).
 fn lcg(seed: &mut u64) -> u32 {
     *seed = seed
@@ -86,13 +77,7 @@ fn write_model(dir: &Path) -> Option<()> {
             serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, body.len()]}),
         );
     }
-    let mut head = serde_json::to_vec(&header).ok()?;
-    while !head.len().is_multiple_of(8) {
-        head.push(b' ');
-    }
-    let mut file = (head.len() as u64).to_le_bytes().to_vec();
-    file.extend(head);
-    file.extend(body);
+    let file = common::safetensors_file(&header, &body);
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -211,7 +196,7 @@ struct Setup {
 }
 
 fn setup() -> Option<Setup> {
-    let base = base();
+    let base = common::scratch_dir("resume");
     let _ = std::fs::remove_dir_all(&base);
     let model = base.join("model");
     write_model(&model)?;
@@ -254,7 +239,7 @@ fuzz_target!(|data: &[u8]| {
     if records.is_empty() {
         return;
     }
-    let out = base().join("resumed.bitstack");
+    let out = common::scratch_dir("resume").join("resumed.bitstack");
     let _ = std::fs::remove_file(&out);
     let partial = progress_dir(&out);
     let _ = std::fs::remove_dir_all(&partial);
