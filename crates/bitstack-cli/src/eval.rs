@@ -82,8 +82,7 @@ fn token_windows(
     seq: usize,
     n: Option<usize>,
 ) -> Result<Vec<Vec<u32>>> {
-    let content =
-        std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let content = bitstack::calibrate::read_text(text, "evaluation")?;
     let ids = tokenizer.encode(&content)?;
     let w: Vec<Vec<u32>> = windows(&ids, seq, n)
         .into_iter()

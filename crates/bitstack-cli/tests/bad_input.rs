@@ -694,6 +694,44 @@ fn empty_or_missing_calibration_text() {
     let e = fails(&["compress", s(&tiny()), "-o", s(&out), "--calib", s(&absent)]);
     has_all(&e, &["absent.txt", "No such file"]);
     assert_no_output(&out);
+    // Not UTF-8: Latin-1 text (byte 9 is `é`), and the start of a binary file.
+    let latin1 = dir.path().join("latin1.txt");
+    std::fs::write(&latin1, b"Hello caf\xe9 world").unwrap();
+    let e = fails(&["compress", s(&tiny()), "-o", s(&out), "--calib", s(&latin1)]);
+    has_all(
+        &e,
+        &[
+            "latin1.txt: the calibration text is not UTF-8",
+            "offset 9 of 16",
+            "plain-text file in UTF-8",
+        ],
+    );
+    assert_no_output(&out);
+    let binary = dir.path().join("weights.txt");
+    let head = std::fs::read(tiny().join("model.safetensors")).unwrap();
+    std::fs::write(&binary, &head[..4096]).unwrap();
+    let e = fails(&[
+        "compress",
+        s(&tiny()),
+        "-o",
+        s(&out),
+        "--calib",
+        s(&calib()),
+        "--score",
+        s(&binary),
+    ]);
+    has_all(
+        &e,
+        &["weights.txt: the scoring text is not UTF-8", "of 4096"],
+    );
+    assert_no_output(&out);
+    // `eval` reads its text the same way.
+    let stack = tiny_container(dir.path());
+    let e = fails(&["eval", s(&stack), "--text", s(&latin1)]);
+    has_all(
+        &e,
+        &["latin1.txt: the evaluation text is not UTF-8", "offset 9"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------

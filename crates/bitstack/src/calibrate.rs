@@ -477,6 +477,22 @@ impl CalibrationOptions {
     }
 }
 
+/// Reads the `what` text (e.g. "calibration") at `path`; a file that is not UTF-8 (a binary
+/// file given by mistake, or text in another encoding) is an error naming the first bad
+/// byte.
+pub fn read_text(path: &std::path::Path, what: &str) -> Result<String, Error> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    String::from_utf8(bytes).map_err(|e| {
+        Error::Usage(format!(
+            "{}: the {what} text is not UTF-8 (the byte at offset {} of {} is not valid \
+             UTF-8); give a plain-text file in UTF-8",
+            path.display(),
+            e.utf8_error().valid_up_to(),
+            e.as_bytes().len()
+        ))
+    })
+}
+
 fn read_windows(
     tokenizer: &bitstack_model::TextTokenizer,
     path: &std::path::Path,
@@ -484,7 +500,7 @@ fn read_windows(
     count: usize,
     what: &str,
 ) -> Result<Vec<Vec<u32>>, Error> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_text(path, what)?;
     let ids = tokenizer.encode(&text)?;
     let windows: Vec<Vec<u32>> = bitstack_model::windows(&ids, seq, Some(count))
         .into_iter()
