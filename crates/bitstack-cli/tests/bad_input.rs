@@ -734,6 +734,35 @@ fn empty_or_missing_calibration_text() {
     );
 }
 
+/// A block count whose blocks cannot fit in memory is refused before any work (it used to
+/// run until memory ran out), in both modes; so are ranks no matrix can take.
+#[test]
+fn impossible_decomposition_parameters_are_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.bitstack");
+    let (model, text) = (tiny(), calib());
+    for mode in [vec!["--no-calibration"], vec!["--calib", s(&text)]] {
+        let mut args = vec!["compress", s(&model), "-o", s(&out)];
+        args.extend(mode.iter().copied());
+        let mut absurd = args.clone();
+        absurd.extend(["--k", "1", "--niter", "100000000"]);
+        let e = fails(&absurd);
+        has_all(
+            &e,
+            &[
+                "into 100000000 blocks of rank 1 needs about",
+                "GiB is available",
+                "fewer blocks per matrix (--niter)",
+            ],
+        );
+        assert_no_output(&out);
+        let mut rank = args.clone();
+        rank.extend(["--k", "0"]);
+        has_all(&fails(&rank), &["rank k = 0 is invalid", "need 1 ≤ k ≤"]);
+        assert_no_output(&out);
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Output paths.
 

@@ -185,16 +185,7 @@ fn validate(
             len: w.len(),
         });
     }
-    if params.niter == 0 {
-        return Err(DecomposeError::ZeroIterations);
-    }
-    if params.k == 0 || params.k > m.min(n) {
-        return Err(DecomposeError::InvalidRank {
-            k: params.k,
-            rows: m,
-            cols: n,
-        });
-    }
+    params.check_shape(m, n)?;
     if let Some(index) = w.iter().position(|x| !x.is_finite()) {
         return Err(DecomposeError::NonFinite {
             index,

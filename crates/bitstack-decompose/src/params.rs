@@ -77,6 +77,28 @@ pub struct AvdParams {
     pub seed: u64,
 }
 
+impl AvdParams {
+    /// Whether these parameters suit a `rows × cols` matrix: `niter ≥ 1` and
+    /// `1 ≤ k ≤ min(rows, cols)` (what [`decompose`](crate::decompose) checks first, for
+    /// callers that check every matrix before any work starts).
+    ///
+    /// # Errors
+    /// [`crate::DecomposeError::ZeroIterations`] or [`crate::DecomposeError::InvalidRank`].
+    pub fn check_shape(&self, rows: usize, cols: usize) -> Result<(), crate::DecomposeError> {
+        if self.niter == 0 {
+            return Err(crate::DecomposeError::ZeroIterations);
+        }
+        if self.k == 0 || self.k > rows.min(cols) {
+            return Err(crate::DecomposeError::InvalidRank {
+                k: self.k,
+                rows,
+                cols,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Default for AvdParams {
     /// `k = 16`, `niter = 16` (the reference's setting for 4096-wide models), randomized SVD,
     /// `seed = 0`.

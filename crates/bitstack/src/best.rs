@@ -233,7 +233,7 @@ pub fn compress_best(
         );
         let tokens: u64 = gptq_windows.iter().map(|w| w.len() as u64).sum();
         let need = 8 * (2 * h * h + o * o + i * i + h * h) + 4 * tokens * h;
-        if let Some(available) = available_memory() {
+        if let Some(available) = crate::compress::available_memory() {
             if need > available {
                 return Err(Error::Usage(format!(
                     "--gptq-windows needs {:.1} GiB for one layer's input Hessians and the \
@@ -494,14 +494,6 @@ fn head_statistics(
         .map(|s| ((s / n.max(1) as f64) as f32).max(1e-12))
         .collect();
     Ok((head, counts))
-}
-
-/// `MemAvailable` of `/proc/meminfo` in bytes (Linux), if readable.
-fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
 }
 
 /// `acc += XᵀX` for `x` (`tokens × width`, row-major): an f32 GEMM, summed into f64.

@@ -532,6 +532,13 @@ pub fn compress_calibrated(
     let architecture = crate::compress::read_architecture(&checkpoint)?;
     let names =
         crate::select::select_matrices(&checkpoint, architecture.as_deref(), &options.include)?;
+    crate::compress::check_decomposition(
+        &checkpoint,
+        &names,
+        &options.avd,
+        rayon::current_num_threads(),
+        crate::compress::available_memory(),
+    )?;
     let config = ModelConfig::from_file(model_dir.join("config.json"))?;
     let tokenizer = bitstack_model::TextTokenizer::from_model_dir(model_dir)?;
     let mut stages = Vec::new();

@@ -337,6 +337,93 @@ pub fn work_dir_of(out: &Path) -> &Path {
     }
 }
 
+/// Bytes one matrix's decomposition holds at its peak: its weights, `|R|` and its error in
+/// f32 and its packed signs while it runs (about 12 bytes per weight), and its `niter`
+/// finished blocks.
+pub fn decomposition_bytes(rows: usize, cols: usize, params: &AvdParams) -> u64 {
+    let weights = (rows as u64).saturating_mul(cols as u64);
+    let state = weights
+        .saturating_mul(12)
+        .saturating_add(weights.div_ceil(8));
+    let blocks = (params.niter as u64).saturating_mul(AvdBlock::byte_size(rows, cols, params.k));
+    state.saturating_add(blocks)
+}
+
+/// Checks, before any work starts, that `params` suit every matrix of `names` (rank, number
+/// of blocks) and that decomposing them fits in the memory available now: `threads`
+/// matrices at a time (the largest, at worst), each as [`decomposition_bytes`] says. An
+/// absurd `--niter` is refused here, in a second, instead of exhausting memory hours later.
+pub fn check_decomposition(
+    checkpoint: &Checkpoint,
+    names: &[String],
+    params: &AvdParams,
+    threads: usize,
+    available: Option<u64>,
+) -> Result<(), Error> {
+    let mut needs = Vec::with_capacity(names.len());
+    for name in names {
+        let info = checkpoint.info(name)?;
+        let (rows, cols) = match info.shape[..] {
+            [rows, cols] => (rows, cols),
+            _ => {
+                return Err(Error::Checkpoint(format!(
+                    "{name}: a stacked tensor must be a matrix, its shape is {:?}",
+                    info.shape
+                )))
+            }
+        };
+        params
+            .check_shape(rows, cols)
+            .map_err(|e| Error::Decompose(format!("{name} [{rows}, {cols}]: {e}")))?;
+        needs.push((decomposition_bytes(rows, cols, params), name, rows, cols));
+    }
+    needs.sort_by_key(|n| std::cmp::Reverse(n.0));
+    let need = needs
+        .iter()
+        .take(threads.max(1))
+        .fold(0u64, |sum, n| sum.saturating_add(n.0));
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match (available, needs.first()) {
+        (Some(available), Some(&(one, name, rows, cols))) if need > available => {
+            let blocks =
+                (params.niter as u64).saturating_mul(AvdBlock::byte_size(rows, cols, params.k));
+            Err(Error::Usage(if one > available {
+                format!(
+                    "decomposing {name} [{rows}, {cols}] into {} blocks of rank {} needs about \
+                     {:.1} GiB (its blocks alone {:.1} GiB), {:.1} GiB is available: use fewer \
+                     blocks per matrix (--niter)",
+                    params.niter,
+                    params.k,
+                    gib(one),
+                    gib(blocks),
+                    gib(available)
+                )
+            } else {
+                format!(
+                    "decomposing {threads} matrices at a time needs about {:.1} GiB (the \
+                     largest, {name} [{rows}, {cols}], with {} blocks of rank {}: {:.1} GiB), \
+                     {:.1} GiB is available: use fewer threads (RAYON_NUM_THREADS=1) or fewer \
+                     blocks per matrix (--niter)",
+                    gib(need),
+                    params.niter,
+                    params.k,
+                    gib(one),
+                    gib(available)
+                )
+            }))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (Linux), if readable.
+pub(crate) fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Decomposes every selected matrix (in parallel over matrices), spooling each matrix's
 /// blocks to a temporary file in `spool_dir` as soon as it is done. With `resume`, matrices
 /// finished by an earlier run are read back and each new one is saved when done.
@@ -643,6 +730,13 @@ pub fn compress(
     let checkpoint = Checkpoint::open(model_dir)?;
     let architecture = read_architecture(&checkpoint)?;
     let names = select_matrices(&checkpoint, architecture.as_deref(), &options.include)?;
+    check_decomposition(
+        &checkpoint,
+        &names,
+        &options.avd,
+        rayon::current_num_threads(),
+        available_memory(),
+    )?;
     let run = run_description(&checkpoint, &names, options, json!("data-free"))?;
     let resume = Checkpointer::open(out, options.checkpointing, &run)?;
     let mut stages = Vec::new();
@@ -813,5 +907,66 @@ mod tests {
             prop_assert!(decomposed.block(0, d.blocks.len()).is_err());
             prop_assert!(decomposed.block(1, 0).is_err());
         }
+    }
+
+    /// The memory check counts 12 bytes per weight plus the packed signs for the working
+    /// state and the stored size of every block, for the largest matrices that run at once;
+    /// wrong ranks and block counts are refused before any work.
+    #[test]
+    fn decomposition_is_checked_before_it_starts() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-qwen2");
+        let checkpoint = Checkpoint::open(&dir).unwrap();
+        let names = select_matrices(&checkpoint, Some("Qwen2ForCausalLM"), &[]).unwrap();
+        let params = AvdParams {
+            k: 2,
+            niter: 3,
+            ..AvdParams::default()
+        };
+        // The largest matrices of tiny-qwen2 are 768 × 256 (gate, up, down): by hand,
+        // 196 608 weights × 12 + 24 576 bytes of signs, and 3 blocks of 24 576 bytes of
+        // signs + 2 · 2 · (768 + 256) bytes of factors.
+        let one = 196_608 * 12 + 24_576 + 3 * (24_576 + 4 * 1024);
+        assert_eq!(decomposition_bytes(768, 256, &params), one);
+        let check = |threads: usize, available: Option<u64>| {
+            check_decomposition(&checkpoint, &names, &params, threads, available)
+        };
+        check(2, Some(2 * one)).unwrap();
+        check(2, None).unwrap();
+        check(1, Some(one)).unwrap();
+        let e = check(2, Some(2 * one - 1)).unwrap_err().to_string();
+        assert!(e.contains("2 matrices at a time"), "{e}");
+        assert!(e.contains("RAYON_NUM_THREADS=1"), "{e}");
+        let e = check(1, Some(one - 1)).unwrap_err().to_string();
+        assert!(e.contains("into 3 blocks of rank 2"), "{e}");
+        assert!(e.contains("[768, 256]"), "{e}");
+        assert!(e.contains("fewer blocks per matrix (--niter)"), "{e}");
+        assert!(!e.contains("RAYON_NUM_THREADS"), "{e}");
+        // A rank or a block count that no matrix can take, and a rank past the narrowest one.
+        for (k, niter, what) in [(0, 3, "rank k = 0"), (2, 0, "niter must be at least 1")] {
+            let params = AvdParams { k, niter, ..params };
+            let e = check_decomposition(&checkpoint, &names, &params, 1, None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(what), "{e}");
+        }
+        let side = names
+            .iter()
+            .map(|n| {
+                let s = &checkpoint.info(n).unwrap().shape;
+                s[0].min(s[1])
+            })
+            .min()
+            .unwrap();
+        let too_big = AvdParams {
+            k: side + 1,
+            ..params
+        };
+        let e = check_decomposition(&checkpoint, &names, &too_big, 1, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("rank k = {}", side + 1)), "{e}");
+        let fits = AvdParams { k: side, ..params };
+        check_decomposition(&checkpoint, &names, &fits, 1, None).unwrap();
     }
 }
