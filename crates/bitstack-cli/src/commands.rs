@@ -101,12 +101,12 @@ pub struct CompressArgs {
     /// Best mode: planes at which each matrix's sensitivity is probed [default: 3].
     #[arg(long)]
     pub probe_planes: Option<usize>,
-    /// Rank of each residual block's factors.
-    #[arg(long, default_value_t = 16)]
-    pub k: usize,
-    /// Blocks per matrix (AVD iterations).
-    #[arg(long, default_value_t = 16)]
-    pub niter: usize,
+    /// Paper mode: rank of each residual block's factors [default: 16].
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// Paper mode: blocks per matrix (AVD iterations) [default: 16].
+    #[arg(long)]
+    pub niter: Option<usize>,
     /// No activation statistics and a data-free ordering (error removed per byte).
     #[arg(long)]
     pub no_calibration: bool,
@@ -133,12 +133,12 @@ pub struct CompressArgs {
     /// Stack the 2-D tensors whose names match this glob (repeatable), for any checkpoint.
     #[arg(long = "include", value_name = "GLOB")]
     pub include: Vec<String>,
-    /// SVD method (default: fast; exact with --reference).
+    /// Paper mode: SVD method (default: fast; exact with --reference).
     #[arg(long, value_enum)]
     pub svd: Option<SvdChoice>,
-    /// Seed of the randomized SVD.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Paper mode: seed of the randomized SVD [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Continue an interrupted run from its progress in `<OUTPUT>.partial/` (same model and
     /// options); the result is byte-identical to an uninterrupted run.
     #[arg(long)]
@@ -150,9 +150,9 @@ pub const DEFAULT_SCORE_WINDOWS: usize = 4;
 
 pub fn compress(args: CompressArgs) -> Result<()> {
     let mut options = CompressOptions::default();
-    options.avd.k = args.k;
-    options.avd.niter = args.niter;
-    options.avd.seed = args.seed;
+    options.avd.k = args.k.unwrap_or(16);
+    options.avd.niter = args.niter.unwrap_or(16);
+    options.avd.seed = args.seed.unwrap_or(0);
     let svd = args.svd.unwrap_or(if args.reference {
         SvdChoice::Exact
     } else {
@@ -187,6 +187,21 @@ pub fn compress(args: CompressArgs) -> Result<()> {
         ];
         if let Some((flag, _)) = best_only.iter().find(|(_, given)| *given) {
             bail!("{flag} applies to --mode best only (this run is in paper mode)");
+        }
+    } else {
+        // Best mode's blocks are bit planes, and an AVD-first chain's rank follows from the
+        // size of plane 0 (docs/BEST.md): these would be ignored.
+        let paper_only = [
+            ("--k", args.k.is_some()),
+            ("--niter", args.niter.is_some()),
+            ("--svd", args.svd.is_some()),
+            ("--seed", args.seed.is_some()),
+        ];
+        if let Some((flag, _)) = paper_only.iter().find(|(_, given)| *given) {
+            bail!(
+                "{flag} applies to the paper mode only (AVD blocks); best mode stacks bit \
+                 planes: choose them with --planes and --group (docs/BEST.md)"
+            );
         }
     }
     let summary = if args.no_calibration {

@@ -414,6 +414,21 @@ fn best_mode_compresses_below_the_paper_minimum_and_refuses_bad_options() {
         (vec!["--group", "12"], "group size 12"),
         (vec!["--probe-planes", "9"], "sensitivity probe needs"),
         (vec!["--no-calibration"], "--mode best needs calibration"),
+        (
+            vec!["--planes", "0"],
+            "0 planes requested; at least 1 is needed",
+        ),
+        // Paper-mode options in best mode are refused, not ignored.
+        (vec!["--k", "4"], "--k applies to the paper mode only"),
+        (
+            vec!["--niter", "8"],
+            "--niter applies to the paper mode only",
+        ),
+        (
+            vec!["--svd", "exact"],
+            "--svd applies to the paper mode only",
+        ),
+        (vec!["--seed", "1"], "--seed applies to the paper mode only"),
     ] {
         let bad = dir.path().join("bad.bitstack");
         let mut args = base.to_vec();
@@ -422,6 +437,11 @@ fn best_mode_compresses_below_the_paper_minimum_and_refuses_bad_options() {
         let stderr = fails(&args);
         assert!(stderr.contains(message), "{extra:?}: {stderr}");
         assert!(!bad.exists());
+        // Refused before any work: no progress was saved.
+        assert!(
+            !dir.path().join("bad.bitstack.partial").exists(),
+            "{extra:?}"
+        );
     }
     // Best-mode options in paper mode are refused, not ignored.
     for flag in [

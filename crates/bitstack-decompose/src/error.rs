@@ -100,6 +100,12 @@ pub enum DecomposeError {
         /// The requested group size.
         group: usize,
     },
+    /// No plane requested.
+    #[error(
+        "0 planes requested; at least 1 is needed (at most {})",
+        crate::MAX_PLANES
+    )]
+    NoPlanes,
     /// More planes than [`MAX_PLANES`](crate::MAX_PLANES).
     #[error(
         "{planes} planes requested; at most {} are supported",

@@ -37,6 +37,28 @@ pub struct PlaneParams {
     pub planes: usize,
 }
 
+impl PlaneParams {
+    /// Whether these parameters are valid for any matrix: `group` a multiple of 8 (≥ 8) and
+    /// `1 ≤ planes ≤ MAX_PLANES` (what [`decompose_planes`] checks first, for callers that
+    /// check before any work starts).
+    ///
+    /// # Errors
+    /// [`DecomposeError::InvalidGroup`], [`DecomposeError::NoPlanes`] or
+    /// [`DecomposeError::TooManyPlanes`].
+    pub fn check(&self) -> Result<(), DecomposeError> {
+        check_group(self.group)?;
+        if self.planes == 0 {
+            return Err(DecomposeError::NoPlanes);
+        }
+        if self.planes > MAX_PLANES {
+            return Err(DecomposeError::TooManyPlanes {
+                planes: self.planes,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Default for PlaneParams {
     /// `group = 128`, `planes = 8`.
     fn default() -> Self {
@@ -750,15 +772,7 @@ pub(crate) fn check_plane_input(
             len: w.len(),
         });
     }
-    check_group(params.group)?;
-    if params.planes == 0 {
-        return Err(DecomposeError::ZeroIterations);
-    }
-    if params.planes > MAX_PLANES {
-        return Err(DecomposeError::TooManyPlanes {
-            planes: params.planes,
-        });
-    }
+    params.check()?;
     if let Some(index) = w.iter().position(|v| !v.is_finite()) {
         return Err(DecomposeError::NonFinite {
             index,

@@ -131,6 +131,13 @@ pub fn compress_best(
             best.alpha
         )));
     }
+    // Before any work (calibration takes minutes on a large model).
+    best.planes.check().map_err(|e| {
+        Error::Usage(format!(
+            "--planes {} --group {}: {e}",
+            best.planes.planes, best.planes.group
+        ))
+    })?;
     if best.probe_planes == 0 || best.probe_planes > best.planes.planes {
         return Err(Error::Usage(format!(
             "the sensitivity probe needs 1 ..= {} planes (the planes per matrix), got {}",
