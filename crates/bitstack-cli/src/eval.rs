@@ -76,12 +76,24 @@ impl Point {
     }
 }
 
+/// The windows of `text`, after checking that windows of `seq` tokens can be evaluated by
+/// a model whose context is `context` tokens.
 fn token_windows(
     tokenizer: &TextTokenizer,
     text: &Path,
     seq: usize,
     n: Option<usize>,
+    context: usize,
 ) -> Result<Vec<Vec<u32>>> {
+    if seq < 2 {
+        bail!("--seq {seq}: a window needs at least 2 tokens (it predicts each token after the first)");
+    }
+    if seq > context {
+        bail!(
+            "--seq {seq} is longer than the model's context of {context} tokens \
+             (max_position_embeddings in config.json): use --seq {context} or less"
+        );
+    }
     let content = bitstack::calibrate::read_text(text, "evaluation")?;
     let ids = tokenizer.encode(&content)?;
     let w: Vec<Vec<u32>> = windows(&ids, seq, n)
@@ -145,7 +157,8 @@ fn original_memory(dir: &Path) -> Result<u64> {
 fn eval_original(dir: &Path, args: &EvalArgs) -> Result<Point> {
     let model = CausalLm::load(dir).with_context(|| format!("loading {}", dir.display()))?;
     let tokenizer = TextTokenizer::from_model_dir(dir)?;
-    let w = token_windows(&tokenizer, &args.text, args.seq, args.windows)?;
+    let context = model.config().max_position_embeddings;
+    let w = token_windows(&tokenizer, &args.text, args.seq, args.windows, context)?;
     let (ppl, tokens, seconds) = perplexity(&model, &w, "original", args.json || args.csv)?;
     Ok(Point {
         memory_bytes: original_memory(dir)?,
@@ -179,7 +192,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let stack = Arc::new(LoadedStack::load(file.clone(), first_budget)?);
     let model = model_of(&stack)?;
     let tokenizer = tokenizer_of(&stack)?;
-    let w = token_windows(&tokenizer, &args.text, args.seq, args.windows)?;
+    let context = model.config().max_position_embeddings;
+    let w = token_windows(&tokenizer, &args.text, args.seq, args.windows, context)?;
     let Some(steps) = args.sweep else {
         let (ppl, tokens, seconds) = perplexity(&model, &w, "eval", quiet)?;
         let plan = stack.plan();
@@ -382,6 +396,16 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
+    // Past its context the model runs on positions it was never trained on: stop there.
+    let context = model.config().max_position_embeddings;
+    if prompt.len() >= context {
+        bail!(
+            "the prompt has {} tokens; the model's context is {context} tokens \
+             (max_position_embeddings in config.json), which leaves no room to generate",
+            prompt.len()
+        );
+    }
+    let max_tokens = args.max_tokens.min(context - prompt.len());
     let plan = stack.plan();
     eprintln!(
         "[{} blocks, {} bytes ({}) loaded]",
@@ -401,7 +425,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let mut write_error = None;
     let mut resize_error = None;
     let mut next_change = 0usize;
-    model.generate(&prompt, args.max_tokens, &mut sampler, &eos, &mut |token| {
+    model.generate(&prompt, max_tokens, &mut sampler, &eos, &mut |token| {
         if first_token.is_none() {
             first_token = Some(t.elapsed().as_secs_f64());
         }
@@ -449,6 +473,12 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     }
     let seconds = t.elapsed().as_secs_f64();
     out!();
+    if max_tokens < args.max_tokens && generated.len() == max_tokens {
+        eprintln!(
+            "[stopped after {max_tokens} tokens: the prompt and the generated tokens fill the \
+             model's context of {context} tokens]"
+        );
+    }
     let decode_tokens = generated.len().saturating_sub(1) as f64;
     let decode_seconds = seconds - first_token.unwrap_or(0.0);
     eprintln!(

@@ -763,6 +763,85 @@ fn impossible_decomposition_parameters_are_refused_at_once() {
     }
 }
 
+/// Window counts and lengths are checked against the model before any work, in `compress`
+/// (both modes) and `eval`; `generate` stops where the model's context ends.
+#[test]
+fn windows_must_fit_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.bitstack");
+    let (model, text) = (tiny(), calib());
+    let context = "context of 1024 tokens (max_position_embeddings in config.json)";
+    for mode in ["paper", "best"] {
+        for (extra, message) in [
+            (
+                ["--calib-windows", "0"],
+                "--calib-windows 0: at least one window",
+            ),
+            (
+                ["--score-windows", "0"],
+                "--score-windows 0: at least one window",
+            ),
+            (["--seq", "1"], "--seq 1: a window needs at least 2 tokens"),
+            (["--seq", "1025"], "--seq 1025 is longer than the model's"),
+        ] {
+            let mut args = vec!["compress", s(&model), "-o", s(&out), "--mode", mode];
+            args.extend(["--calib", s(&text)]);
+            args.extend(extra);
+            let e = fails(&args);
+            has_all(&e, &[message]);
+            if extra[1] == "1025" {
+                has_all(&e, &[context, "use --seq 1024 or less"]);
+            }
+            assert_no_output(&out);
+            assert!(!dir.path().join("x.bitstack.partial").exists(), "{extra:?}");
+        }
+    }
+    let stack = tiny_container(dir.path());
+    let test = root().join("fixtures/data/test.txt");
+    for target in [s(&stack), s(&model)] {
+        let e = fails(&["eval", target, "--text", s(&test), "--seq", "1025"]);
+        has_all(&e, &["--seq 1025 is longer than the model's", context]);
+        let e = fails(&["eval", target, "--text", s(&test), "--seq", "1"]);
+        has_all(&e, &["--seq 1: a window needs at least 2 tokens"]);
+    }
+    // A prompt and 2000 new tokens do not fit in 1024 positions: generation stops at the
+    // end of the context and says so.
+    let out = run(&[
+        "generate",
+        s(&stack),
+        "--prompt",
+        "Ownership is",
+        "--max-tokens",
+        "2000",
+        "--seed",
+        "1",
+    ]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("fill the model's context of 1024 tokens"),
+        "{stderr}"
+    );
+    let prompt = stderr
+        .lines()
+        .find_map(|l| {
+            let rest = l.split(": prompt ").nth(1)?;
+            rest.split(' ').next()?.parse::<usize>().ok()
+        })
+        .unwrap();
+    assert!(
+        stderr.contains(&format!("[{} tokens in", 1024 - prompt)),
+        "{stderr}"
+    );
+    // A prompt that fills the context alone is refused.
+    let long = "Ownership is ".repeat(600);
+    let e = fails(&["generate", s(&stack), "--prompt", &long]);
+    has_all(
+        &e,
+        &["the model's context is 1024 tokens", "no room to generate"],
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Output paths.
 

@@ -153,6 +153,7 @@ pub fn compress_best(
         }
     }
     let config = ModelConfig::from_file(model_dir.join("config.json"))?;
+    calibration.check(&config)?;
     let tokenizer = TextTokenizer::from_model_dir(model_dir)?;
     // The texts are read (and their errors reported) before any progress is saved.
     let (calib, score) = calibration.windows(&tokenizer)?;

@@ -454,6 +454,40 @@ pub struct CalibrationOptions {
 pub type Windows = Vec<Vec<u32>>;
 
 impl CalibrationOptions {
+    /// Checks the window counts and length against the model before any work: at least one
+    /// calibration and one scoring window, and windows of 2 tokens or more (a window
+    /// predicts its tokens after the first) that fit the model's context
+    /// (`max_position_embeddings`: past it the positions were never trained, and the
+    /// statistics and scores would describe a model that is not run).
+    pub fn check(&self, config: &ModelConfig) -> Result<(), Error> {
+        let context = config.max_position_embeddings;
+        if self.calib_windows == 0 || self.score_windows == 0 {
+            let what = if self.calib_windows == 0 {
+                "calib"
+            } else {
+                "score"
+            };
+            return Err(Error::Usage(format!(
+                "--{what}-windows 0: at least one window is needed"
+            )));
+        }
+        if self.seq < 2 {
+            return Err(Error::Usage(format!(
+                "--seq {}: a window needs at least 2 tokens (it predicts each token after the \
+                 first)",
+                self.seq
+            )));
+        }
+        if self.seq > context {
+            return Err(Error::Usage(format!(
+                "--seq {} is longer than the model's context of {context} tokens \
+                 (max_position_embeddings in config.json): use --seq {context} or less",
+                self.seq
+            )));
+        }
+        Ok(())
+    }
+
     /// The calibration and scoring windows (tokenized; an error names a text too short).
     pub fn windows(
         &self,
@@ -540,6 +574,7 @@ pub fn compress_calibrated(
         crate::compress::available_memory(),
     )?;
     let config = ModelConfig::from_file(model_dir.join("config.json"))?;
+    calibration.check(&config)?;
     let tokenizer = bitstack_model::TextTokenizer::from_model_dir(model_dir)?;
     let mut stages = Vec::new();
     // The texts are read (and their errors reported) before any progress is saved.
