@@ -314,10 +314,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = parse_temperature)]
     pub temperature: f32,
-    /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 0.95)]
+    /// Nucleus sampling mass, in (0, 1].
+    #[arg(long, default_value_t = 0.95, value_parser = parse_top_p)]
     pub top_p: f32,
     /// Random seed.
     #[arg(long, default_value_t = 0)]
@@ -362,6 +362,26 @@ fn parse_schedule(text: &str) -> Result<Vec<(usize, u64)>> {
     }
     steps.sort_by_key(|s| s.0);
     Ok(steps)
+}
+
+/// `--temperature`: a finite number ≥ 0 (the sampler would treat NaN as a temperature).
+fn parse_temperature(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!(
+            "{text:?} is not a temperature: give a number ≥ 0 (0 = greedy)"
+        )),
+    }
+}
+
+/// `--top-p`: a probability mass in (0, 1] (the sampler would clamp other values silently).
+fn parse_top_p(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err(format!(
+            "{text:?} is not a nucleus mass: give a number above 0 and at most 1"
+        )),
+    }
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {

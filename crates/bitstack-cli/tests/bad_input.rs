@@ -842,6 +842,33 @@ fn windows_must_fit_the_model() {
     );
 }
 
+/// Sampling options outside their range are refused (the sampler would clamp `--top-p` and
+/// treat a NaN temperature as a temperature), and the edges of the ranges are accepted.
+#[test]
+fn sampling_options_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = tiny_container(dir.path());
+    let base = ["generate", s(&stack), "--prompt", "Hi", "--max-tokens", "2"];
+    for (option, value, message) in [
+        ("--top-p", "2", "is not a nucleus mass"),
+        ("--top-p", "0", "is not a nucleus mass"),
+        ("--top-p", "nan", "is not a nucleus mass"),
+        ("--temperature", "nan", "is not a temperature"),
+        ("--temperature", "inf", "is not a temperature"),
+        ("--temperature", "-0.5", "is not a temperature"),
+    ] {
+        let flag = format!("{option}={value}");
+        let mut args = base.to_vec();
+        args.push(&flag);
+        has_all(&fails(&args), &[message, option]);
+    }
+    for extra in [["--top-p", "1"], ["--temperature", "0"]] {
+        let mut args = base.to_vec();
+        args.extend(extra);
+        assert!(run(&args).status.success(), "{extra:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Output paths.
 
