@@ -511,6 +511,19 @@ pub fn plan(path: &Path, budget: &str, as_json: bool) -> Result<()> {
 }
 
 pub fn export(path: &Path, budget: &str, output: &Path) -> Result<()> {
+    // A checkpoint directory is written new, never over another one (say, the original
+    // model's, whose weights it would replace; or a sharded one, which it would mix with).
+    if let Ok(mut entries) = std::fs::read_dir(output) {
+        if entries.next().is_some() {
+            bail!(
+                "{} exists and is not empty: export writes a new checkpoint directory and \
+                 does not overwrite files; remove it or choose another -o",
+                output.display()
+            );
+        }
+    } else if output.exists() {
+        bail!("{} exists and is not a directory", output.display());
+    }
     let file = open(path)?;
     let budget = budget_of(budget)?;
     let stack = LoadedStack::load_exact(file, budget)?;

@@ -897,6 +897,44 @@ fn output_under_a_regular_file() {
     let e = fails(&["export", s(&container), "--budget", "1GB", "-o", s(&export)]);
     has_all(&e, &["file.txt/export", "Not a directory"]);
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    // `-o` naming the file itself.
+    let e = fails(&["export", s(&container), "--budget", "1GB", "-o", s(&file)]);
+    has_all(&e, &["file.txt exists and is not a directory"]);
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}
+
+/// `export` writes a new checkpoint directory, never over files: not into the original
+/// model's directory (whose weights it would replace), not over an earlier export; an
+/// existing empty directory is fine.
+#[test]
+fn export_never_overwrites_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let container = tiny_container(dir.path());
+    let model = tiny_copy(dir.path(), &[]);
+    let before = std::fs::read(model.join("model.safetensors")).unwrap();
+    let e = fails(&["export", s(&container), "--budget", "5MB", "-o", s(&model)]);
+    has_all(
+        &e,
+        &[
+            "exists and is not empty",
+            "does not overwrite files",
+            "choose another -o",
+        ],
+    );
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        before
+    );
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    ok(&["export", s(&container), "--budget", "5MB", "-o", s(&empty)]);
+    let exported = std::fs::read(empty.join("model.safetensors")).unwrap();
+    let e = fails(&["export", s(&container), "--budget", "1GB", "-o", s(&empty)]);
+    has_all(&e, &["exists and is not empty"]);
+    assert_eq!(
+        std::fs::read(empty.join("model.safetensors")).unwrap(),
+        exported
+    );
 }
 
 #[cfg(unix)]
