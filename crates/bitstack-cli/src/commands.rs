@@ -172,6 +172,23 @@ pub fn compress(args: CompressArgs) -> Result<()> {
     let started = std::time::SystemTime::now();
     let bars = Bars::new();
     let progress = |e: bitstack::compress::Progress<'_>| bars.handle(e);
+    // The output replaces an existing file by a rename: never one of the model's own files.
+    if let (Ok(out), Ok(model)) = (
+        std::fs::canonicalize(&args.output),
+        std::fs::canonicalize(&args.model_dir),
+    ) {
+        if out.parent() == Some(model.as_path())
+            && out
+                .extension()
+                .is_some_and(|e| e == "safetensors" || e == "json")
+        {
+            bail!(
+                "-o {} is a file of the model being compressed: it would be replaced; write \
+                 the .bitstack file elsewhere",
+                args.output.display()
+            );
+        }
+    }
     if args.mode == ModeChoice::Best && (args.no_calibration || args.reference) {
         bail!("--mode best needs calibration text and is not the reference method: drop --no-calibration / --reference");
     }

@@ -903,6 +903,33 @@ fn output_under_a_regular_file() {
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
 }
 
+/// `compress -o` naming one of the model's own files is refused (the atomic rename would
+/// replace it); a .bitstack file beside them is fine.
+#[test]
+fn compress_never_writes_over_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_copy(dir.path(), &[]);
+    let before = std::fs::read(model.join("model.safetensors")).unwrap();
+    for name in ["model.safetensors", "config.json"] {
+        let out = model.join(name);
+        let e = fails(&compress_args(&model, &out));
+        has_all(
+            &e,
+            &[
+                &format!("{name} is a file of the model being compressed"),
+                "write the .bitstack file elsewhere",
+            ],
+        );
+    }
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        before
+    );
+    let beside = model.join("beside.bitstack");
+    ok(&compress_args(&model, &beside));
+    assert!(beside.exists());
+}
+
 /// `export` writes a new checkpoint directory, never over files: not into the original
 /// model's directory (whose weights it would replace), not over an earlier export; an
 /// existing empty directory is fine.
