@@ -676,20 +676,24 @@ fn empty_or_missing_calibration_text() {
     );
     assert_no_output(&out);
     // The scoring text is checked the same way.
-    let e = fails(&[
-        "compress",
-        s(&tiny()),
-        "-o",
-        s(&out),
-        "--calib",
-        s(&calib()),
-        "--calib-windows",
-        "1",
-        "--score",
-        s(&empty),
-    ]);
-    has_all(&e, &["empty.txt", "scoring windows"]);
-    assert_no_output(&out);
+    let (model, text) = (tiny(), calib());
+    let score_fails = |score: &Path| {
+        let e = fails(&[
+            "compress",
+            s(&model),
+            "-o",
+            s(&out),
+            "--calib",
+            s(&text),
+            "--calib-windows",
+            "1",
+            "--score",
+            s(score),
+        ]);
+        assert_no_output(&out);
+        e
+    };
+    has_all(&score_fails(&empty), &["empty.txt", "scoring windows"]);
     let absent = dir.path().join("absent.txt");
     let e = fails(&["compress", s(&tiny()), "-o", s(&out), "--calib", s(&absent)]);
     has_all(&e, &["absent.txt", "No such file"]);
@@ -710,21 +714,10 @@ fn empty_or_missing_calibration_text() {
     let binary = dir.path().join("weights.txt");
     let head = std::fs::read(tiny().join("model.safetensors")).unwrap();
     std::fs::write(&binary, &head[..4096]).unwrap();
-    let e = fails(&[
-        "compress",
-        s(&tiny()),
-        "-o",
-        s(&out),
-        "--calib",
-        s(&calib()),
-        "--score",
-        s(&binary),
-    ]);
     has_all(
-        &e,
+        &score_fails(&binary),
         &["weights.txt: the scoring text is not UTF-8", "of 4096"],
     );
-    assert_no_output(&out);
     // `eval` reads its text the same way.
     let stack = tiny_container(dir.path());
     let e = fails(&["eval", s(&stack), "--text", s(&latin1)]);
