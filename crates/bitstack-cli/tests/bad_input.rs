@@ -896,6 +896,27 @@ fn output_under_a_regular_file() {
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
 }
 
+/// Every command that reads a .bitstack file, given a model directory, says that it is a
+/// directory (it said "cannot memory-map: No such device").
+#[test]
+fn a_model_directory_is_not_a_stack_file() {
+    let model = tiny();
+    for args in [
+        vec!["inspect", s(&model)],
+        vec!["plan", s(&model), "--budget", "6MB"],
+        vec!["generate", s(&model), "--prompt", "Hi"],
+    ] {
+        let e = fails(&args);
+        has_all(
+            &e,
+            &[
+                "tiny-qwen2 is a directory, not a .bitstack file",
+                "bitstack compress",
+            ],
+        );
+    }
+}
+
 /// `compress -o` naming one of the model's own files is refused (the atomic rename would
 /// replace it); a .bitstack file beside them is fine.
 #[test]

@@ -19,6 +19,14 @@ pub enum FormatError {
         #[source]
         source: std::io::Error,
     },
+    /// The path is a directory (e.g. a model's checkpoint directory), not a container file.
+    #[error(
+        "{file} is a directory, not a .bitstack file (a model directory is made into one with `bitstack compress`)"
+    )]
+    Directory {
+        /// The directory.
+        file: String,
+    },
     /// Fewer than 8 bytes: not even the header length is there.
     #[error(
         "{file}: only {present} bytes are present, but a container starts with an 8-byte header length (the file is empty or cut short: download or copy it again)"

@@ -110,7 +110,11 @@ impl Container {
             }
         };
         let file = File::open(path).map_err(io("open"))?;
-        let len = file.metadata().map_err(io("read the metadata of"))?.len();
+        let metadata = file.metadata().map_err(io("read the metadata of"))?;
+        if metadata.is_dir() {
+            return Err(FormatError::Directory { file: name });
+        }
+        let len = metadata.len();
         if len < 8 {
             // Not mapped: a zero-length map is an error on some systems.
             return Err(FormatError::MissingHeaderLength {

@@ -259,3 +259,16 @@ fn header_length_limits() {
         "{err}"
     );
 }
+
+#[test]
+fn a_directory_is_not_a_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Container::open(dir.path()).unwrap_err();
+    assert!(matches!(e, FormatError::Directory { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("is a directory, not a .bitstack file"),
+        "{text}"
+    );
+    assert!(text.contains("bitstack compress"), "{text}");
+}
