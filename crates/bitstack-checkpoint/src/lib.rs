@@ -175,16 +175,34 @@ pub struct Weights {
     tensors: BTreeMap<String, TensorInfo>,
 }
 
+/// Checks that `dir`, where a checkpoint directory is expected, is not a file (say, the
+/// model's `model.safetensors` or a `.bitstack` file given by mistake), which would
+/// otherwise surface as "Not a directory" on some file inside it.
+///
+/// # Errors
+/// [`CheckpointError::Invalid`] naming the file.
+pub fn check_is_not_a_file(dir: &Path) -> Result<(), CheckpointError> {
+    if dir.is_file() {
+        return Err(CheckpointError::Invalid(format!(
+            "{} is a file, not a model directory: give the directory that holds config.json \
+             and the *.safetensors files",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 impl Weights {
     /// Opens the weights of the checkpoint directory `dir`.
     ///
     /// # Errors
     /// [`CheckpointError::Io`] when a file cannot be read; [`CheckpointError::Invalid`] when
-    /// there is no weights file, a shard the index names is missing or does not hold what
+    /// `dir` is a file, there is no weights file, a shard the index names is missing or does not hold what
     /// the index says, a file is not valid safetensors, a tensor's dtype is not F16, BF16 or
     /// F32, or a tensor is in two files.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, CheckpointError> {
         let dir = dir.as_ref().to_path_buf();
+        check_is_not_a_file(&dir)?;
         let index_path = dir.join(INDEX);
         let index = if index_path.is_file() {
             Some(read_index(&index_path)?)

@@ -897,10 +897,35 @@ fn output_under_a_regular_file() {
 }
 
 /// Every command that reads a .bitstack file, given a model directory, says that it is a
-/// directory (it said "cannot memory-map: No such device").
+/// directory (it said "cannot memory-map: No such device"); and where a model directory is
+/// read, a file says that it is a file (it said "Not a directory" of a path inside it).
 #[test]
-fn a_model_directory_is_not_a_stack_file() {
+fn directories_and_files_are_told_apart() {
+    let dir = tempfile::tempdir().unwrap();
     let model = tiny();
+    let weights = model.join("model.safetensors");
+    let out = dir.path().join("x.bitstack");
+    let text = calib();
+    let is_a_file = "model.safetensors is a file, not a model directory";
+    for mode in [vec!["--no-calibration"], vec!["--calib", s(&text)]] {
+        let mut args = vec!["compress", s(&weights), "-o", s(&out)];
+        args.extend(mode);
+        has_all(&fails(&args), &[is_a_file, "holds config.json"]);
+        assert_no_output(&out);
+    }
+    let stack = tiny_container(dir.path());
+    let test = root().join("fixtures/data/test.txt");
+    let e = fails(&[
+        "eval",
+        s(&stack),
+        "--text",
+        s(&test),
+        "--sweep",
+        "2",
+        "--original",
+        s(&stack),
+    ]);
+    has_all(&e, &["tiny.bitstack is a file, not a model directory"]);
     for args in [
         vec!["inspect", s(&model)],
         vec!["plan", s(&model), "--budget", "6MB"],

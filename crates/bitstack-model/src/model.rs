@@ -400,6 +400,7 @@ impl CausalLm {
     /// Loads a Hugging Face model directory (`config.json` + safetensors) with dense linears.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
         let dir = dir.as_ref();
+        bitstack_checkpoint::check_is_not_a_file(dir)?;
         let config = ModelConfig::from_file(dir.join("config.json"))?;
         let source = SafetensorsDir::open(dir)?;
         Self::from_source(config, &source, &mut |_, _| Ok(None))
