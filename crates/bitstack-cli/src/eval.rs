@@ -172,6 +172,12 @@ fn eval_original(dir: &Path, args: &EvalArgs) -> Result<Point> {
 
 pub fn eval(args: EvalArgs) -> Result<()> {
     let quiet = args.json || args.csv;
+    if args.windows == Some(0) {
+        bail!("--windows 0: at least one window is needed");
+    }
+    if args.sweep == Some(0) {
+        bail!("--sweep 0: at least one budget is needed (2 or more make a curve)");
+    }
     if args.target.is_dir() {
         if args.sweep.is_some() || args.budget.is_some() {
             bail!("--sweep and --budget apply to a .bitstack file, not to a model directory");

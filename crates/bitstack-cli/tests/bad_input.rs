@@ -796,7 +796,11 @@ fn windows_must_fit_the_model() {
         has_all(&e, &["--seq 1025 is longer than the model's", context]);
         let e = fails(&["eval", target, "--text", s(&test), "--seq", "1"]);
         has_all(&e, &["--seq 1: a window needs at least 2 tokens"]);
+        let e = fails(&["eval", target, "--text", s(&test), "--windows", "0"]);
+        has_all(&e, &["--windows 0: at least one window is needed"]);
     }
+    let e = fails(&["eval", s(&stack), "--text", s(&test), "--sweep", "0"]);
+    has_all(&e, &["--sweep 0: at least one budget is needed"]);
     // A prompt and 2000 new tokens do not fit in 1024 positions: generation stops at the
     // end of the context and says so.
     let out = run(&[
