@@ -85,15 +85,7 @@ fn token_windows(
     n: Option<usize>,
     context: usize,
 ) -> Result<Vec<Vec<u32>>> {
-    if seq < 2 {
-        bail!("--seq {seq}: a window needs at least 2 tokens (it predicts each token after the first)");
-    }
-    if seq > context {
-        bail!(
-            "--seq {seq} is longer than the model's context of {context} tokens \
-             (max_position_embeddings in config.json): use --seq {context} or less"
-        );
-    }
+    bitstack::calibrate::check_window_length(seq, context)?;
     let content = bitstack::calibrate::read_text(text, "evaluation")?;
     let ids = tokenizer.encode(&content)?;
     let w: Vec<Vec<u32>> = windows(&ids, seq, n)

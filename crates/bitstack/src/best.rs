@@ -195,8 +195,11 @@ pub fn compress_best(
             && counts.len() == config.vocab_size
             && sq.iter().all(|x| x.is_finite() && *x >= 0.0)
             && counts.iter().all(|x| x.is_finite() && *x >= 1.0);
-        fits.then(|| r.count_reused(2));
-        fits.then_some((scales, sq, counts))
+        if !fits {
+            return None;
+        }
+        r.count_reused(2);
+        Some((scales, sq, counts))
     });
     let (scales, head_sq, token_counts) = match saved {
         Some(saved) => saved,

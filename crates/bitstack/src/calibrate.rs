@@ -460,7 +460,6 @@ impl CalibrationOptions {
     /// (`max_position_embeddings`: past it the positions were never trained, and the
     /// statistics and scores would describe a model that is not run).
     pub fn check(&self, config: &ModelConfig) -> Result<(), Error> {
-        let context = config.max_position_embeddings;
         if self.calib_windows == 0 || self.score_windows == 0 {
             let what = if self.calib_windows == 0 {
                 "calib"
@@ -471,21 +470,7 @@ impl CalibrationOptions {
                 "--{what}-windows 0: at least one window is needed"
             )));
         }
-        if self.seq < 2 {
-            return Err(Error::Usage(format!(
-                "--seq {}: a window needs at least 2 tokens (it predicts each token after the \
-                 first)",
-                self.seq
-            )));
-        }
-        if self.seq > context {
-            return Err(Error::Usage(format!(
-                "--seq {} is longer than the model's context of {context} tokens \
-                 (max_position_embeddings in config.json): use --seq {context} or less",
-                self.seq
-            )));
-        }
-        Ok(())
+        check_window_length(self.seq, config.max_position_embeddings)
     }
 
     /// The calibration and scoring windows (tokenized; an error names a text too short).
@@ -509,6 +494,25 @@ impl CalibrationOptions {
         )?;
         Ok((calib, score))
     }
+}
+
+/// Checks that windows of `seq` tokens can be evaluated by a model whose context is
+/// `context` tokens (`max_position_embeddings`): at least 2 tokens (a window predicts each
+/// token after the first), at most `context` (past it the positions were never trained).
+pub fn check_window_length(seq: usize, context: usize) -> Result<(), Error> {
+    if seq < 2 {
+        return Err(Error::Usage(format!(
+            "--seq {seq}: a window needs at least 2 tokens (it predicts each token after the \
+             first)"
+        )));
+    }
+    if seq > context {
+        return Err(Error::Usage(format!(
+            "--seq {seq} is longer than the model's context of {context} tokens \
+             (max_position_embeddings in config.json): use --seq {context} or less"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads the `what` text (e.g. "calibration") at `path`; a file that is not UTF-8 (a binary

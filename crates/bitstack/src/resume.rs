@@ -155,10 +155,6 @@ impl Checkpointer {
         (crc32fast::hash(payload) == crc).then(|| payload.to_vec())
     }
 
-    fn count_reuse(&self) {
-        self.count_reused(1);
-    }
-
     /// Counts `units` records taken from the earlier run in [`Checkpointer::reused`].
     /// [`Checkpointer::load_matrix`] and [`Checkpointer::load_level`] count what they return;
     /// the callers of [`Checkpointer::load_numbers`] and [`Checkpointer::load_vectors`],
@@ -237,7 +233,7 @@ impl Checkpointer {
         if !r.0.is_empty() {
             return None;
         }
-        self.count_reuse();
+        self.count_reused(1);
         Some((Decomposition { blocks, rel_err }, norm2))
     }
 
@@ -266,7 +262,7 @@ impl Checkpointer {
             }
             scores.push(f64::from_bits(r.u64()?));
         }
-        self.count_reuse();
+        self.count_reused(1);
         Some(scores)
     }
 
